@@ -1,0 +1,575 @@
+"""Datasets, formats and the data pool.
+
+What lives here:
+  * `Sample`: one training / evaluation example (stable `id`, image path, original size, labels).
+  * Readers for the JSON Lines formats of SPEC §2 (`rec`, `ovd`/`isr`, `math`) and COCO-JSON conversion.
+    Bad rows raise `DataError` naming file and line (`strict=True`) or are reported and skipped.
+  * The prompt templates of every task and algorithm (SPEC §3), in one place: `PROMPTS`, `build_prompt`.
+  * Box-frame bookkeeping: Qwen2.5-VL reads a resized image and answers in pixels *of the resized input*
+    (`smart_resize`, `to_input_frame`, `to_original_frame`).
+  * `shapes`: a synthetic dataset of coloured shapes for all four tasks, deterministic from a seed
+    (the embedded default and the test fixture). `python data.py shapes --task rec --n 2000 --out DIR`.
+  * `DataPool`: the training set as slots that synthesized samples replace (Syn-GRPO §3.3), with lineage,
+    revert and save/load.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+from dataclasses import asdict, dataclass, field, replace
+from typing import Optional
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+TASKS = ("rec", "ovd", "isr", "math")
+
+
+class DataError(ValueError):
+    """A malformed data row; the message names the file and line."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sample
+
+
+@dataclass
+class Sample:
+    id: str                                   # stable: derived from file + line, or given in the row
+    task: str                                 # rec | ovd | isr | math
+    image: str                                # absolute path (or "" for text-only math)
+    width: int = 0                            # original image size, pixels
+    height: int = 0
+    problem: str = ""                         # rec: the question; math: the problem text
+    solution: Optional[list] = None           # rec: [x1, y1, x2, y2] in original pixels
+    categories: list = field(default_factory=list)   # ovd/isr: the categories to detect
+    objects: list = field(default_factory=list)      # ovd/isr: [{"bbox": [x1,y1,x2,y2], "label": str}]
+    answer: Optional[str] = None              # math: gold answer (None = unlabeled)
+    source_id: str = ""                       # the original sample this one descends from ("" = itself)
+    parent_id: str = ""                       # the sample this one was synthesized from
+    generation: int = 0                       # 0 = original, k = k-th synthesized descendant
+    meta: dict = field(default_factory=dict)  # free-form provenance (description, step, pass counts...)
+
+    @property
+    def root(self) -> str:
+        return self.source_id or self.id
+
+    def gold_boxes(self) -> list:
+        """Every annotated box of the image (the outpainting keep-mask uses all of them)."""
+        if self.task == "rec":
+            boxes = [self.solution] if self.solution else []
+            return boxes + [o["bbox"] for o in self.meta.get("context_objects", [])]
+        return [o["bbox"] for o in self.objects]
+
+    def to_row(self) -> dict:
+        """The JSONL row (SPEC §2) plus provenance fields; image paths are kept as given."""
+        row = {"id": self.id, "image": self.image, "width": self.width, "height": self.height}
+        if self.task == "rec":
+            row.update(problem=self.problem, solution=self.solution)
+        elif self.task in ("ovd", "isr"):
+            row.update(categories=self.categories, objects=self.objects)
+        else:
+            row.update(problem=self.problem, answer=self.answer)
+        for k in ("source_id", "parent_id", "generation", "meta"):
+            if getattr(self, k):
+                row[k] = getattr(self, k)
+        return row
+
+
+def sample_from_dict(d: dict) -> Sample:
+    return Sample(**{k: v for k, v in d.items() if k in Sample.__dataclass_fields__})
+
+
+# ----------------------------------------------------------------------------------------------------
+# Prompts (SPEC §3). The format reward checks exactly the tags that the chosen algorithm asks for.
+
+REC_QUESTION = "Please provide the bounding box coordinate of the region this sentence describes: {expression}."
+OVD_QUESTION = (
+    "Please carefully check the image and detect the following objects: {categories}. "
+    "Output the bbox coordinates of detected objects in <answer></answer>. The bbox coordinates in JSON format "
+    'should be: [{{"bbox_2d": [x1, y1, x2, y2], "label": "object name"}}]. '
+    'If no targets are detected in the image, simply respond with "None".'
+)
+THINK_ANSWER = (
+    " First output the thinking process in <think> </think> tags and then output the final answer in "
+    "<answer> </answer> tags."
+)
+SYN_TAGS = (
+    " First output the thinking process in <think> </think> tags, then in <score> </score> tags a number "
+    "between 0 and 1 predicting how diverse your answers to this input would be, then in "
+    "<description> </description> tags a description of a new image made from this one (same foreground "
+    "objects, new background), and finally the answer in <answer> </answer> tags."
+)
+JSON_ANSWER = " Output the final answer in JSON format."
+MATH_SUFFIX = " Please reason step by step, and put your final answer within \\boxed{}."
+
+PROMPTS = {
+    "rec": REC_QUESTION + THINK_ANSWER + JSON_ANSWER,
+    "ovd": OVD_QUESTION + THINK_ANSWER,
+    "rec/syn-grpo": REC_QUESTION + SYN_TAGS + JSON_ANSWER,
+    "ovd/syn-grpo": OVD_QUESTION + SYN_TAGS,
+    "math": "{problem}" + MATH_SUFFIX,
+}
+
+
+def build_prompt(sample: Sample, algo: str = "grpo") -> str:
+    """The user text for a sample. rec `problem` already holds VLM-R1's full question."""
+    syn = algo == "syn-grpo"
+    if sample.task == "rec":
+        tags = SYN_TAGS if syn else THINK_ANSWER
+        return sample.problem + tags + JSON_ANSWER
+    if sample.task in ("ovd", "isr"):
+        q = OVD_QUESTION.format(categories=json.dumps(sample.categories))
+        return q + (SYN_TAGS if syn else THINK_ANSWER)
+    return sample.problem + MATH_SUFFIX
+
+
+# ----------------------------------------------------------------------------------------------------
+# Box frames. Qwen2.5-VL's processor resizes every image to multiples of 28 (patch 14 x merge 2) with a pixel
+# budget, and the model answers in absolute pixels of that resized input (QwenLM/Qwen3-VL#721; VLM-R1 #198).
+
+
+def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
+                 max_pixels: int = 28 * 28 * 1280) -> tuple[int, int]:
+    """(input_height, input_width) the Qwen2-VL image processor produces; same rule as transformers'."""
+    if max(height, width) / max(1, min(height, width)) > 200:
+        raise ValueError(f"aspect ratio over 200: {width}x{height}")
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def scale_box(box, src_size, dst_size) -> list:
+    """Map [x1,y1,x2,y2] from an image of size src (w,h) to one of size dst (w,h); multiply before dividing."""
+    (sw, sh), (dw, dh) = src_size, dst_size
+    x1, y1, x2, y2 = box
+    return [x1 * dw / sw, y1 * dh / sh, x2 * dw / sw, y2 * dh / sh]
+
+
+def to_input_frame(box, original_size, input_size) -> list:
+    return scale_box(box, original_size, input_size)
+
+
+def to_original_frame(box, input_size, original_size) -> list:
+    return scale_box(box, input_size, original_size)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Readers
+
+
+def _finite_box(b) -> bool:
+    return (isinstance(b, (list, tuple)) and len(b) == 4
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in b)
+            and b[2] > b[0] and b[3] > b[1])
+
+
+def _row_id(path: str, lineno: int, row: dict) -> str:
+    if "id" in row and isinstance(row["id"], (str, int)):
+        return str(row["id"])
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return f"{stem}-{lineno}"
+
+
+def image_size(path: str) -> tuple[int, int]:
+    with Image.open(path) as im:
+        return im.size
+
+
+def load_image(path: str) -> Image.Image:
+    """RGB image; raises DataError (not a PIL internal) for a missing or corrupt file."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"cannot read image {path}: {e}") from e
+
+
+def parse_row(row: dict, task: str, image_root: str, where: str) -> Sample:
+    """Validate one JSON row of `task` and build a Sample. Raises DataError(where + reason)."""
+    def bad(msg):
+        raise DataError(f"{where}: {msg}")
+
+    if not isinstance(row, dict):
+        bad("row is not a JSON object")
+    img = row.get("image")
+    if isinstance(img, list) and task == "math" and len(img) == 1:
+        img = img[0]
+    if not isinstance(img, str) or not img:
+        bad("missing or invalid 'image' (a relative path string)")
+    path = img if os.path.isabs(img) else os.path.join(image_root, img)
+    if not os.path.isfile(path):
+        bad(f"image not found: {path}")
+    try:
+        w, h = image_size(path)
+    except Exception as e:  # PIL raises many types for corrupt files
+        bad(f"unreadable image {path}: {e}")
+    s = Sample(id="", task=task, image=path, width=w, height=h)
+    if task == "rec":
+        if not isinstance(row.get("problem"), str) or not row["problem"].strip():
+            bad("missing 'problem' (string)")
+        sol = row.get("solution")
+        if not _finite_box(sol):
+            bad(f"'solution' must be [x1, y1, x2, y2] with x2 > x1, y2 > y1; got {sol!r}")
+        s.problem, s.solution = row["problem"], [float(v) for v in sol]
+    elif task in ("ovd", "isr"):
+        cats, objs = row.get("categories"), row.get("objects")
+        if not isinstance(cats, list) or not all(isinstance(c, str) for c in cats) or not cats:
+            bad("'categories' must be a non-empty list of strings")
+        if not isinstance(objs, list):
+            bad("'objects' must be a list")
+        for j, o in enumerate(objs):
+            if not isinstance(o, dict) or not _finite_box(o.get("bbox")) or not isinstance(o.get("label"), str):
+                bad(f"objects[{j}] must be {{'bbox': [x1,y1,x2,y2] (x2>x1, y2>y1), 'label': str}}; got {o!r}")
+        s.categories = list(cats)
+        s.objects = [{"bbox": [float(v) for v in o["bbox"]], "label": o["label"]} for o in objs]
+    elif task == "math":
+        if not isinstance(row.get("problem"), str) or not row["problem"].strip():
+            bad("missing 'problem' (string)")
+        ans = row.get("answer")
+        if ans is not None and not isinstance(ans, (str, int, float)):
+            bad("'answer' must be a string (or null when unlabeled)")
+        s.problem, s.answer = row["problem"], None if ans is None else str(ans)
+    else:
+        bad(f"unknown task {task!r}; expected one of {TASKS}")
+    for k in ("source_id", "parent_id", "generation", "meta"):
+        if k in row:
+            setattr(s, k, row[k])
+    return s
+
+
+def read_jsonl(path: str, task: str, image_root: str = "", strict: bool = True, log=print) -> list[Sample]:
+    """Read a task JSONL file. strict: the first bad line raises; else bad lines are reported and skipped."""
+    root = image_root or os.path.dirname(os.path.abspath(path))
+    samples, seen = [], set()
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+                s = parse_row(row, task, root, where)
+                s.id = _row_id(path, lineno, row)
+                if s.id in seen:
+                    raise DataError(f"{where}: duplicate id {s.id!r}")
+                seen.add(s.id)
+                samples.append(s)
+            except DataError as e:
+                if strict:
+                    raise
+                log(f"skipping bad row: {e}")
+    return samples
+
+
+def write_jsonl(samples, path: str, image_root: str = "") -> None:
+    """Write samples as JSONL; image paths are made relative to image_root when given. Atomic."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for s in samples:
+            row = s.to_row()
+            if image_root:
+                row["image"] = os.path.relpath(s.image, image_root)
+            f.write(json.dumps(row) + "\n")
+    os.replace(tmp, path)
+
+
+def coco_to_samples(coco_json: str, image_root: str, task: str = "ovd", max_boxes_per_category: int = 0,
+                    ) -> list[Sample]:
+    """COCO detection JSON (bbox = x, y, w, h) to ovd/isr samples (bbox = x1, y1, x2, y2).
+
+    max_boxes_per_category > 0 drops, per image, every category with more boxes than that (VLM-R1's
+    COCO_filtered uses 10: "VLMs generally struggle at recall"). Crowd annotations are skipped."""
+    with open(coco_json, encoding="utf-8") as f:
+        coco = json.load(f)
+    names = {c["id"]: c["name"] for c in coco.get("categories", [])}
+    by_image: dict = {}
+    for a in coco.get("annotations", []):
+        if a.get("iscrowd", 0):
+            continue
+        x, y, w, h = a["bbox"]
+        if w <= 0 or h <= 0:
+            continue
+        by_image.setdefault(a["image_id"], []).append({"bbox": [x, y, x + w, y + h], "label": names[a["category_id"]]})
+    out = []
+    for im in coco.get("images", []):
+        objs = by_image.get(im["id"], [])
+        if max_boxes_per_category:
+            counts = {}
+            for o in objs:
+                counts[o["label"]] = counts.get(o["label"], 0) + 1
+            objs = [o for o in objs if counts[o["label"]] <= max_boxes_per_category]
+        if not objs:
+            continue
+        cats = sorted({o["label"] for o in objs})
+        out.append(Sample(id=str(im["id"]), task=task, image=os.path.join(image_root, im["file_name"]),
+                          width=im.get("width", 0), height=im.get("height", 0), categories=cats, objects=objs))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# shapes: coloured shapes on varied backgrounds, deterministic from a seed (SPEC §2).
+
+COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30)}
+SHAPES = ("circle", "square", "triangle")
+FURNITURE = {"bed": (150, 110, 200), "sofa": (200, 120, 60), "table": (120, 80, 40), "wardrobe": (90, 90, 90)}
+
+
+def _background(rng: random.Random, w: int, h: int) -> Image.Image:
+    """Pale solid, gradient or noise backgrounds (kept light so every shape colour stands out)."""
+    kind = rng.choice(("solid", "gradient", "noise"))
+    base = np.array([rng.randint(200, 250) for _ in range(3)], dtype=np.float32)
+    if kind == "solid":
+        arr = np.broadcast_to(base, (h, w, 3)).copy()
+    elif kind == "gradient":
+        other = np.array([rng.randint(200, 250) for _ in range(3)], dtype=np.float32)
+        t = np.linspace(0, 1, w if rng.random() < 0.5 else h, dtype=np.float32)
+        t = t[None, :, None] if t.shape[0] == w else t[:, None, None]
+        arr = np.broadcast_to(base + (other - base) * t, (h, w, 3)).copy()
+    else:
+        nrng = np.random.default_rng(rng.getrandbits(32))
+        arr = base + nrng.integers(-12, 13, size=(h, w, 3)).astype(np.float32)
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+
+
+def _shape_mask(kind: str, w: int, h: int, x: int, y: int, size: int) -> np.ndarray:
+    """Boolean mask of one shape drawn alone; its box is read back from these pixels, so labels are exact."""
+    m = Image.new("L", (w, h), 0)
+    d = ImageDraw.Draw(m)
+    if kind in ("circle",):
+        d.ellipse([x, y, x + size - 1, y + size - 1], fill=255)
+    elif kind == "triangle":
+        d.polygon([(x + size / 2, y), (x, y + size - 1), (x + size - 1, y + size - 1)], fill=255)
+    else:  # square and furniture rectangles
+        d.rectangle([x, y, x + size - 1, y + size - 1], fill=255)
+    return np.asarray(m) > 0
+
+
+def _mask_box(mask: np.ndarray) -> list:
+    """[x1, y1, x2, y2] with x2/y2 one past the last pixel (pixel-edge coordinates, as COCO)."""
+    ys, xs = np.nonzero(mask)
+    return [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
+
+
+def _place(rng, w, h, n, sizes, kinds):
+    """n non-overlapping squares (with a 4 px gap) for shapes; returns [(kind, x, y, size)]."""
+    placed = []
+    for kind in kinds[:n]:
+        for _ in range(200):
+            size = rng.choice(sizes)
+            x, y = rng.randint(2, w - size - 2), rng.randint(2, h - size - 2)
+            if all(x + size + 4 <= px or px + ps + 4 <= x or y + size + 4 <= py or py + ps + 4 <= y
+                   for _, px, py, ps in placed):
+                placed.append((kind, x, y, size))
+                break
+    return placed
+
+
+def _draw_scene(rng: random.Random, items, w, h, colors):
+    img = _background(rng, w, h)
+    arr = np.array(img)
+    boxes = []
+    for (kind, x, y, size), color in zip(items, colors):
+        m = _shape_mask("square" if kind in FURNITURE else kind, w, h, x, y, size)
+        arr[m] = color
+        boxes.append(_mask_box(m))
+    return Image.fromarray(arr), boxes
+
+
+def shapes_sample(task: str, index: int, seed: int = 0) -> tuple[Image.Image, dict]:
+    """One shapes image and its row (without "image"), deterministic in (task, index, seed)."""
+    rng = random.Random(f"shapes/{task}/{seed}/{index}")
+    w, h = rng.choice((112, 140, 168, 196, 224)), rng.choice((112, 140, 168, 196))
+    if task == "isr":  # top-view "rooms": furniture rectangles on a floor
+        kinds = rng.sample(list(FURNITURE), rng.randint(2, 4))
+        items = _place(rng, w, h, len(kinds), (24, 32, 40), kinds)
+        img, boxes = _draw_scene(rng, items, w, h, [FURNITURE[k] for k, *_ in items])
+        objs = [{"bbox": b, "label": k} for (k, *_), b in zip(items, boxes)]
+        return img, {"categories": sorted(FURNITURE), "objects": objs}
+    # distinct (colour, shape) pairs so every referring expression is unique
+    pairs = rng.sample([(c, s) for c in COLORS for s in SHAPES], rng.randint(2, 4))
+    sizes = (18, 24, 30, 36)
+    items = _place(rng, w, h, len(pairs), sizes, [s for _, s in pairs])
+    pairs = pairs[:len(items)]
+    img, boxes = _draw_scene(rng, items, w, h, [COLORS[c] for c, _ in pairs])
+    objs = [{"bbox": b, "label": s, "color": c} for (c, s), b in zip(pairs, boxes)]
+    if task == "rec":
+        t = rng.randrange(len(objs))
+        target = objs[t]
+        expr = f"the {target['color']} {target['label']}"
+        others = [o for j, o in enumerate(objs) if j != t]
+        if others and rng.random() < 0.5:
+            o = rng.choice(others)
+            rel = "left of" if target["bbox"][2] <= o["bbox"][0] else "right of" if o["bbox"][2] <= target["bbox"][0] else None
+            if rel:
+                expr += f" {rel} the {o['color']} {o['label']}"
+        context = [{"bbox": o["bbox"], "label": f"{o['color']} {o['label']}"} for o in others]
+        return img, {"problem": REC_QUESTION.format(expression=expr), "solution": target["bbox"],
+                     "meta": {"expression": expr, "context_objects": context}}
+    if task == "ovd":
+        present = sorted({o["label"] for o in objs})
+        cats = sorted(set(rng.sample(present, rng.randint(1, len(present)))) | ({rng.choice(SHAPES)} if rng.random() < 0.3 else set()))
+        return img, {"categories": cats,
+                     "objects": [{"bbox": o["bbox"], "label": o["label"]} for o in objs if o["label"] in cats]}
+    if task == "math":
+        kind = rng.choice(SHAPES)
+        n = sum(o["label"] == kind for o in objs)
+        return img, {"problem": f"How many {kind}s are in the image?", "answer": str(n)}
+    raise ValueError(f"unknown task {task!r}")
+
+
+def make_shapes(task: str, n: int, out_dir: str, seed: int = 0, split: str = "train") -> str:
+    """Write n shapes samples (PNG + one JSONL in SPEC §2 format) and return the JSONL path. Cached."""
+    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+    path = os.path.join(out_dir, f"shapes_{task}_{split}_{seed}_{n}.jsonl")
+    if os.path.exists(path):
+        return path
+    rows = []
+    for i in range(n):
+        img, row = shapes_sample(task, i if split == "train" else 10_000_000 + i, seed)
+        name = f"images/{task}_{split}_{seed}_{i:06d}.png"
+        img.save(os.path.join(out_dir, name))
+        rows.append({"id": f"shapes-{task}-{split}-{seed}-{i}", "image": name, **row})
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data pool (Syn-GRPO §3.3: "synthesize new data to replace the old data"). One slot per original sample; a
+# synthesized sample replaces the current occupant of its source's slot. Every sample ever placed is kept, so
+# any slot can be reverted and the lineage of each slot read back (for eval.py's gallery).
+
+
+class DataPool:
+    def __init__(self, samples: list[Sample]):
+        self.slots: list[str] = [s.id for s in samples]          # slot order = original data order
+        self.samples: dict[str, Sample] = {s.id: s for s in samples}
+        self.current: dict[str, str] = {s.id: s.id for s in samples}   # root id -> current sample id
+        self.lineage: dict[str, list[str]] = {s.id: [s.id] for s in samples}
+        if len(self.samples) != len(samples):
+            raise ValueError("duplicate sample ids in the pool")
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def get(self, slot: int) -> Sample:
+        return self.samples[self.current[self.slots[slot]]]
+
+    def current_of(self, sample_id: str) -> Sample:
+        """The sample now occupying the slot of `sample_id`'s root."""
+        return self.samples[self.current[self.samples[sample_id].root]]
+
+    def replace(self, parent_id: str, new: Sample) -> Sample:
+        """Put `new` (synthesized from `parent_id`) in the parent's slot; returns the stored sample."""
+        parent = self.samples[parent_id]
+        root = parent.root
+        if new.id in self.samples:
+            raise ValueError(f"sample id {new.id!r} already in the pool")
+        new = replace(new, source_id=root, parent_id=parent_id, generation=parent.generation + 1)
+        self.samples[new.id] = new
+        self.current[root] = new.id
+        self.lineage[root].append(new.id)
+        return new
+
+    def revert(self, root_id: str) -> Sample:
+        """Put the original sample back in its slot (history is kept)."""
+        self.current[root_id] = root_id
+        return self.samples[root_id]
+
+    def stats(self) -> dict:
+        cur = [self.samples[c] for c in self.current.values()]
+        return {"pool_size": len(cur),
+                "pool_synth_frac": sum(s.generation > 0 for s in cur) / max(1, len(cur)),
+                "pool_mean_generation": sum(s.generation for s in cur) / max(1, len(cur)),
+                "pool_total_synthesized": len(self.samples) - len(self.slots)}
+
+    def state_dict(self) -> dict:
+        return {"slots": list(self.slots), "current": dict(self.current),
+                "lineage": {k: list(v) for k, v in self.lineage.items()},
+                "samples": [asdict(s) for s in self.samples.values()]}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "DataPool":
+        pool = cls.__new__(cls)
+        pool.samples = {d["id"]: sample_from_dict(d) for d in state["samples"]}
+        pool.slots, pool.current = list(state["slots"]), dict(state["current"])
+        pool.lineage = {k: list(v) for k, v in state["lineage"].items()}
+        return pool
+
+    def save(self, path: str) -> None:
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(self.state_dict(), f)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str) -> "DataPool":
+        with open(path, encoding="utf-8") as f:
+            return cls.from_state_dict(json.load(f))
+
+
+def stable_hash(*parts) -> str:
+    return hashlib.sha1("/".join(map(str, parts)).encode()).hexdigest()[:12]
+
+
+# ----------------------------------------------------------------------------------------------------
+# CLI
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sp = sub.add_parser("shapes", help="write the synthetic shapes dataset")
+    sp.add_argument("--task", choices=TASKS, default="rec")
+    sp.add_argument("--n", type=int, default=2000)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--split", default="train")
+    sp.add_argument("--out", required=True)
+    cp = sub.add_parser("check", help="validate a JSONL file and report every bad line")
+    cp.add_argument("file")
+    cp.add_argument("--task", choices=TASKS, required=True)
+    cp.add_argument("--image-root", default="")
+    co = sub.add_parser("coco", help="convert COCO detection JSON to the ovd JSONL format")
+    co.add_argument("coco_json")
+    co.add_argument("--image-root", required=True)
+    co.add_argument("--out", required=True)
+    co.add_argument("--task", choices=("ovd", "isr"), default="ovd")
+    co.add_argument("--max-boxes-per-category", type=int, default=0)
+    a = p.parse_args(argv)
+    if a.cmd == "shapes":
+        print(make_shapes(a.task, a.n, a.out, a.seed, a.split))
+    elif a.cmd == "check":
+        bad = []
+        good = read_jsonl(a.file, a.task, a.image_root, strict=False, log=bad.append)
+        for b in bad:
+            print(b)
+        print(f"{len(good)} valid rows, {len(bad)} bad rows")
+        sys.exit(1 if bad else 0)
+    else:
+        write_jsonl(coco_to_samples(a.coco_json, a.image_root, a.task, a.max_boxes_per_category), a.out,
+                    image_root=a.image_root)
+        print(a.out)
+
+
+if __name__ == "__main__":
+    main()

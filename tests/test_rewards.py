@@ -1,0 +1,225 @@
+import contextlib
+import io
+import math
+import random
+
+import numpy as np
+import pytest
+
+from data import Sample
+from rewards import (DiversitySmoother, coco_map, diversity, diversity_reward, extract_boxed, extract_tag,
+                     format_reward, greedy_match, iou, majority_vote_rewards, math_equal, ovd_accuracy,
+                     parse_box, parse_detections, parse_score, rec_accuracy, score_completion, select_description)
+
+
+def rec_sample(box=(10, 20, 50, 60), w=200, h=100):
+    return Sample(id="r", task="rec", image="", width=w, height=h, problem="q", solution=list(box))
+
+
+def ovd_sample(objects, w=100, h=100):
+    return Sample(id="o", task="ovd", image="", width=w, height=h, categories=sorted({o["label"] for o in objects}),
+                  objects=objects)
+
+
+# -- IoU and the REC reward (Eq. 2) -----------------------------------------------------------------------
+
+def test_iou_hand_values():
+    assert iou([0, 0, 10, 10], [0, 0, 10, 10]) == 1.0
+    assert iou([0, 0, 10, 10], [5, 0, 15, 10]) == pytest.approx(50 / 150)
+    assert iou([0, 0, 10, 10], [10, 0, 20, 10]) == 0.0          # touching edges
+    assert iou([0, 0, 10, 10], [20, 20, 30, 30]) == 0.0
+    assert iou([5, 5, 4, 4], [0, 0, 10, 10]) == 0.0             # degenerate prediction
+
+
+def test_rec_reward_rescales_from_model_input_frame():
+    s = rec_sample(box=(20, 10, 100, 50), w=200, h=100)
+    # model input 100x50: the same box is half size there
+    text = '<think>x</think> <answer>{"bbox_2d": [10, 5, 50, 25]}</answer>'
+    assert rec_accuracy(text, s, input_size=(100, 50)) == pytest.approx(1.0)
+    assert rec_accuracy(text, s, input_size=(200, 100)) < 0.3   # without rescaling it would be wrong
+
+
+def test_rec_reward_parses_floats_and_rejects_junk():
+    s = rec_sample(box=(10, 20, 50, 60))
+    assert rec_accuracy("<answer>[10.0, 20.0, 50.0, 60.0]</answer>", s, (200, 100)) == 1.0
+    for bad in ["", "<answer></answer>", "<answer>[1, 2, 3]</answer>", "[10, 20, 50, 60]", "<answer>[nan, 1, 2, 3]</answer>",
+                "<answer>[1e400, 0, 1, 1]</answer>", None, "<answer>" + "[" * 100000]:
+        assert rec_accuracy(bad, s, (200, 100)) == 0.0
+
+
+# -- format reward ------------------------------------------------------------------------------------------
+
+def test_format_reward_requires_exact_tags_in_order():
+    good = "<think>a</think> <answer>[1, 2, 3, 4]</answer>"
+    assert format_reward(good, "rec") == 1.0
+    assert format_reward("<answer>[1, 2, 3, 4]</answer>", "rec") == 0.0
+    assert format_reward("<answer>[1,2,3,4]</answer><think>a</think>", "rec") == 0.0
+    assert format_reward(good + " trailing", "rec") == 0.0
+    assert format_reward("<think>a</think><think>b</think><answer>[1, 2, 3, 4]</answer>", "rec") == 0.0
+    assert format_reward("<think>a</think><answer>no box</answer>", "rec") == 0.0
+    syn = "<think>a</think><score>0.5</score><description>a beach</description><answer>[1, 2, 3, 4]</answer>"
+    assert format_reward(syn, "rec", "syn-grpo") == 1.0
+    assert format_reward(good, "rec", "syn-grpo") == 0.0
+    assert format_reward(syn.replace("0.5", "1.5"), "rec", "syn-grpo") == 0.0
+    assert format_reward("<think>a</think><answer>None</answer>", "ovd") == 1.0
+    assert format_reward("so \\boxed{3}", "math") == 1.0
+
+
+# -- OVD: s_ovd * mAP (Eq. 3), equal to pycocotools -------------------------------------------------------------
+
+def pycoco_map(gt, pred):
+    """The reference: pycocotools on one image, categories from the gold labels, score 1.0 for every box."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+    cats = sorted({g["label"] for g in gt})
+    cid = {c: i + 1 for i, c in enumerate(cats)}
+    xywh = lambda b: [b[0], b[1], b[2] - b[0], b[3] - b[1]]
+    coco = COCO()
+    coco.dataset = {"images": [{"id": 1, "width": 2048, "height": 2048}],
+                    "categories": [{"id": cid[c], "name": c} for c in cats],
+                    "annotations": [{"id": i + 1, "image_id": 1, "category_id": cid[g["label"]], "bbox": xywh(g["bbox"]),
+                                     "area": xywh(g["bbox"])[2] * xywh(g["bbox"])[3], "iscrowd": 0} for i, g in enumerate(gt)]}
+    dets = [{"image_id": 1, "category_id": cid[p["label"]], "bbox": xywh(p["bbox"]), "score": 1.0}
+            for p in pred if p["label"] in cid]
+    if not dets:
+        return 0.0
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+        ev = COCOeval(coco, coco.loadRes(dets), "bbox")
+        ev.evaluate(); ev.accumulate(); ev.summarize()
+    return float(ev.stats[0])
+
+
+def random_case(rng):
+    labels = ["a", "b", "c"]
+    gt = []
+    for _ in range(rng.randint(1, 6)):
+        x, y = rng.uniform(0, 150), rng.uniform(0, 150)
+        gt.append({"bbox": [x, y, x + rng.uniform(5, 60), y + rng.uniform(5, 60)], "label": rng.choice(labels)})
+    pred = []
+    for _ in range(rng.randint(1, 10)):
+        if gt and rng.random() < 0.6:   # a noisy copy of a gold box (sometimes with the wrong label)
+            g = rng.choice(gt)
+            j = lambda: rng.uniform(-6, 6)
+            b = [g["bbox"][0] + j(), g["bbox"][1] + j(), g["bbox"][2] + j(), g["bbox"][3] + j()]
+            if b[2] <= b[0] or b[3] <= b[1]:
+                continue
+            pred.append({"bbox": b, "label": g["label"] if rng.random() < 0.85 else rng.choice(labels + ["zzz"])})
+        else:
+            x, y = rng.uniform(0, 150), rng.uniform(0, 150)
+            pred.append({"bbox": [x, y, x + rng.uniform(1, 60), y + rng.uniform(1, 60)], "label": rng.choice(labels)})
+    if pred and rng.random() < 0.3:
+        pred.append(dict(pred[0]))      # exact duplicate
+    return gt, pred
+
+
+def test_map_equals_pycocotools_on_random_cases():
+    rng = random.Random(0)
+    n = 0
+    for _ in range(300):
+        gt, pred = random_case(rng)
+        ref = pycoco_map(gt, pred)
+        assert coco_map(gt, pred) == pytest.approx(ref, abs=1e-9), (gt, pred)
+        n += ref > 0
+    assert n > 100   # most cases are non-trivial
+
+
+def test_map_hand_values():
+    g = [{"bbox": [0, 0, 10, 10], "label": "a"}]
+    assert coco_map(g, g) == pytest.approx(1.0) == pycoco_map(g, g)
+    assert coco_map(g, [{"bbox": [20, 20, 30, 30], "label": "a"}]) == 0.0
+    assert coco_map(g, [{"bbox": [0, 0, 10, 10], "label": "b"}]) == 0.0     # unknown label dropped
+    # a false positive listed before the true one halves precision at every threshold
+    fp_first = [{"bbox": [50, 50, 60, 60], "label": "a"}, {"bbox": [0, 0, 10, 10], "label": "a"}]
+    assert coco_map(g, fp_first) == pytest.approx(pycoco_map(g, fp_first))
+    assert coco_map(g, fp_first) < coco_map(g, fp_first[::-1]) == pytest.approx(1.0)
+
+
+def test_ovd_reward_s_ovd_and_rescaling():
+    objs = [{"bbox": [0, 0, 20, 20], "label": "a"}, {"bbox": [40, 40, 80, 80], "label": "b"}]
+    s = ovd_sample(objs, w=100, h=100)
+    ans = lambda items: "<think>t</think><answer>" + __import__("json").dumps(items) + "</answer>"
+    half = [{"bbox_2d": [0, 0, 10, 10], "label": "a"}, {"bbox_2d": [20, 20, 40, 40], "label": "b"}]
+    assert ovd_accuracy(ans(half), s, input_size=(50, 50)) == pytest.approx(1.0)
+    # 4 predictions for 2 gold objects: s_ovd = 1/2 (two junk items count, as in VLM-R1)
+    junk = half + [{"bbox_2d": [1, 1], "label": "a"}, "not a dict"]
+    assert ovd_accuracy(ans(junk), s, input_size=(50, 50)) == pytest.approx(0.5)
+    fenced = "<answer>```json\n" + __import__("json").dumps(half) + "\n```</answer>"
+    assert ovd_accuracy(fenced, s, input_size=(50, 50)) == pytest.approx(1.0)
+    assert ovd_accuracy("<answer>None</answer>", s, (50, 50)) == 0.0
+    assert ovd_accuracy("<answer>None</answer>", ovd_sample([]), (50, 50)) == 1.0
+    assert ovd_accuracy("<answer>{not json</answer>", s, (50, 50)) == 0.0
+
+
+def test_greedy_match_gp_gr():
+    gt = [{"bbox": [0, 0, 10, 10], "label": "a"}, {"bbox": [20, 0, 30, 10], "label": "a"}, {"bbox": [0, 20, 10, 30], "label": "b"}]
+    pred = [{"bbox": [0, 0, 10, 10], "label": "a"}, {"bbox": [1, 0, 11, 10], "label": "a"},   # duplicate: one match only
+            {"bbox": [0, 20, 10, 30], "label": "a"},                                            # wrong label
+            {"bbox": [20, 0, 30, 9], "label": "a"}]
+    assert greedy_match(gt, pred) == 2          # GP = 2/4, GR = 2/3
+
+
+# -- Syn-GRPO: diversity, smoothing, diversity reward, selection ----------------------------------------------------
+
+def test_diversity_population_variance_normalised():
+    assert diversity([1, 1, 1, 1]) == 0.0
+    assert diversity([0, 1, 0, 1, 0, 1]) == 1.0          # the bound 1/4 reached
+    assert diversity([0, 0, 0, 1]) == pytest.approx(4 * 0.1875)
+    assert diversity([0.2, 0.4]) == pytest.approx(4 * 0.01)
+    assert diversity([]) == 0.0
+
+
+def test_smoother_hand_values():
+    sm = DiversitySmoother(gamma=0.7)
+    v1, vb, vg = sm([0.2, 0.4])                # step 1: Vglobal = Vbatch -> unchanged
+    assert (vb, vg) == pytest.approx((0.3, 0.3)) and v1 == pytest.approx([0.2, 0.4])
+    v2, vb, vg = sm([0.1, 0.1])                # Vglobal = 0.7*0.3 + 0.3*0.1 = 0.24, ratio 2.4
+    assert vg == pytest.approx(0.24) and v2 == pytest.approx([0.24, 0.24])
+    v3, vb, vg = sm([0.9, 0.5])                # Vglobal = 0.7*0.24 + 0.3*0.7 = 0.378, ratio 0.54
+    assert v3 == pytest.approx([0.9 * 0.378 / 0.7, 0.5 * 0.378 / 0.7])
+    v4, vb, vg = sm([0.0, 0.0])                # guard Vbatch = 0
+    assert v4 == [0.0, 0.0] and vg == pytest.approx(0.7 * 0.378)
+    v5, _, _ = sm([0.01, 1.0])                 # clipped to [0, 1]
+    assert max(v5) <= 1.0
+    s2 = DiversitySmoother(); s2.load_state_dict(sm.state_dict())
+    assert s2([0.3, 0.3]) == sm([0.3, 0.3])
+
+
+def test_diversity_reward_and_selection():
+    assert diversity_reward(0.3, 0.5) == pytest.approx(0.8)
+    assert diversity_reward(None, 0.5) == 0.0
+    assert parse_score("<score>1.5</score>") is None and parse_score("<score> 0.25 </score>") == 0.25
+    texts = ["<description>a</description>", "<description>b</description>", "<description>c</description>"]
+    assert select_description(texts, [0.2, 0.9, 0.9]) == "b"        # argmax, first on ties
+    assert select_description(["no tag"], [1.0]) is None
+
+
+# -- MM-UPT majority vote ---------------------------------------------------------------------------------------
+
+def test_majority_vote_ties_abstentions_equivalence():
+    r, lab = majority_vote_rewards(["2", "3", "3", "2"])
+    assert lab == "2" and r == [1, 0, 0, 1]                         # tie -> earliest cluster
+    r, lab = majority_vote_rewards([None, None, None, "5"])
+    assert lab == "5" and r == [0, 0, 0, 1]                         # abstentions are not votes
+    r, lab = majority_vote_rewards(["0.5", "\\frac{1}{2}", "1"], equal=math_equal)
+    assert lab == "0.5" and r == [1, 1, 0]
+    assert majority_vote_rewards([None, None]) == ([0.0, 0.0], None)
+
+
+def test_math_extraction_and_equivalence():
+    assert extract_boxed("a \\boxed{1} then \\boxed{\\frac{1}{2}}") == "\\frac{1}{2}"
+    assert extract_boxed("\\boxed{unclosed") is None
+    assert math_equal("0.5", "\\frac{1}{2}") and not math_equal("2", "3")
+
+
+# -- never raise -----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text", ["", None, "<answer>", "</answer><answer>", "<answer>[" + "9" * 5000 + ", 1, 2, 3]</answer>",
+                                  "<think>\u202e</think><answer>[[[[]]]]</answer>", "<answer>" + "[" * 50000 + "</answer>",
+                                  "<answer>" + "{" * 5000 + "</answer>", "<score>nan</score>", "<answer>[-1, -2, -3, -4]</answer>"])
+def test_rewards_never_raise(text):
+    for s in (rec_sample(), ovd_sample([{"bbox": [0, 0, 5, 5], "label": "a"}]),
+              Sample(id="m", task="math", image="", answer="3")):
+        parts = score_completion(text, s, (100, 100), "syn-grpo")
+        assert all(math.isfinite(v) and 0 <= v <= 1 for v in (parts.accuracy, parts.format))
+    parse_detections(text if isinstance(text, str) else None), extract_tag(text, "answer"), parse_box(text)
