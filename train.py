@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 import rewards as R
 from data import DataPool, gold_completion, make_shapes, read_jsonl
-from rollout import (HFRollout, Sampling, VLLMRollout, encode_prompt, load_policy, resolve_model,
+from rollout import (TINY_MODELS, HFRollout, Sampling, VLLMRollout, encode_prompt, load_policy, resolve_model,
                      vision_token_ids)
 
 
@@ -94,10 +94,10 @@ def resolve_defaults(cfg: Config) -> Config:
     """Paper defaults on GPU; small, fast ones for the tiny models on CPU (learning is visible in minutes)."""
     gpu = torch.cuda.is_available()
     cfg.model = cfg.model or ("Qwen/Qwen2.5-VL-3B-Instruct" if gpu else "tiny")
-    tiny = cfg.model.startswith("tiny")
-    d = dict(batch_size=4 if tiny else 20, num_generations=6, lr=1e-3 if tiny else 1e-6,
-             sft_steps=600 if tiny else 0, sft_lr=3e-3 if tiny else 1e-5, max_new_tokens=48 if tiny else 1024,
-             rollout_backend="vllm" if gpu else "hf", max_steps=60 if tiny else 0)
+    random_init = cfg.model in TINY_MODELS   # built with random weights: needs the supervised warm start
+    d = dict(batch_size=20 if gpu else 4, num_generations=6, lr=1e-6 if gpu else 1e-3,
+             sft_steps=600 if random_init else 0, sft_lr=1e-5 if gpu else 3e-3, max_new_tokens=1024 if gpu else 48,
+             rollout_backend="vllm" if gpu else "hf", max_steps=0 if gpu else 60)
     for k, v in d.items():
         if getattr(cfg, k) is None:
             setattr(cfg, k, v)
@@ -399,7 +399,7 @@ def main(cfg: Config) -> dict:
     # -- rollout engine ------------------------------------------------------------------------------------
     if cfg.rollout_backend == "vllm":
         engine = VLLMRollout(resolve_model(cfg.model), processor, dtype="bfloat16" if device == "cuda" else "float32",
-                             max_model_len=4096 if not cfg.model.startswith("tiny") else 1024)
+                             max_model_len=4096 if device == "cuda" else 1024)
     else:
         engine = HFRollout(model, processor)
     dirty = True   # the engine's weights differ from the policy's

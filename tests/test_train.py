@@ -80,3 +80,86 @@ def test_cli_exposes_every_config_field():
     cfg = parse_args(["--algo", "syn-grpo", "--batch-size", "3", "--lr", "0.5", "--freeze-vision", "--mu", "2"])
     assert (cfg.algo, cfg.batch_size, cfg.lr, cfg.freeze_vision, cfg.mu) == ("syn-grpo", 3, 0.5, True, 2)
     assert parse_args([]).batch_size is None        # device-dependent defaults are resolved later
+
+
+# -- end to end on the tiny model -------------------------------------------------------------------------------------
+
+def run_train(*args, timeout=900):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def metrics(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if "step" in r]
+
+
+@pytest.fixture(scope="module")
+def sft_model(tmp_path_factory):
+    """The tiny model after a short supervised warm start (a checkpoint dir, as any user checkpoint)."""
+    import train
+    out = str(tmp_path_factory.mktemp("sft") / "run")
+    train.main(Config(algo="sft", out_dir=out, sft_steps=40, seed=0))
+    return os.path.join(out, "final")
+
+
+SMALL = ["--sft-steps", "0", "--batch-size", "2", "--num-generations", "3", "--max-new-tokens", "24"]
+
+
+@pytest.mark.slow
+def test_kill_and_resume_is_bit_exact(tmp_path, sft_model):
+    from safetensors.torch import load_file
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    args = ["--model", sft_model, *SMALL, "--max-steps", "6", "--save-every", "2"]
+    r = run_train(*args, "--out-dir", a)
+    assert r.returncode == 0, r.stderr[-2000:]
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args, "--out-dir", b], env=env, cwd=ROOT,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while time.time() < deadline:     # kill -9 mid-run, after the step-2 checkpoint and before the end
+        if os.path.exists(os.path.join(b, "metrics.jsonl")) and any(r["step"] >= 2 for r in metrics(b)):
+            break
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not os.path.exists(os.path.join(b, "final")), "the run finished before it could be killed"
+    r = run_train("--resume", b)
+    assert r.returncode == 0, r.stderr[-2000:]
+    wa, wb = load_file(os.path.join(a, "final", "model.safetensors")), load_file(os.path.join(b, "final", "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    ma, mb = metrics(a), metrics(b)
+    assert [r["step"] for r in mb] == list(range(6))
+    assert [r["reward"] for r in ma] == [r["reward"] for r in mb]
+
+
+@pytest.mark.slow
+def test_grpo_steps_with_the_vllm_backend(tmp_path, sft_model):
+    out = str(tmp_path / "v")
+    r = run_train("--model", sft_model, *SMALL, "--max-steps", "3", "--rollout-backend", "vllm", "--out-dir", out,
+                  "--beta", "0.04", "--mu", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = metrics(out)
+    assert [x["step"] for x in rows] == [0, 1, 2]
+    assert all(x["time_sync"] > 0 for x in rows)            # weights pushed before every generation
+    assert all(math.isfinite(x["logp_engine_gap"]) for x in rows)
+    assert all(x["kl"] >= 0 and 0 <= x["clip_frac"] <= 1 for x in rows)
+
+
+def _grpo(out, sft_model, flip):
+    import train
+    train.main(Config(model=sft_model, out_dir=out, sft_steps=0, max_steps=25, flip_advantage=flip, seed=0, save_every=0))
+    r = [x["reward"] for x in metrics(out)]
+    return float(np.mean(r[:5])), float(np.mean(r[-5:]))
+
+
+@pytest.mark.slow
+def test_grpo_raises_the_reward_and_a_flipped_advantage_lowers_it(tmp_path, sft_model):
+    """After a 40-step warm start the tiny model writes the required format a sixth of the time; 25 GRPO steps
+    (B=4, G=6, lr 1e-3) take the mean reward from 0.17 to 0.46 (measured). The IoU part stays near 0: the
+    random-weight tiny model does not learn to localise in CPU minutes (see README, Known issues)."""
+    first, last = _grpo(str(tmp_path / "up"), sft_model, flip=False)
+    assert last > first + 0.15, (first, last)
+    first, last = _grpo(str(tmp_path / "down"), sft_model, flip=True)
+    assert last < first and last < 0.05, (first, last)
