@@ -150,48 +150,67 @@ IOU_THRS = np.linspace(0.5, 0.95, int(np.round((0.95 - 0.5) / 0.05)) + 1)   # CO
 REC_THRS = np.linspace(0.0, 1.00, int(np.round((1.00 - 0.0) / 0.01)) + 1)
 
 
-def _category_ap(ious: np.ndarray, n_gt: int, huge: np.ndarray) -> float:
-    """COCO AP of one category in one image, detections in listed order (all scores equal), averaged over IoU
-    0.50:0.95 and 101 recall points. ious: (D, G); huge: (D,) detections with area > 1e10, which COCOeval's
-    "all" area range ignores when unmatched. Mirrors COCOeval.evaluateImg + accumulate."""
-    D = ious.shape[0]
-    if D == 0:
-        return 0.0
-    aps = []
-    for t in IOU_THRS:
-        gt_used = np.zeros(n_gt, bool)
-        tp = np.zeros(D, bool)
+def _match(ious: np.ndarray) -> np.ndarray:
+    """COCOeval.evaluateImg's greedy matching for one (image, category): detections in listed order (all scores
+    equal), each takes the best still-free gold box with IoU >= t. ious (D, G) -> matched flags (T, D)."""
+    D, G = ious.shape
+    out = np.zeros((len(IOU_THRS), D), bool)
+    for ti, t in enumerate(IOU_THRS):
+        used = np.zeros(G, bool)
         for d in range(D):
             best, m = min(t, 1 - 1e-10), -1
-            for g in range(n_gt):
-                if gt_used[g] or ious[d, g] < best:
+            for g in range(G):
+                if used[g] or ious[d, g] < best:
                     continue
                 best, m = ious[d, g], g
             if m >= 0:
-                gt_used[m], tp[d] = True, True
-        tps, fps = np.cumsum(tp), np.cumsum(~tp & ~huge)
+                used[m], out[ti, d] = True, True
+    return out
+
+
+def _average_precision(tp: np.ndarray, ignore: np.ndarray, n_gt: int) -> float:
+    """COCOeval.accumulate for one category: tp/ignore (T, D) in detection order -> AP averaged over the IoU
+    thresholds and 101 recall points (precision made monotone right to left; 0 past the last recall)."""
+    D = tp.shape[1]
+    if D == 0 or n_gt == 0:
+        return 0.0
+    aps = []
+    for t in range(tp.shape[0]):
+        tps, fps = np.cumsum(tp[t] & ~ignore[t]), np.cumsum(~tp[t] & ~ignore[t])
         rc = tps / n_gt
         pr = tps / (fps + tps + np.spacing(1))
-        pr = np.maximum.accumulate(pr[::-1])[::-1]          # precision envelope, right to left
+        pr = np.maximum.accumulate(pr[::-1])[::-1]
         inds = np.searchsorted(rc, REC_THRS, side="left")
-        q = np.where(inds < D, pr[np.minimum(inds, D - 1)], 0.0)
-        aps.append(q.mean())
+        aps.append(np.where(inds < D, pr[np.minimum(inds, D - 1)], 0.0).mean())
     return float(np.mean(aps))
+
+
+def coco_map_dataset(gts: list, preds: list, max_dets: int = 100) -> float:
+    """COCO mAP@[.5:.95] over images: gts[i] / preds[i] = [{"bbox": [x1,y1,x2,y2], "label": str}] of image i,
+    predictions with score 1.0 in listed order (VLM-R1's convention), categories = the gold labels. Equals
+    pycocotools' evaluate + accumulate (tested); a prediction whose label has no gold box anywhere is dropped."""
+    cats = sorted({g["label"] for img in gts for g in img})
+    aps = []
+    for c in cats:
+        tps, igns, n_gt = [], [], 0
+        for gt, pred in zip(gts, preds):
+            g = np.array([_xywh(o["bbox"]) for o in gt if o["label"] == c], dtype=np.float64).reshape(-1, 4)
+            d = np.array([_xywh(o["bbox"]) for o in pred if o["label"] == c][:max_dets], dtype=np.float64).reshape(-1, 4)
+            n_gt += len(g)
+            if len(d):
+                tp = _match(iou_matrix_xywh(d, g))
+                tps.append(tp)
+                igns.append(~tp & (d[:, 2] * d[:, 3] > 1e10)[None, :])   # unmatched and outside the "all" area range
+        if n_gt:
+            tp = np.concatenate(tps, 1) if tps else np.zeros((len(IOU_THRS), 0), bool)
+            ig = np.concatenate(igns, 1) if igns else tp
+            aps.append(_average_precision(tp, ig, n_gt))
+    return float(np.mean(aps)) if aps else 0.0
 
 
 def coco_map(gt: list, pred: list, max_dets: int = 100) -> float:
-    """COCO mAP@[.5:.95] for one image: gt/pred = [{"bbox": [x1,y1,x2,y2], "label": str}], pred in listed
-    order with score 1.0 (VLM-R1's convention). Predictions whose label is not a gold label are dropped, as in
-    VLM-R1. Categories = gold labels; each contributes its AP (0 when it has no detection)."""
-    cats = sorted({g["label"] for g in gt})
-    if not cats:
-        return 0.0
-    aps = []
-    for c in cats:
-        g = np.array([_xywh(o["bbox"]) for o in gt if o["label"] == c], dtype=np.float64)
-        d = np.array([_xywh(o["bbox"]) for o in pred if o["label"] == c][:max_dets], dtype=np.float64).reshape(-1, 4)
-        aps.append(_category_ap(iou_matrix_xywh(d, g), len(g), d[:, 2] * d[:, 3] > 1e10))
-    return float(np.mean(aps))
+    """COCO mAP of one image (the OVD reward's mAP term, Eq. 3)."""
+    return coco_map_dataset([gt], [pred], max_dets)
 
 
 def _xywh(b):

@@ -212,6 +212,7 @@ def save_checkpoint(path, model, opt, sched, step, pool, smoother, cfg):
     tmp = path + ".tmp"
     torch.save(state, tmp)
     os.replace(tmp, path)   # a kill during the save leaves the previous checkpoint intact
+    pool.save(os.path.join(os.path.dirname(path), "pool.json"))   # readable lineage for eval.py gallery
 
 
 def load_checkpoint(path, model, opt, sched, smoother):

@@ -90,6 +90,31 @@ def pycoco_map(gt, pred):
     return float(ev.stats[0])
 
 
+def pycoco_map_multi(gts, preds):
+    """pycocotools over several images (the evaluation's dataset-level mAP)."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+    cats = sorted({g["label"] for img in gts for g in img})
+    cid = {c: i + 1 for i, c in enumerate(cats)}
+    xywh = lambda b: [b[0], b[1], b[2] - b[0], b[3] - b[1]]
+    coco = COCO()
+    anns = [{"image_id": i + 1, "category_id": cid[g["label"]], "bbox": xywh(g["bbox"]),
+             "area": xywh(g["bbox"])[2] * xywh(g["bbox"])[3], "iscrowd": 0} for i, img in enumerate(gts) for g in img]
+    for k, a in enumerate(anns):
+        a["id"] = k + 1
+    coco.dataset = {"images": [{"id": i + 1, "width": 2048, "height": 2048} for i in range(len(gts))],
+                    "categories": [{"id": cid[c], "name": c} for c in cats], "annotations": anns}
+    dets = [{"image_id": i + 1, "category_id": cid[p["label"]], "bbox": xywh(p["bbox"]), "score": 1.0}
+            for i, img in enumerate(preds) for p in img if p["label"] in cid]
+    if not dets:
+        return 0.0
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+        ev = COCOeval(coco, coco.loadRes(dets), "bbox")
+        ev.evaluate(); ev.accumulate(); ev.summarize()
+    return float(ev.stats[0])
+
+
 def random_case(rng):
     labels = ["a", "b", "c"]
     gt = []

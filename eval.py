@@ -1,0 +1,325 @@
+"""Evaluation: benchmarks, paper-style tables, training curves and synthesized-image galleries.
+
+    python eval.py --model runs/default/final --task rec --data refcoco_val.json lisa_test.json --image-root DIR
+    python eval.py score --task ovd --data gold.jsonl --predictions preds.jsonl    # any system's outputs, no model
+    python eval.py plot runs/default                                               # reward / entropy / diversity curves
+    python eval.py gallery runs/default                                            # original vs synthesized images
+
+Metrics (SPEC §8), computed with the same parsers and box rescaling as the training rewards (rewards.py):
+  rec       accuracy = share of predictions with IoU > 0.5 (strict, VLM-R1), plus mean IoU
+  ovd, isr  COCO mAP@[.5:.95] over the whole split (every box scored 1.0 in listed order, equal to pycocotools),
+            greedy precision GP and greedy recall GR at IoU 0.5, pooled over the split (1:1 matching by IoU,
+            labels must agree): GP = matched / predicted, GR = matched / gold
+  math      accuracy of the last \\boxed{} answer (multiple-choice letters normalised)
+Generation is greedy by default; `--limit N --seed S` evaluates VLM-R1's random subsets (they used 2000, seed 42).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+
+import rewards as R
+from data import DataPool, Sample, coco_to_samples, parse_row, read_jsonl, scale_box, smart_resize
+
+QWEN_MIN_PIXELS, QWEN_MAX_PIXELS = 3136, 12845056   # Qwen2.5-VL's processor defaults
+
+
+@dataclass
+class Config:
+    model: str = "tiny"
+    task: str = "rec"
+    data: tuple = ()
+    image_root: str = ""
+    out_dir: str = "runs/eval"
+    backend: str = "hf"
+    max_new_tokens: int = 256          # VLM-R1's REC evaluation
+    limit: int = 0
+    seed: int = 42
+    batch_size: int = 16
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading benchmark files
+
+
+def load_split(path: str, task: str, image_root: str = "", limit: int = 0, seed: int = 42,
+               max_boxes_per_category: int = 0) -> list[Sample]:
+    """A benchmark file: task JSONL, a JSON list in the same format (VLM-R1 ships RefCOCO val / LISA test as
+    .json lists), or a COCO detection JSON for ovd/isr. Bad rows are reported and skipped."""
+    root = image_root or os.path.dirname(os.path.abspath(path))
+    if path.endswith(".json"):
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+        if isinstance(obj, dict) and "annotations" in obj:
+            samples = coco_to_samples(path, root, task, max_boxes_per_category)
+        else:
+            samples = []
+            for i, row in enumerate(obj):
+                try:
+                    s = parse_row(row, task, root, f"{path}[{i}]")
+                except ValueError as e:
+                    print(f"skipping bad row: {e}", file=sys.stderr)
+                    continue
+                s.id = str(row.get("id", f"{os.path.splitext(os.path.basename(path))[0]}-{i}"))
+                samples.append(s)
+    else:
+        samples = read_jsonl(path, task, image_root, strict=False, log=lambda m: print(m, file=sys.stderr))
+    if limit and len(samples) > limit:   # VLM-R1: random.seed(42); random.shuffle(data); data[:2000]
+        samples = list(samples)
+        random.Random(seed).shuffle(samples)
+        samples = samples[:limit]
+    return samples
+
+
+# ----------------------------------------------------------------------------------------------------
+# Scoring (pure: predictions -> numbers)
+
+
+def normalise_choice(ans: str | None) -> str | None:
+    """'(B)', 'B.', 'B) 5', 'option b' -> 'B'; anything else unchanged."""
+    if ans is None:
+        return None
+    m = re.fullmatch(r"\s*(?:option\s*)?\(?([A-Ha-h])\)?[.:)]?(?:\s.*)?", ans, flags=re.S)
+    return m.group(1).upper() if m else ans.strip()
+
+
+def input_size_for(sample: Sample, row: dict) -> tuple:
+    """The model-input frame a raw completion's boxes are in: given by the row, or Qwen2.5-VL's default resize."""
+    if isinstance(row.get("input_size"), list) and len(row["input_size"]) == 2:
+        return tuple(row["input_size"])
+    h, w = smart_resize(sample.height, sample.width, 28, QWEN_MIN_PIXELS, QWEN_MAX_PIXELS)
+    return (w, h)
+
+
+def parse_prediction(row: dict, sample: Sample):
+    """A prediction row -> rec box | ovd items | math answer, in the original frame. Rows are either
+    {"id", "completion"} (raw model text, parsed like training) or already parsed:
+    {"id", "boxes", "labels"} (original pixels) / {"id", "answer"}."""
+    if "completion" in row:
+        text = row["completion"] if isinstance(row["completion"], str) else ""
+        size = input_size_for(sample, row)
+        if sample.task == "rec":
+            return R.predicted_box(text, sample, size)
+        if sample.task in ("ovd", "isr"):
+            items = R.predicted_detections(text, sample, size)
+            return R.valid_detections(items) if items else []
+        return R.extract_boxed(text)
+    if sample.task == "math":
+        a = row.get("answer")
+        return None if a is None else str(a)
+    boxes = row.get("boxes") if isinstance(row.get("boxes"), list) else []
+    labels = row.get("labels") if isinstance(row.get("labels"), list) else [None] * len(boxes)
+    items = []
+    for b, label in zip(boxes, labels):
+        box = R.parse_box(json.dumps(b)) if isinstance(b, list) else None
+        if box is not None and box[2] > box[0] and box[3] > box[1]:
+            items.append({"bbox": box, "label": label if isinstance(label, str) else None})
+    if sample.task == "rec":
+        return items[0]["bbox"] if items else None
+    return [it for it in items if it["label"] is not None]
+
+
+def score_split(task: str, samples: list[Sample], preds: dict) -> dict:
+    """preds: sample id -> parsed prediction (missing = no answer). Returns the split's metrics."""
+    n = len(samples)
+    if task == "rec":
+        ious = [R.iou(s.solution, preds[s.id]) if preds.get(s.id) is not None else 0.0 for s in samples]
+        return {"n": n, "accuracy": float(np.mean([v > 0.5 for v in ious])) if n else 0.0,
+                "mean_iou": float(np.mean(ious)) if n else 0.0}
+    if task in ("ovd", "isr"):
+        gts = [s.objects for s in samples]
+        dts = [preds.get(s.id) or [] for s in samples]
+        matched = sum(R.greedy_match(g, d) for g, d in zip(gts, dts))
+        n_pred, n_gold = sum(map(len, dts)), sum(map(len, gts))
+        return {"n": n, "mAP": R.coco_map_dataset(gts, dts), "GP": matched / n_pred if n_pred else 0.0,
+                "GR": matched / n_gold if n_gold else 0.0}
+    correct = [preds.get(s.id) is not None and s.answer is not None and
+               (normalise_choice(preds[s.id]) == normalise_choice(s.answer) or R.math_equal(preds[s.id], s.answer))
+               for s in samples]
+    return {"n": n, "accuracy": float(np.mean(correct)) if n else 0.0}
+
+
+def markdown_table(task: str, results: dict, name: str = "model") -> str:
+    """Paper-style table: REC columns = splits (accuracy %); OVD/ISR rows = splits with mAP, GP, GR (%);
+    math columns = benchmarks plus their average."""
+    if task in ("ovd", "isr"):
+        lines = ["| split | mAP | GP (IoU=0.5) | GR (IoU=0.5) |", "|---|---|---|---|"]
+        lines += [f"| {k} | {100 * v['mAP']:.2f} | {100 * v['GP']:.2f} | {100 * v['GR']:.2f} |" for k, v in results.items()]
+        return "\n".join(lines)
+    cols = list(results)
+    vals = [100 * results[c]["accuracy"] for c in cols]
+    if task == "math" and len(cols) > 1:
+        cols, vals = cols + ["Avg"], vals + [float(np.mean(vals))]
+    return "\n".join([f"| method | {' | '.join(cols)} |", "|---" * (len(cols) + 1) + "|",
+                      f"| {name} | {' | '.join(f'{v:.2f}' for v in vals)} |"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Commands
+
+
+def evaluate(cfg: Config) -> dict:
+    """Generate (greedy) on every split, save predictions, score, write results.json and results.md."""
+    from rollout import HFRollout, Sampling, VLLMRollout, encode_prompt, load_policy, resolve_model
+    model, processor = load_policy(cfg.model)
+    engine = (VLLMRollout(resolve_model(cfg.model), processor, max_model_len=4096) if cfg.backend == "vllm"
+              else HFRollout(model, processor, chunk=cfg.batch_size))
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    results = {}
+    for path in cfg.data:
+        split = os.path.splitext(os.path.basename(path))[0]
+        samples = load_split(path, cfg.task, cfg.image_root, cfg.limit, cfg.seed)
+        rows = []
+        for start in range(0, len(samples), cfg.batch_size):
+            prompts = [encode_prompt(processor, s) for s in samples[start:start + cfg.batch_size]]
+            groups = engine.generate(prompts, Sampling(greedy=True, max_tokens=cfg.max_new_tokens))
+            rows += [{"id": p.sample.id, "completion": g[0].text, "input_size": list(p.input_size)}
+                     for p, g in zip(prompts, groups)]
+        with open(os.path.join(cfg.out_dir, f"predictions_{split}.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        by_id = {s.id: s for s in samples}
+        results[split] = score_split(cfg.task, samples, {r["id"]: parse_prediction(r, by_id[r["id"]]) for r in rows})
+        print(split, results[split])
+    write_results(cfg.out_dir, cfg.task, results, cfg.model)
+    return results
+
+
+def write_results(out_dir: str, task: str, results: dict, name: str) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump({"task": task, "model": name, "results": results}, f, indent=1)
+    table = markdown_table(task, results, name)
+    with open(os.path.join(out_dir, "results.md"), "w") as f:
+        f.write(table + "\n")
+    print(table)
+
+
+def score_command(task: str, data: str, predictions: str, image_root: str = "", out_dir: str = "") -> dict:
+    samples = load_split(data, task, image_root)
+    by_id = {s.id: s for s in samples}
+    preds, bad = {}, 0
+    with open(predictions, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            try:
+                row = json.loads(line)
+                sid = str(row["id"])
+            except (ValueError, KeyError, TypeError):
+                bad += 1
+                print(f"{predictions}:{lineno}: not a prediction row, ignored", file=sys.stderr)
+                continue
+            if sid in by_id:
+                try:
+                    preds[sid] = parse_prediction(row, by_id[sid])
+                except Exception as e:   # a malformed prediction scores as no answer, never a crash
+                    print(f"{predictions}:{lineno}: unparsable prediction ({e}), counted as no answer", file=sys.stderr)
+    res = {os.path.splitext(os.path.basename(data))[0]: score_split(task, samples, preds)}
+    if out_dir:
+        write_results(out_dir, task, res, os.path.basename(predictions))
+    else:
+        print(json.dumps(res))
+    return res
+
+
+CURVES = ("reward", "reward_accuracy", "entropy", "diversity", "diversity_smoothed", "reward_diversity")
+
+
+def plot_command(run_dir: str) -> list[str]:
+    """One PNG per training curve found in metrics.jsonl (paper Fig. 2 / Fig. 7 shapes)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        rows = [r for r in map(json.loads, f) if "step" in r]
+    written = []
+    for key in CURVES:
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        if not pts:
+            continue
+        x, y = zip(*pts)
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        ax.plot(x, y, lw=0.8, alpha=0.4, label="per step")
+        k = max(1, len(y) // 20)
+        ax.plot(x, np.convolve(y, np.ones(k) / k, mode="same"), lw=1.8, label=f"moving mean ({k})")
+        ax.set_xlabel("step"), ax.set_ylabel(key), ax.set_title(key.replace("_", " ")), ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = os.path.join(run_dir, f"curve_{key}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def gallery_command(run_dir: str, rows: int = 6) -> str:
+    """A grid: each row an original image and its synthesized descendants (from the pool's lineage), gold
+    boxes drawn, each cell titled with its generation and training step (paper Fig. 5 / Fig. 8)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+    from data import load_image
+    pool = DataPool.load(os.path.join(run_dir, "pool.json"))
+    chains = [ids for ids in pool.lineage.values() if len(ids) > 1][:rows] or [ids for ids in pool.lineage.values()][:rows]
+    cols = max(len(c) for c in chains)
+    fig, axes = plt.subplots(len(chains), cols, figsize=(2.4 * cols, 2.4 * len(chains)), squeeze=False)
+    for r, chain in enumerate(chains):
+        for c in range(cols):
+            ax = axes[r][c]
+            ax.axis("off")
+            if c >= len(chain):
+                continue
+            s = pool.samples[chain[c]]
+            ax.imshow(load_image(s.image))
+            for b in s.gold_boxes():
+                ax.add_patch(Rectangle((b[0], b[1]), b[2] - b[0], b[3] - b[1], fill=False, color="lime", lw=1.2))
+            title = "original" if s.generation == 0 else f"gen {s.generation}, step {s.meta.get('step', '?')}"
+            ax.set_title(title, fontsize=7)
+    fig.tight_layout()
+    path = os.path.join(run_dir, "gallery.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("score", "plot", "gallery"):
+        p = argparse.ArgumentParser(prog=f"eval.py {argv[0]}")
+        if argv[0] == "score":
+            p.add_argument("--task", required=True, choices=("rec", "ovd", "isr", "math"))
+            p.add_argument("--data", required=True)
+            p.add_argument("--predictions", required=True)
+            p.add_argument("--image-root", default="")
+            p.add_argument("--out-dir", default="")
+            a = p.parse_args(argv[1:])
+            return score_command(a.task, a.data, a.predictions, a.image_root, a.out_dir)
+        p.add_argument("run_dir")
+        a = p.parse_args(argv[1:])
+        out = plot_command(a.run_dir) if argv[0] == "plot" else gallery_command(a.run_dir)
+        print(out)
+        return out
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=Config.model)
+    p.add_argument("--task", default="rec", choices=("rec", "ovd", "isr", "math"))
+    p.add_argument("--data", nargs="+", required=True)
+    p.add_argument("--image-root", default="")
+    p.add_argument("--out-dir", default=Config.out_dir)
+    p.add_argument("--backend", default="hf", choices=("hf", "vllm"))
+    p.add_argument("--max-new-tokens", type=int, default=Config.max_new_tokens)
+    p.add_argument("--limit", type=int, default=0)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--batch-size", type=int, default=16)
+    a = p.parse_args(argv)
+    return evaluate(Config(model=a.model, task=a.task, data=tuple(a.data), image_root=a.image_root, out_dir=a.out_dir,
+                           backend=a.backend, max_new_tokens=a.max_new_tokens, limit=a.limit, seed=a.seed,
+                           batch_size=a.batch_size))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+import json
+import os
+import random
+
+import pytest
+from PIL import Image
+
+import eval as E
+from data import DataPool, Sample, make_shapes, read_jsonl
+from test_rewards import pycoco_map_multi, random_case
+
+
+def test_dataset_map_equals_pycocotools_on_randomized_sets():
+    rng = random.Random(1)
+    for _ in range(60):
+        cases = [random_case(rng) for _ in range(rng.randint(1, 5))]
+        gts, dts = [c[0] for c in cases], [c[1] for c in cases]
+        if rng.random() < 0.3:
+            dts[0] = []                                     # an image with no prediction at all
+        assert E.R.coco_map_dataset(gts, dts) == pytest.approx(pycoco_map_multi(gts, dts), abs=1e-6)
+
+
+def _ovd(i, objects):
+    return Sample(id=str(i), task="ovd", image="", width=100, height=100, categories=sorted({o["label"] for o in objects}),
+                  objects=objects)
+
+
+def test_gp_gr_pooled_hand_case():
+    s = [_ovd(0, [{"bbox": [0, 0, 10, 10], "label": "a"}, {"bbox": [20, 0, 30, 10], "label": "b"}]),
+         _ovd(1, [{"bbox": [0, 0, 10, 10], "label": "a"}])]
+    preds = {"0": [{"bbox": [0, 0, 10, 10], "label": "a"}, {"bbox": [20, 0, 30, 10], "label": "a"}],   # 1 of 2
+             "1": [{"bbox": [1, 1, 10, 10], "label": "a"}, {"bbox": [0, 0, 10, 10], "label": "a"},
+                   {"bbox": [50, 50, 60, 60], "label": "a"}]}                                        # 1 of 3
+    m = E.score_split("ovd", s, preds)
+    assert m["GP"] == pytest.approx(2 / 5) and m["GR"] == pytest.approx(2 / 3)
+
+
+def test_rec_accuracy_is_strict_iou_over_half():
+    s = [Sample(id=str(i), task="rec", image="", width=100, height=100, problem="q", solution=[0, 0, 10, 10]) for i in range(3)]
+    preds = {"0": [0, 0, 10, 10], "1": [0, 0, 20, 10]}      # IoU 1 and exactly 0.5; "2" missing
+    m = E.score_split("rec", s, preds)
+    assert m["accuracy"] == pytest.approx(1 / 3) and m["mean_iou"] == pytest.approx(0.5)
+
+
+def test_math_choice_normalisation():
+    assert [E.normalise_choice(x) for x in ["(B)", "B.", "b", "B) 5", "option c", "12"]] == ["B", "B", "B", "B", "C", "12"]
+    s = [Sample(id="0", task="math", image="", problem="q", answer="B"), Sample(id="1", task="math", image="", problem="q", answer="0.5")]
+    assert E.score_split("math", s, {"0": "(B)", "1": "\\frac{1}{2}"})["accuracy"] == 1.0
+
+
+def test_score_command_on_hostile_predictions(tmp_path, shapes_dir):
+    gold = make_shapes("ovd", 6, shapes_dir)
+    samples = read_jsonl(gold, "ovd")
+    rows = ['{"id": "%s", "completion": "<answer>[{\\"bbox_2d\\": [1, 2, 3]}]</answer>"}' % samples[0].id,
+            json.dumps({"id": samples[1].id, "boxes": [[5, 5, 1, 1], "x", [0, 0, 10, 10]], "labels": ["circle", 3]}),
+            json.dumps({"id": samples[2].id, "completion": None}), "not json", json.dumps({"no": "id"}),
+            json.dumps({"id": samples[3].id, "boxes": [o["bbox"] for o in samples[3].objects],
+                        "labels": [o["label"] for o in samples[3].objects]}),
+            json.dumps({"id": samples[4].id, "completion": "<answer>" + "[" * 10000 + "</answer>"})]
+    pred = tmp_path / "p.jsonl"
+    pred.write_text("\n".join(rows) + "\n")
+    res = E.score_command("ovd", gold, str(pred), out_dir=str(tmp_path / "o"))
+    (m,) = res.values()
+    assert 0 < m["mAP"] < 1 and 0 < m["GR"] < 1
+    assert (tmp_path / "o" / "results.md").read_text().startswith("| split | mAP")
+
+
+def test_parse_prediction_rescales_raw_completions():
+    s = Sample(id="0", task="rec", image="", width=200, height=100, problem="q", solution=[20, 10, 100, 50])
+    row = {"id": "0", "completion": "<answer>[10, 5, 50, 25]</answer>", "input_size": [100, 50]}
+    assert E.parse_prediction(row, s) == [20, 10, 100, 50]
+
+
+@pytest.mark.slow
+def test_evaluate_tiny_model_end_to_end_both_backends(tmp_path, shapes_dir, tiny, vllm_engine, monkeypatch):
+    data = make_shapes("rec", 6, shapes_dir, split="test")
+    res = E.evaluate(E.Config(model="tiny", task="rec", data=(data,), out_dir=str(tmp_path / "hf"), max_new_tokens=16,
+                              batch_size=4))
+    (m,) = res.values()
+    assert m["n"] == 6 and 0 <= m["accuracy"] <= 1
+    preds = [json.loads(l) for l in open(tmp_path / "hf" / f"predictions_{os.path.basename(data)[:-6]}.jsonl")]
+    assert len(preds) == 6 and all("input_size" in p for p in preds)
+    # re-scoring the saved predictions gives the same numbers
+    again = E.score_command("rec", data, str(tmp_path / "hf" / f"predictions_{os.path.basename(data)[:-6]}.jsonl"))
+    assert list(again.values())[0] == m
+    # vLLM backend: reuse the session's engine instead of starting a second one in this process
+    import rollout
+    monkeypatch.setattr(rollout, "VLLMRollout", lambda *a, **k: vllm_engine)
+    res = E.evaluate(E.Config(model="tiny", task="rec", data=(data,), out_dir=str(tmp_path / "v"), backend="vllm",
+                              max_new_tokens=16))
+    assert list(res.values())[0]["n"] == 6
+
+
+def test_plot_and_gallery(tmp_path, shapes_dir):
+    run = tmp_path / "run"
+    run.mkdir()
+    with open(run / "metrics.jsonl", "w") as f:
+        for s in range(30):
+            f.write(json.dumps({"step": s, "reward": s / 30, "entropy": 1 - s / 60, "diversity": 0.3, "diversity_smoothed": 0.2}) + "\n")
+    paths = E.plot_command(str(run))
+    assert {os.path.basename(p) for p in paths} >= {"curve_reward.png", "curve_entropy.png", "curve_diversity.png",
+                                                    "curve_diversity_smoothed.png"}
+    assert all(os.path.getsize(p) > 5000 for p in paths)
+    samples = read_jsonl(make_shapes("rec", 3, shapes_dir), "rec")
+    pool = DataPool(samples)
+    for gen in range(2):                       # two synthesized generations of the first sample
+        src = pool.get(0)
+        img = Image.open(src.image).convert("RGB").rotate(180)
+        path = str(tmp_path / f"syn{gen}.png")
+        img.save(path)
+        pool.replace(src.id, Sample(id=f"syn{gen}", task="rec", image=path, width=src.width, height=src.height,
+                                    problem=src.problem, solution=src.solution, meta={"step": 10 * (gen + 1)}))
+    pool.save(str(run / "pool.json"))
+    g = E.gallery_command(str(run))
+    assert os.path.getsize(g) > 3000
+    assert Image.open(g).size[0] > Image.open(g).size[1]     # one row, three columns
