@@ -1,0 +1,66 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from data import shapes_sample
+from outpaint import keep_mask, load_pipeline, outpaint, zoom_boxes
+
+
+def test_keep_mask_is_the_dilated_union_of_boxes():
+    m = np.asarray(keep_mask((50, 40), [[10, 10, 20, 20], [30, 5, 35, 8]], dilate=2)) > 0
+    assert m[8:22, 8:22].all() and not m[7, 10] and not m[22, 10]
+    assert m[3:10, 28:37].all() and m.sum() == 14 * 14 + 9 * 7
+    seg = Image.new("L", (50, 40), 0)
+    seg.paste(255, (12, 12, 16, 16))
+    refined = np.asarray(keep_mask((50, 40), [[10, 10, 20, 20]], dilate=2, segment=seg)) > 0
+    assert refined[12:16, 12:16].all() and not refined[19, 19] and refined.sum() < m.sum()
+
+
+def test_zoom_boxes():
+    boxes, (s, ox, oy) = zoom_boxes([[0, 0, 100, 50]], (100, 50), 2.0)
+    assert s == 0.5 and ox == 25 and oy in (12, 13)
+    assert boxes[0][2] - boxes[0][0] == 50 and boxes[0][3] - boxes[0][1] == 25
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return load_pipeline("tiny")
+
+
+@pytest.mark.parametrize("task,index", [("ovd", 0), ("rec", 1), ("isr", 2)])
+def test_pixels_inside_every_gold_box_are_unchanged(pipe, task, index):
+    img, row = shapes_sample(task, index)
+    boxes = [o["bbox"] for o in row["objects"]] if "objects" in row else [row["solution"]] + [
+        o["bbox"] for o in row["meta"]["context_objects"]]
+    out, new_boxes = outpaint(pipe, img, boxes, "a snowy forest at night", seed=3, steps=2)
+    a, b = np.asarray(img), np.asarray(out)
+    assert out.size == img.size and new_boxes == [list(map(float, x)) for x in boxes]
+    for x1, y1, x2, y2 in boxes:
+        assert np.array_equal(a[y1:y2, x1:x2], b[y1:y2, x1:x2])
+    keep = np.asarray(keep_mask(img.size, boxes)) > 0
+    assert (a[~keep] != b[~keep]).any(-1).mean() > 0.5          # the background was regenerated
+
+
+def test_zoom_out_transforms_boxes_and_keeps_objects(pipe):
+    img, row = shapes_sample("ovd", 4)
+    boxes = [o["bbox"] for o in row["objects"]]
+    out, new_boxes = outpaint(pipe, img, boxes, "a beach", seed=0, steps=2, zoom_out=2.0)
+    assert out.size == img.size
+    for b, nb in zip(boxes, new_boxes):
+        assert nb[2] - nb[0] == pytest.approx((b[2] - b[0]) / 2)
+    # the shrunk source is pasted exactly: compare with the same resize the function performs
+    w, h = img.size
+    small = img.resize((round(w / 2), round(h / 2)), Image.LANCZOS)
+    ox, oy = round((w - small.width) / 2), round((h - small.height) / 2)
+    x1, y1, x2, y2 = (int(v) for v in new_boxes[0])
+    assert np.array_equal(np.asarray(out)[y1 + 1:y2 - 1, x1 + 1:x2 - 1],
+                          np.asarray(small)[y1 + 1 - oy:y2 - 1 - oy, x1 + 1 - ox:x2 - 1 - ox])
+
+
+def test_same_seed_same_image(pipe):
+    img, row = shapes_sample("ovd", 5)
+    boxes = [o["bbox"] for o in row["objects"]]
+    a, _ = outpaint(pipe, img, boxes, "a desert", seed=7, steps=2)
+    b, _ = outpaint(pipe, img, boxes, "a desert", seed=7, steps=2)
+    c, _ = outpaint(pipe, img, boxes, "a desert", seed=8, steps=2)
+    assert np.array_equal(np.asarray(a), np.asarray(b)) and not np.array_equal(np.asarray(a), np.asarray(c))

@@ -1,0 +1,192 @@
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from PIL import Image
+
+from data import shapes_sample
+from server import DataServerClient
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def start_server(state_dir, *extra):
+    port_file = os.path.join(state_dir, "port")
+    os.makedirs(state_dir, exist_ok=True)
+    if os.path.exists(port_file):
+        os.remove(port_file)
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "server.py"), "--port", "0", "--port-file", port_file,
+                          "--state-dir", state_dir, "--steps", "2", *extra], cwd=ROOT,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not os.path.exists(port_file):
+        assert p.poll() is None and time.time() < deadline, "server did not start"
+        time.sleep(0.05)
+    return p, f"http://127.0.0.1:{open(port_file).read()}"
+
+
+def call(url, path, body=None, method=None, headers=None, raw=None):
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(url + path, data=data, method=method or ("POST" if data is not None else "GET"),
+                                 headers=headers or {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def raw_request(url, data: bytes) -> bytes:
+    host, port = url.rsplit("/", 1)[-1].split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(data)
+        return s.recv(65536)
+
+
+def png_b64(img):
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def job(i=0, **kw):
+    img, row = shapes_sample("ovd", i)
+    return {"sample_id": f"s{i}", "image_b64": png_b64(img), "boxes": [o["bbox"] for o in row["objects"]],
+            "description": "a grassy park", "seed": i, **kw}
+
+
+def wait_done(url, ids, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        st = [call(url, f"/jobs/{j}")[1]["status"] for j in ids]
+        if all(s in ("done", "failed") for s in st):
+            return st
+        time.sleep(0.2)
+    raise AssertionError("jobs did not finish")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    d = tmp_path_factory.mktemp("srv")
+    root = d / "images"
+    root.mkdir()
+    img, _ = shapes_sample("rec", 0)
+    img.save(root / "a.png")
+    (d / "secret.png").write_bytes((root / "a.png").read_bytes())
+    p, url = start_server(str(d / "state"), "--image-root", str(root), "--token", "s3cret", "--queue-size", "4",
+                          "--max-body-bytes", str(1 << 20), "--max-image-pixels", str(512 * 512))
+    yield url, {"Authorization": "Bearer s3cret", "Content-Type": "application/json"}
+    p.terminate()
+    p.wait()
+
+
+def test_api_contract_and_every_error_code(server):
+    url, auth = server
+    # 401 without (or with a wrong) token
+    assert call(url, "/health")[0] == 401
+    assert call(url, "/health", headers={"Authorization": "Bearer nope"})[0] == 401
+    code, h = call(url, "/health", headers=auth)
+    assert code == 200 and h["ok"]
+    # 202 and the result, with boxes unchanged and a same-size image
+    code, r = call(url, "/jobs", job(0), headers=auth)
+    assert code == 202
+    deadline = time.time() + 120
+    while (res := call(url, f"/jobs/{r['job_id']}", headers=auth)[1])["status"] == "queued" and time.time() < deadline:
+        time.sleep(0.2)
+    assert res["status"] == "done" and res["boxes"] == [list(map(float, b)) for b in job(0)["boxes"]]
+    out = Image.open(io.BytesIO(base64.b64decode(res["image_b64"])))
+    assert out.size == shapes_sample("ovd", 0)[0].size
+    code, rs = call(url, "/results?after=0", headers=auth)
+    assert code == 200 and [x["job_id"] for x in rs["results"]] == [r["job_id"]] and rs["next"] == 1
+    assert call(url, f"/results?after={rs['next']}", headers=auth)[1]["results"] == []
+    # idempotency key: the same key gives the same job, not a second one
+    k1 = call(url, "/jobs", job(1, key="s1@0"), headers=auth)
+    k2 = call(url, "/jobs", job(1, key="s1@0"), headers=auth)
+    assert k1[0] == 202 and k2[0] == 200 and k1[1]["job_id"] == k2[1]["job_id"]
+    # an image path under the root is accepted; outside it is refused
+    assert call(url, "/jobs", {**job(2), "image_b64": None, "image": "a.png"}, headers=auth)[0] == 202
+    for bad_path in ("../secret.png", "/etc/passwd", "../../../../etc/passwd"):
+        assert call(url, "/jobs", {**job(2), "image_b64": None, "image": bad_path}, headers=auth)[0] == 403
+    # 400s with a message
+    for body in ({"sample_id": 1}, {**job(0), "boxes": [[5, 5, 1, 1]]}, {**job(0), "seed": -1},
+                 {**job(0), "image_b64": "!!!"}, {**job(0), "image_b64": base64.b64encode(b"not an image").decode()},
+                 {**job(0), "description": ""}, {**job(0), "zoom_out": 9}, [1, 2]):
+        code, e = call(url, "/jobs", body, headers=auth)
+        assert code == 400 and e["error"], body
+    assert call(url, "/jobs", raw=b"{not json", headers=auth)[0] == 400
+    # 413: body and image size limits
+    assert raw_request(url, b"POST /jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer s3cret\r\n"
+                            b"Content-Length: 2097152\r\n\r\n").startswith(b"HTTP/1.1 413")   # refused unread
+    big = png_b64(Image.new("RGB", (1024, 1024)))
+    assert call(url, "/jobs", {**job(0), "image_b64": big}, headers=auth)[0] == 413
+    # 404 / 405
+    assert call(url, "/jobs/nope", headers=auth)[0] == 404
+    assert call(url, "/nowhere", headers=auth)[0] == 404
+    assert call(url, "/jobs", method="DELETE", headers=auth)[0] == 405
+    # 429 when the queue is full (queue size 4)
+    codes = [call(url, "/jobs", job(10 + i), headers=auth)[0] for i in range(12)]
+    assert 429 in codes and codes[0] == 202
+    assert call(url, "/health", headers=auth)[0] == 200         # still up
+
+
+def test_binds_loopback_by_default(tmp_path):
+    p, url = start_server(str(tmp_path / "s"))
+    try:
+        port = int(url.rsplit(":", 1)[1])
+        out = subprocess.run(["ss", "-ltn"], capture_output=True, text=True).stdout
+        assert f"127.0.0.1:{port}" in out
+    finally:
+        p.terminate()
+        p.wait()
+
+
+@pytest.mark.slow
+def test_kill_9_with_jobs_queued_loses_nothing(tmp_path):
+    state = str(tmp_path / "state")
+    p, url = start_server(state)
+    ids = [call(url, "/jobs", job(i, key=f"k{i}"))[1]["job_id"] for i in range(8)]
+    time.sleep(1.0)
+    p.send_signal(signal.SIGKILL)              # some jobs done, some queued, maybe one mid-generation
+    p.wait()
+    p, url = start_server(state)
+    try:
+        assert wait_done(url, ids, timeout=180) == ["done"] * 8
+        results = call(url, "/results?after=0&limit=256")[1]["results"]
+        assert sorted(r["job_id"] for r in results) == sorted(ids)             # all accounted for, none twice
+        assert [r["seq"] for r in results] == list(range(1, 9))
+        # a retried submission after the crash maps to the same job (idempotency keys survive restarts)
+        assert call(url, "/jobs", job(0, key="k0")) == (200, {"job_id": ids[0]})
+    finally:
+        p.terminate()
+        p.wait()
+
+
+def test_client_skips_a_dead_server_and_collects(tmp_path):
+    p, url = start_server(str(tmp_path / "s"))
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    dead = f"http://127.0.0.1:{s.getsockname()[1]}"     # nothing listens here
+    s.close()
+    try:
+        logs = []
+        c = DataServerClient([dead, url], timeout=2, log=logs.append)
+        ids = [c.submit(job(i)) for i in range(3)]
+        assert all(ids) and logs and "unreachable" in logs[0]
+        got = []
+        deadline = time.time() + 120
+        while len(got) < 3 and time.time() < deadline:
+            got += c.collect()
+            time.sleep(0.2)
+        assert sorted(r["job_id"] for r in got) == sorted(ids) and not c.pending
+    finally:
+        p.terminate()
+        p.wait()
