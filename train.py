@@ -17,11 +17,14 @@ mu updates; the engine's log-probs are only compared with them (`logp_engine_gap
 from __future__ import annotations
 
 import argparse
+import base64
 import copy
 import json
 import math
 import os
 import random
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass, fields
 
@@ -31,6 +34,7 @@ from tqdm import tqdm
 
 import rewards as R
 from data import DataPool, gold_completion, make_shapes, read_jsonl
+from server import DataServerClient
 from rollout import (TINY_MODELS, HFRollout, Sampling, VLLMRollout, encode_prompt, load_policy, resolve_model,
                      vision_token_ids)
 
@@ -73,7 +77,14 @@ class Config:
     entropy_adv_kappa: float = 2.0
     flip_advantage: bool = False        # debugging / tests: negate advantages (reward must then fall)
     reward: str = "gold"                # gold | majority (MM-UPT: agreement with the group's majority answer)
-    gamma: float = 0.7                  # Syn-GRPO diversity smoothing (§3.3.2)
+    # Syn-GRPO (§3.3)
+    gamma: float = 0.7                  # diversity smoothing EMA weight
+    server_url: str = ""                # data server URL(s), comma-separated ("": train.py starts a local one)
+    server_token: str = ""
+    pipeline: str = "tiny"              # outpainting pipeline of the local data server (tiny | sdxl | DIR)
+    pipeline_steps: int = 8             # its denoising steps
+    sync: bool = False                  # wait for each step's images (only to reproduce the paper's Table 5)
+    descriptions: str = ""              # a file of fixed descriptions, one a line: the offline-generation baseline
     # sampling
     temperature: float = 1.0
     top_p: float = 1.0
@@ -204,10 +215,11 @@ def policy_state(model) -> dict:
     return model.state_dict()
 
 
-def save_checkpoint(path, model, opt, sched, step, pool, smoother, cfg):
+def save_checkpoint(path, model, opt, sched, step, pool, smoother, cfg, client=None):
     state = {"model": {k: v for k, v in model.state_dict().items()}, "optimizer": opt.state_dict(),
              "scheduler": sched.state_dict(), "step": step, "pool": pool.state_dict(),
              "smoother": smoother.state_dict(), "config": asdict(cfg),
+             "server_client": client.state_dict() if client else None,
              "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}
     tmp = path + ".tmp"
     torch.save(state, tmp)
@@ -215,8 +227,10 @@ def save_checkpoint(path, model, opt, sched, step, pool, smoother, cfg):
     pool.save(os.path.join(os.path.dirname(path), "pool.json"))   # readable lineage for eval.py gallery
 
 
-def load_checkpoint(path, model, opt, sched, smoother):
+def load_checkpoint(path, model, opt, sched, smoother, client=None):
     state = torch.load(path, map_location="cpu", weights_only=False)
+    if client and state.get("server_client"):
+        client.load_state_dict(state["server_client"])
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
@@ -322,6 +336,55 @@ def sft_phase(cfg, model, processor, pool, log):
             log({"phase": "sft", "sft_step": step, "sft_loss": loss.item()})
 
 
+def start_local_server(cfg: Config):
+    """The embedded default needs no second terminal: a data server process on a free loopback port."""
+    state = os.path.join(cfg.out_dir, "server")
+    os.makedirs(state, exist_ok=True)
+    port_file = os.path.join(state, "port")
+    if os.path.exists(port_file):
+        os.remove(port_file)
+    device = "cuda:1" if torch.cuda.device_count() > 1 else ("cuda:0" if torch.cuda.is_available() else "cpu")
+    proc = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "server.py"),
+                             "--port", "0", "--port-file", port_file, "--state-dir", state, "--pipeline", cfg.pipeline,
+                             "--steps", str(cfg.pipeline_steps), "--device", device],
+                            stdout=subprocess.DEVNULL, stderr=open(os.path.join(state, "server.log"), "a"))
+    deadline = time.time() + 300
+    while not os.path.exists(port_file):
+        if proc.poll() is not None or time.time() > deadline:
+            raise SystemExit(f"the local data server did not start; see {state}/server.log")
+        time.sleep(0.1)
+    return proc, f"http://127.0.0.1:{open(port_file).read().strip()}"
+
+
+def synthesis_job(sample, description: str, seed: int, key: str) -> dict:
+    """A data-server job: the source image, every gold box (the keep-mask) and the selected description."""
+    with open(sample.image, "rb") as f:
+        image_b64 = base64.b64encode(f.read()).decode()
+    return {"sample_id": sample.id, "image_b64": image_b64, "boxes": sample.gold_boxes(), "description": description,
+            "seed": seed, "key": key}
+
+
+def absorb_result(r: dict, pool: DataPool, out_dir: str, step: int):
+    """Put a finished synthesized image into the pool in place of its source (same labels, new image)."""
+    if r.get("status") != "done" or r.get("sample_id") not in pool.samples or "image_b64" not in r:
+        return None
+    parent = pool.samples[r["sample_id"]]
+    path = os.path.join(out_dir, "synth", r["job_id"] + ".png")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(base64.b64decode(r["image_b64"]))
+    boxes = r["boxes"]
+    new = copy.deepcopy(parent)
+    new.id, new.image = f"{parent.root}~{r['job_id'][:12]}", path
+    if new.task == "rec":
+        new.solution = boxes[0]
+        new.meta["context_objects"] = [dict(o, bbox=b) for o, b in zip(parent.meta.get("context_objects", []), boxes[1:])]
+    else:
+        new.objects = [dict(o, bbox=b) for o, b in zip(parent.objects, boxes)]
+    new.meta.update(description=r.get("description", ""), step=step, job_id=r["job_id"])
+    return pool.replace(parent.id, new)
+
+
 def parse_args(argv=None) -> Config:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(Config):
@@ -386,9 +449,19 @@ def main(cfg: Config) -> dict:
                             weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
     smoother = R.DiversitySmoother(cfg.gamma)
+    server_proc, client, fixed_descriptions = None, None, None
+    if cfg.algo == "syn-grpo":
+        urls = [u for u in cfg.server_url.split(",") if u]
+        if not urls:
+            server_proc, url = start_local_server(cfg)
+            urls = [url]
+        client = DataServerClient(urls, cfg.server_token, log=tqdm.write)
+        if cfg.descriptions:
+            with open(cfg.descriptions) as f:
+                fixed_descriptions = [l.strip() for l in f if l.strip()]
     start = 0
     if resuming:
-        start, pool = load_checkpoint(ckpt_path, model, opt, sched, smoother)
+        start, pool = load_checkpoint(ckpt_path, model, opt, sched, smoother, client)
         with open(metrics_path) as f:   # drop lines logged after the checkpoint: they will be logged again
             keep = [l for l in f if json.loads(l).get("step", -1) < start]
         open(metrics_path, "w").writelines(keep)
@@ -435,6 +508,25 @@ def main(cfg: Config) -> dict:
         seqs = [(b, c.token_ids) for b in keep for c in groups[b]]
         seq_adv = torch.tensor([adv[b, j].item() for b in keep for j in range(len(groups[b]))])
         engine_logp = [c.logprobs for b in keep for c in groups[b]]
+        # -- Syn-GRPO: send the selected descriptions (Eq. 8) to the data server; take in what has finished --------
+        t_server = time.time()
+        server_stats = {}
+        if client:
+            ids = []
+            for b, p in enumerate(prompts):
+                d = fixed_descriptions[(step * len(prompts) + b) % len(fixed_descriptions)] if fixed_descriptions \
+                    else descriptions[b]
+                if d:
+                    ids.append(client.submit(synthesis_job(p.sample, d, seed=cfg.seed * 1_000_003 + step * 1000 + b,
+                                                           key=f"{p.sample.id}@{step}")))
+            results = client.collect()
+            deadline = time.time() + 600
+            while cfg.sync and any(i in client.pending for i in ids if i) and time.time() < deadline:
+                time.sleep(0.05)          # --sync: the paper's synchronous baseline waits for this step's images
+                results += client.collect()
+            absorbed = [absorb_result(r, pool, cfg.out_dir, step) for r in results]
+            server_stats = {"jobs_submitted": sum(i is not None for i in ids), "jobs_absorbed": sum(a is not None for a in absorbed),
+                            "jobs_pending": len(client.pending), "jobs_failed": client.failed}
         t3 = time.time()
         # -- policy update: mu optimizer steps on this batch ---------------------------------------------------
         model.train()
@@ -491,8 +583,10 @@ def main(cfg: Config) -> dict:
         row = {"step": step, "reward": rewards.mean().item(), "reward_accuracy": acc.mean().item(),
                "reward_format": fmt.mean().item(), "reward_diversity": div.mean().item(), **stats, **train_stats,
                "frac_reward_zero_std": zero_std.float().mean().item(), "completion_len": float(np.mean(lens)),
-               "lr": sched.get_last_lr()[0], **pool.stats(),
-               "time_generate": t2 - t1, "time_reward": t3 - t2, "time_train": t4 - t3, "time_sync": t_sync}
+               "lr": sched.get_last_lr()[0], **pool.stats(), **server_stats,
+               "batch_synth_frac": float(np.mean([s.generation > 0 for s in samples])),
+               "time_generate": t2 - t1, "time_reward": t_server - t2, "time_server": t3 - t_server,
+               "time_train": t4 - t3, "time_sync": t_sync}
         log(row)
         if cfg.log_completions:
             with open(os.path.join(cfg.out_dir, "completions.jsonl"), "a") as f:
@@ -502,7 +596,11 @@ def main(cfg: Config) -> dict:
         bar.set_postfix(reward=f"{row['reward']:.3f}", acc=f"{row['reward_accuracy']:.3f}")
         # -- checkpoint --------------------------------------------------------------------------------------
         if cfg.save_every and ((step + 1) % cfg.save_every == 0 or step + 1 == max_steps):
-            save_checkpoint(ckpt_path, model, opt, sched, step + 1, pool, smoother, cfg)
+            save_checkpoint(ckpt_path, model, opt, sched, step + 1, pool, smoother, cfg, client)
+    if server_proc:
+        server_proc.terminate()
+        server_proc.wait()
+    pool.save(os.path.join(cfg.out_dir, "pool.json"))
     save_final(cfg, model, processor)
     print(f"done: metrics {metrics_path}, checkpoint {ckpt_path}, model {os.path.join(cfg.out_dir, 'final')}")
     return row if max_steps > start else {}

@@ -163,3 +163,30 @@ def test_grpo_raises_the_reward_and_a_flipped_advantage_lowers_it(tmp_path, sft_
     assert last > first + 0.15, (first, last)
     first, last = _grpo(str(tmp_path / "down"), sft_model, flip=True)
     assert last < first and last < 0.05, (first, last)
+
+
+@pytest.mark.slow
+def test_syn_grpo_synthesized_samples_enter_the_pool_and_are_trained_on(tmp_path):
+    """Local data server (tiny SDXL pipeline) started by train.py; --sync so that the test does not depend on
+    timing: step k's images are in the pool before step k+1, and the 8-sample pool is revisited every 2 steps."""
+    from data import DataPool
+    desc = tmp_path / "descriptions.txt"
+    desc.write_text("a snowy forest\na sunny beach\n")
+    out = str(tmp_path / "syn")
+    r = run_train("--algo", "syn-grpo", "--out-dir", out, "--sft-steps", "20", "--max-steps", "4", "--shapes-n", "8",
+                  "--pipeline-steps", "2", "--descriptions", str(desc), "--sync", "--save-every", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = metrics(out)
+    assert sum(x["jobs_absorbed"] for x in rows) >= 4 and rows[-1]["pool_synth_frac"] > 0
+    assert max(x["batch_synth_frac"] for x in rows[1:]) > 0          # a synthesized sample was trained on
+    assert all(x["reward_diversity"] >= 0 and "diversity_smoothed" in x for x in rows)
+    pool = DataPool.load(os.path.join(out, "pool.json"))
+    synth = [s for s in pool.samples.values() if s.generation > 0]
+    from PIL import Image
+    for s in synth:                      # labels unchanged and their pixels identical to the source's
+        src = pool.samples[s.parent_id]
+        assert s.solution == src.solution and s.meta["description"] in ("a snowy forest", "a sunny beach")
+        x1, y1, x2, y2 = (int(v) for v in s.solution)
+        a = np.asarray(Image.open(src.image).convert("RGB"))[y1:y2, x1:x2]
+        b = np.asarray(Image.open(s.image).convert("RGB"))[y1:y2, x1:x2]
+        assert np.array_equal(a, b)
