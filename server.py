@@ -63,6 +63,7 @@ class ServerConfig:
     max_boxes: int = 1000
     steps: int = 8                   # denoising steps
     request_timeout: float = 10.0    # seconds a client may take to send its request
+    parent_pid: int = 0              # exit when this process dies (train.py's own local server)
 
 
 class BadRequest(Exception):
@@ -374,10 +375,23 @@ def serve(cfg: ServerConfig) -> None:
             f.write(str(port))
         os.replace(cfg.port_file + ".tmp", cfg.port_file)
     print(f"data server on http://{cfg.host}:{port} ({len(store.pending)} recovered jobs, state {cfg.state_dir})", flush=True)
+    if cfg.parent_pid:
+        threading.Thread(target=_exit_with_parent, args=(cfg.parent_pid, httpd), daemon=True).start()
     try:
         httpd.serve_forever(poll_interval=0.2)
     finally:
         stop.set()
+
+
+def _exit_with_parent(pid: int, httpd) -> None:
+    """A server started by train.py must not outlive it (even after kill -9); its state dir keeps the jobs."""
+    while True:
+        time.sleep(1.0)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            httpd.shutdown()
+            return
 
 
 # ----------------------------------------------------------------------------------------------------

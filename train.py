@@ -107,7 +107,8 @@ def resolve_defaults(cfg: Config) -> Config:
     cfg.model = cfg.model or ("Qwen/Qwen2.5-VL-3B-Instruct" if gpu else "tiny")
     random_init = cfg.model in TINY_MODELS   # built with random weights: needs the supervised warm start
     d = dict(batch_size=20 if gpu else 4, num_generations=6, lr=1e-6 if gpu else 1e-3,
-             sft_steps=600 if random_init else 0, sft_lr=1e-5 if gpu else 3e-3, max_new_tokens=1024 if gpu else 48,
+             sft_steps=600 if random_init else 0, sft_lr=1e-5 if gpu else 3e-3,
+             max_new_tokens=1024 if gpu else (96 if cfg.algo == "syn-grpo" else 48),
              rollout_backend="vllm" if gpu else "hf", max_steps=0 if gpu else 60)
     for k, v in d.items():
         if getattr(cfg, k) is None:
@@ -346,7 +347,7 @@ def start_local_server(cfg: Config):
     device = "cuda:1" if torch.cuda.device_count() > 1 else ("cuda:0" if torch.cuda.is_available() else "cpu")
     proc = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "server.py"),
                              "--port", "0", "--port-file", port_file, "--state-dir", state, "--pipeline", cfg.pipeline,
-                             "--steps", str(cfg.pipeline_steps), "--device", device],
+                             "--steps", str(cfg.pipeline_steps), "--device", device, "--parent-pid", str(os.getpid())],
                             stdout=subprocess.DEVNULL, stderr=open(os.path.join(state, "server.log"), "a"))
     deadline = time.time() + 300
     while not os.path.exists(port_file):
@@ -586,7 +587,7 @@ def main(cfg: Config) -> dict:
                "lr": sched.get_last_lr()[0], **pool.stats(), **server_stats,
                "batch_synth_frac": float(np.mean([s.generation > 0 for s in samples])),
                "time_generate": t2 - t1, "time_reward": t_server - t2, "time_server": t3 - t_server,
-               "time_train": t4 - t3, "time_sync": t_sync}
+               "time_train": t4 - t3, "time_sync": t_sync, "time_step": time.time() - t0}
         log(row)
         if cfg.log_completions:
             with open(os.path.join(cfg.out_dir, "completions.jsonl"), "a") as f:

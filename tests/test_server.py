@@ -190,3 +190,17 @@ def test_client_skips_a_dead_server_and_collects(tmp_path):
     finally:
         p.terminate()
         p.wait()
+
+
+def test_local_server_exits_with_its_parent(tmp_path):
+    """train.py's own server must not outlive a killed trainer."""
+    parent = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    p, url = start_server(str(tmp_path / "s"), "--parent-pid", str(parent.pid))
+    try:
+        assert call(url, "/health")[0] == 200
+        parent.kill()
+        parent.wait()
+        p.wait(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
