@@ -85,6 +85,7 @@ class Config:
     pipeline_steps: int = 8             # its denoising steps
     sync: bool = False                  # wait for each step's images (only to reproduce the paper's Table 5)
     descriptions: str = ""              # a file of fixed descriptions, one a line: the offline-generation baseline
+    synthesize: bool = True             # --no-synthesize: Syn-GRPO's outputs and rewards, but no data server
     # sampling
     temperature: float = 1.0
     top_p: float = 1.0
@@ -451,7 +452,7 @@ def main(cfg: Config) -> dict:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
     smoother = R.DiversitySmoother(cfg.gamma)
     server_proc, client, fixed_descriptions = None, None, None
-    if cfg.algo == "syn-grpo":
+    if cfg.algo == "syn-grpo" and cfg.synthesize:
         urls = [u for u in cfg.server_url.split(",") if u]
         if not urls:
             server_proc, url = start_local_server(cfg)

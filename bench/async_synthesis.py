@@ -3,11 +3,13 @@
 
     python bench/async_synthesis.py [--steps 12] [--pipeline-steps 8]
 
-Three runs of the same N steps on the tiny model, measured side by side in one invocation: grpo; syn-grpo with
-the data server working in the background (async); syn-grpo --sync (each step waits for its images). The data
-server is a separate process with the real tiny SDXL + ControlNet pipeline. As in the paper, trainer and server
-get separate devices: here one CPU core each (taskset), one thread each. Reported: the sum of per-step times
-(metrics.jsonl `time_step`, start-up excluded) relative to grpo.
+Four runs of the same N steps on the tiny model, measured side by side in one invocation: grpo; syn-grpo
+--no-synthesize (the four-tag outputs and rewards, no data server); syn-grpo with the data server working in the
+background (async); syn-grpo --sync (each step waits for its images). The data server is a separate process with
+the real tiny SDXL + ControlNet pipeline. As in the paper, trainer and server get separate devices: here one CPU
+core each (taskset), one thread each. Reported: the sum of per-step times (metrics.jsonl `time_step`, start-up
+excluded) relative to grpo, and relative to syn-grpo without synthesis. On the tiny model the four-tag
+completions are about twice as long as GRPO's, so the second ratio is the cost of synthesis itself.
 """
 import argparse
 import json
@@ -53,13 +55,14 @@ def run(out, steps, *extra):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=12)
-    p.add_argument("--pipeline-steps", type=int, default=8)
+    p.add_argument("--pipeline-steps", type=int, default=2)
     a = p.parse_args()
     tmp = tempfile.mkdtemp(prefix="bench-async-")
     desc = os.path.join(tmp, "descriptions.txt")
     with open(desc, "w") as f:   # fixed descriptions: every step submits B jobs whatever the tiny model writes
         f.write("a snowy forest\na sunny beach\na busy street\n")
     base, _ = run(os.path.join(tmp, "grpo"), a.steps)
+    nosyn, _ = run(os.path.join(tmp, "nosyn"), a.steps, "--algo", "syn-grpo", "--no-synthesize")
     res = {}
     for mode in ("async", "sync"):
         server, url = start_server(os.path.join(tmp, f"server-{mode}"), a.pipeline_steps)
@@ -71,10 +74,11 @@ def main():
             server.wait()
         res[mode + "_absorbed"] = sum(r["jobs_absorbed"] for r in rows)
     print(f"steps {a.steps}, pipeline steps {a.pipeline_steps}, seconds of per-step time (start-up excluded)")
-    print(f"{'run':10s} {'seconds':>8s} {'/ grpo':>7s} {'images in pool':>15s}")
-    print(f"{'grpo':10s} {base:8.1f} {1.0:7.3f} {'-':>15s}")
+    print(f"{'run':10s} {'seconds':>8s} {'/ grpo':>7s} {'/ no-synth':>10s} {'images in pool':>15s}")
+    print(f"{'grpo':10s} {base:8.1f} {1.0:7.3f} {'-':>10s} {'-':>15s}")
+    print(f"{'no-synth':10s} {nosyn:8.1f} {nosyn / base:7.3f} {1.0:10.3f} {'-':>15s}")
     for mode in ("async", "sync"):
-        print(f"{mode:10s} {res[mode]:8.1f} {res[mode] / base:7.3f} {res[mode + '_absorbed']:15d}")
+        print(f"{mode:10s} {res[mode]:8.1f} {res[mode] / base:7.3f} {res[mode] / nosyn:10.3f} {res[mode + '_absorbed']:15d}")
     print("paper (Qwen2.5-VL-3B, GPUs): async 1.057, sync 2.16")
 
 

@@ -68,26 +68,8 @@ def test_format_reward_requires_exact_tags_in_order():
 # -- OVD: s_ovd * mAP (Eq. 3), equal to pycocotools -------------------------------------------------------------
 
 def pycoco_map(gt, pred):
-    """The reference: pycocotools on one image, categories from the gold labels, score 1.0 for every box."""
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-    cats = sorted({g["label"] for g in gt})
-    cid = {c: i + 1 for i, c in enumerate(cats)}
-    xywh = lambda b: [b[0], b[1], b[2] - b[0], b[3] - b[1]]
-    coco = COCO()
-    coco.dataset = {"images": [{"id": 1, "width": 2048, "height": 2048}],
-                    "categories": [{"id": cid[c], "name": c} for c in cats],
-                    "annotations": [{"id": i + 1, "image_id": 1, "category_id": cid[g["label"]], "bbox": xywh(g["bbox"]),
-                                     "area": xywh(g["bbox"])[2] * xywh(g["bbox"])[3], "iscrowd": 0} for i, g in enumerate(gt)]}
-    dets = [{"image_id": 1, "category_id": cid[p["label"]], "bbox": xywh(p["bbox"]), "score": 1.0}
-            for p in pred if p["label"] in cid]
-    if not dets:
-        return 0.0
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco.createIndex()
-        ev = COCOeval(coco, coco.loadRes(dets), "bbox")
-        ev.evaluate(); ev.accumulate(); ev.summarize()
-    return float(ev.stats[0])
+    """The reference for one image: pycocotools, categories from the gold labels, score 1.0 for every box."""
+    return pycoco_map_multi([gt], [pred])
 
 
 def pycoco_map_multi(gts, preds):

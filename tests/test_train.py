@@ -190,3 +190,8 @@ def test_syn_grpo_synthesized_samples_enter_the_pool_and_are_trained_on(tmp_path
         a = np.asarray(Image.open(src.image).convert("RGB"))[y1:y2, x1:x2]
         b = np.asarray(Image.open(s.image).convert("RGB"))[y1:y2, x1:x2]
         assert np.array_equal(a, b)
+    # eval.py's curves and gallery from this real run
+    import eval as E
+    assert all(os.path.getsize(f) > 5000 for f in E.plot_command(out))
+    gallery = E.gallery_command(out)
+    assert Image.open(gallery).size[0] >= 2 * 200       # originals next to their synthesized descendants
