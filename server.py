@@ -52,6 +52,7 @@ class ServerConfig:
     port: int = 8000                 # 0 = any free port (written to --port-file)
     port_file: str = ""
     pipeline: str = "tiny"           # tiny | sdxl | a saved pipeline dir
+    segmenter: str = ""              # "" (box mask alone) | ben2 (GPU) | color (flat synthetic backgrounds)
     device: str = "cpu"
     workers: int = 1
     state_dir: str = "runs/server"
@@ -232,8 +233,9 @@ class JobStore:
 
 
 def worker_loop(store: JobStore, jobs: queue.Queue, cfg: ServerConfig, stop: threading.Event) -> None:
-    from outpaint import load_pipeline, outpaint
+    from outpaint import load_pipeline, load_segmenter, outpaint
     pipe = load_pipeline(cfg.pipeline, cfg.device)
+    segmenter = load_segmenter(cfg.segmenter, cfg.device)
     while not stop.is_set():
         try:
             job_id = jobs.get(timeout=0.2)
@@ -243,7 +245,7 @@ def worker_loop(store: JobStore, jobs: queue.Queue, cfg: ServerConfig, stop: thr
         try:
             job, image = store.load_job(job_id)
             new, boxes = outpaint(pipe, image, job["boxes"], job["description"], seed=job["seed"] % 2 ** 32,
-                                  steps=cfg.steps, zoom_out=job["zoom_out"])
+                                  steps=cfg.steps, zoom_out=job["zoom_out"], segmenter=segmenter)
             store.finish(job, new, boxes)
         except Exception as e:   # a failed job is reported, never lost, and never kills the worker
             store.finish(job, None, error=f"{type(e).__name__}: {e}"[:500])

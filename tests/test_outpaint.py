@@ -64,3 +64,19 @@ def test_same_seed_same_image(pipe):
     b, _ = outpaint(pipe, img, boxes, "a desert", seed=7, steps=2)
     c, _ = outpaint(pipe, img, boxes, "a desert", seed=8, steps=2)
     assert np.array_equal(np.asarray(a), np.asarray(b)) and not np.array_equal(np.asarray(a), np.asarray(c))
+
+
+def test_segmenter_refines_the_mask_inside_boxes(pipe):
+    from outpaint import load_segmenter
+    img, row = shapes_sample("ovd", 6)
+    boxes = [o["bbox"] for o in row["objects"]]
+    seg = load_segmenter("color")
+    out, _ = outpaint(pipe, img, boxes, "a city", seed=1, steps=2, segmenter=seg)
+    a, b = np.asarray(img), np.asarray(out)
+    box_only = np.asarray(keep_mask(img.size, boxes)) > 0
+    fg = (np.asarray(seg(img)) > 0) & box_only
+    assert fg.any() and np.array_equal(a[fg], b[fg])    # every pixel of a labelled object kept
+    refined = np.asarray(keep_mask(img.size, boxes, segment=seg(img))) > 0
+    assert refined.sum() < box_only.sum()               # background inside the boxes is regenerated too
+    with pytest.raises(ValueError):
+        load_segmenter("nope")
