@@ -92,8 +92,12 @@ def normalise_choice(ans: str | None) -> str | None:
 
 def input_size_for(sample: Sample, row: dict) -> tuple:
     """The model-input frame a raw completion's boxes are in: given by the row, or Qwen2.5-VL's default resize."""
-    if isinstance(row.get("input_size"), list) and len(row["input_size"]) == 2:
-        return tuple(row["input_size"])
+    size = row.get("input_size")
+    if (isinstance(size, list) and len(size) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                          and 0 < v < 1e6 for v in size)):
+        return tuple(size)
+    if sample.width <= 0 or sample.height <= 0:
+        return None                        # unknown original size: boxes are taken as given
     h, w = smart_resize(sample.height, sample.width, 28, QWEN_MIN_PIXELS, QWEN_MAX_PIXELS)
     return (w, h)
 
@@ -104,6 +108,8 @@ def parse_prediction(row: dict, sample: Sample):
     {"id", "boxes", "labels"} (original pixels) / {"id", "answer"}."""
     if "completion" in row:
         text = row["completion"] if isinstance(row["completion"], str) else ""
+        if sample.task == "math":
+            return R.extract_boxed(text)
         size = input_size_for(sample, row)
         if sample.task == "rec":
             return R.predicted_box(text, sample, size)

@@ -255,6 +255,7 @@ def make_handler(store: JobStore, jobs: queue.Queue, cfg: ServerConfig):
     class Handler(BaseHTTPRequestHandler):
         timeout = cfg.request_timeout          # slow or stalled clients are dropped
         protocol_version = "HTTP/1.1"
+        default_request_version = "HTTP/1.0"   # so that a garbled request line still gets a status line (400)
 
         def log_message(self, *args):          # quiet: the trainer has its own logs
             pass

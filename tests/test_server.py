@@ -204,3 +204,87 @@ def test_local_server_exits_with_its_parent(tmp_path):
     finally:
         if p.poll() is None:
             p.kill()
+
+
+def _rss_kb(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(l for l in f if l.startswith("VmRSS")).split()[1])
+
+
+def _hostile_requests(url):
+    """(kind, raw HTTP bytes) for malformed or hostile requests; each must get a 4xx and not hurt the server."""
+    host = url.split("//")[1]
+    def post(body: bytes, path="/jobs", extra=b""):
+        return (b"POST " + path.encode() + b" HTTP/1.1\r\nHost: " + host.encode() + b"\r\nContent-Type: application/json\r\n"
+                + extra + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    good = job(0)
+    bomb = io.BytesIO()
+    Image.new("1", (12000, 12000)).save(bomb, format="PNG")          # 144 Mpx in a few kB
+    cases = [
+        ("bad json", post(b"{\"sample_id\": ")), ("not an object", post(b"[1, 2, 3]")), ("null", post(b"null")),
+        ("deep nesting", post(b"[" * 100000 + b"]" * 100000)),
+        ("wrong types", post(json.dumps({**good, "boxes": "x"}).encode())),
+        ("wrong types 2", post(json.dumps({**good, "seed": "1"}).encode())),
+        ("wrong types 3", post(json.dumps({**good, "sample_id": ["a"]}).encode())),
+        ("missing image", post(json.dumps({k: v for k, v in good.items() if k != "image_b64"}).encode())),
+        ("missing boxes", post(json.dumps({k: v for k, v in good.items() if k != "boxes"}).encode())),
+        ("nan box", post(json.dumps({**good, "boxes": [[float("nan"), 0, 1, 1]]}).encode())),
+        ("bad base64", post(json.dumps({**good, "image_b64": "@@@@"}).encode())),
+        ("not an image", post(json.dumps({**good, "image_b64": base64.b64encode(b"\x89PNG\r\n\x1a\n garbage").decode()}).encode())),
+        ("bomb", post(json.dumps({**good, "image_b64": base64.b64encode(bomb.getvalue()).decode()}).encode())),
+        ("traversal", post(json.dumps({**good, "image_b64": None, "image": "../../etc/passwd"}).encode())),
+        ("absolute", post(json.dumps({**good, "image_b64": None, "image": "/etc/passwd"}).encode())),
+        ("huge declared body", b"POST /jobs HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999\r\n\r\n"),
+        ("negative length", b"POST /jobs HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n"),
+        ("no length", b"POST /jobs HTTP/1.1\r\nHost: x\r\n\r\n{}"),
+        ("unknown route", b"GET /admin HTTP/1.1\r\nHost: x\r\n\r\n"),
+        ("unknown job", b"GET /jobs/../../etc/passwd HTTP/1.1\r\nHost: x\r\n\r\n"),
+        ("bad cursor", b"GET /results?after=abc HTTP/1.1\r\nHost: x\r\n\r\n"),
+        ("method", b"PUT /jobs HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"),
+        ("method 2", b"DELETE /health HTTP/1.1\r\nHost: x\r\n\r\n"),
+        ("garbage line", b"\x00\x01\x02 nonsense\r\n\r\n"),
+        ("long description", post(json.dumps({**good, "description": "x" * 5000}).encode())),
+    ]
+    return cases
+
+
+@pytest.mark.slow
+def test_thousand_hostile_requests_get_4xx_and_valid_jobs_still_complete(tmp_path):
+    import concurrent.futures as cf
+    p, url = start_server(str(tmp_path / "s"), "--request-timeout", "1", "--max-image-pixels", str(1024 * 1024))
+    try:
+        assert wait_done(url, [call(url, "/jobs", job(9))[1]["job_id"]]) == ["done"]   # pipeline loaded: baseline RSS
+        rss0 = _rss_kb(p.pid)
+        cases = _hostile_requests(url)
+        reqs = [cases[i % len(cases)] for i in range(1000)]
+
+        def send(item):
+            kind, data = item
+            try:
+                reply = raw_request(url, data)
+            except (ConnectionResetError, BrokenPipeError):
+                return kind, "reset"          # the server may close on a body it refuses to read
+            status = reply.split(b" ", 2)[1] if reply.startswith(b"HTTP/") else b"none"
+            return kind, status.decode(errors="replace")
+
+        with cf.ThreadPoolExecutor(8) as ex:
+            valid = [ex.submit(call, url, "/jobs", job(i)) for i in range(5)]      # interleaved valid jobs
+            answers = list(ex.map(send, reqs))
+            valid_ids = [f.result()[1]["job_id"] for f in valid]
+        bad = [(k, s) for k, s in answers if not (s.startswith("4") or s == "reset")]
+        assert not bad, bad[:10]
+        assert sum(s.startswith("4") for _, s in answers) >= 950
+        # slow clients: connect, send half a request line, stall; the server drops them and serves others
+        slow = [socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) for _ in range(20)]
+        for s in slow:
+            s.sendall(b"POST /jobs HTTP/1.1\r\nContent-Le")
+        assert call(url, "/health")[0] == 200
+        time.sleep(1.5)
+        for s in slow:
+            s.close()
+        assert wait_done(url, valid_ids) == ["done"] * 5
+        assert _rss_kb(p.pid) - rss0 < 200_000            # memory stays bounded (kB)
+        assert p.poll() is None
+    finally:
+        p.terminate()
+        p.wait()
