@@ -162,7 +162,7 @@ def outpaint(pipe, image: Image.Image, boxes: list, description: str, seed: int 
     src = image.resize((W, H), Image.LANCZOS)
     control = Image.fromarray(np.where(np.asarray(gen_mask)[..., None] > 127, 0, np.asarray(src)).astype(np.uint8))
     out = pipe(prompt=description, image=src, mask_image=gen_mask, control_image=control, height=H, width=W,
-               num_inference_steps=steps, strength=0.99, guidance_scale=5.0,
+               num_inference_steps=steps, strength=1.0, guidance_scale=5.0,   # outpainting: start from noise
                generator=torch.Generator("cpu").manual_seed(seed)).images[0]
     out = out.resize((w, h), Image.LANCZOS)
     out.paste(image, (0, 0), keep)          # kept pixels back, exactly: labels stay valid

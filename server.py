@@ -67,6 +67,19 @@ class ServerConfig:
     parent_pid: int = 0              # exit when this process dies (train.py's own local server)
 
 
+FIELD_HELP = {
+    "host": "address to bind; loopback by default, give 0.0.0.0 only on a trusted network with --token",
+    "port": "0 = any free port", "port_file": "write the bound port here", "pipeline": "tiny | sdxl | a pipeline dir",
+    "segmenter": "'' | ben2 | color", "workers": "generation threads, one pipeline each",
+    "state_dir": "accepted jobs and results, written atomically; reused after a restart",
+    "image_root": "image paths are accepted only under this folder ('' = base64 images only)",
+    "token": "require 'Authorization: Bearer TOKEN' (compared in constant time)",
+    "queue_size": "unfinished jobs accepted at most; beyond, POST /jobs answers 429",
+    "max_body_bytes": "request body limit (413 above)", "max_image_pixels": "image size limit, checked before decoding (413)",
+    "max_boxes": "boxes per job", "steps": "denoising steps", "request_timeout": "seconds a client may stall",
+    "parent_pid": "exit when this process dies"}
+
+
 class BadRequest(Exception):
     def __init__(self, code: int, message: str):
         super().__init__(message)
@@ -478,7 +491,8 @@ class DataServerClient:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for k, v in ServerConfig.__dataclass_fields__.items():
-        p.add_argument("--" + k.replace("_", "-"), type=type(v.default), default=v.default)
+        p.add_argument("--" + k.replace("_", "-"), type=type(v.default), default=v.default,
+                       help=f"{FIELD_HELP.get(k, '')} (default: {v.default!r})")
     serve(ServerConfig(**vars(p.parse_args(argv))))
 
 

@@ -288,3 +288,120 @@ def test_thousand_hostile_requests_get_4xx_and_valid_jobs_still_complete(tmp_pat
     finally:
         p.terminate()
         p.wait()
+
+
+def _free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+@pytest.mark.slow
+def test_load_16_clients_50_jobs_each_delivered_exactly_once(tmp_path):
+    import concurrent.futures as cf
+    p, url = start_server(str(tmp_path / "s"), "--steps", "1", "--queue-size", "32")
+    images = []          # small (64x64) images keep 800 generations within CI's budget
+    for i in range(8):
+        img, row = shapes_sample("ovd", i)
+        f = 64 / img.width
+        images.append({"image_b64": png_b64(img.resize((64, 64))), "description": "a grassy park", "seed": i,
+                       "boxes": [[v * f for v in o["bbox"]] for o in row["objects"]]})
+    try:
+        def client(c):
+            accepted, n429, t_submit = [], 0, {}
+            for k in range(50):
+                body = dict(images[(c + k) % 8], sample_id=f"c{c}-{k}", key=f"c{c}-{k}")
+                while True:
+                    code, r = call(url, "/jobs", body)
+                    if code == 429:
+                        n429 += 1
+                        time.sleep(0.2)
+                        continue
+                    assert code in (200, 202), (code, r)
+                    accepted.append(r["job_id"])
+                    t_submit[r["job_id"]] = time.time()
+                    break
+            return accepted, n429, t_submit
+
+        delivered, seen_at, cursor = [], {}, 0
+        with cf.ThreadPoolExecutor(16) as ex:
+            futures = [ex.submit(client, c) for c in range(16)]
+            deadline = time.time() + 1500
+            while (not all(f.done() for f in futures) or len(delivered) < 800) and time.time() < deadline:
+                r = call(url, f"/results?after={cursor}&limit=256")[1]
+                for x in r["results"]:
+                    delivered.append(x["job_id"])
+                    seen_at[x["job_id"]] = time.time()
+                cursor = r["next"]
+                time.sleep(0.1)
+            outs = [f.result() for f in futures]
+        accepted = [j for a, _, _ in outs for j in a]
+        t_submit = {j: t for _, _, ts in outs for j, t in ts.items()}
+        assert len(accepted) == 800 == len(set(accepted))
+        assert sorted(delivered) == sorted(accepted)              # every accepted job delivered exactly once
+        assert sum(n for _, n, _ in outs) > 0                     # overload answered with 429, not unbounded memory
+        lat = sorted(seen_at[j] - t_submit[j] for j in accepted)
+        print(f"\nload: 800 jobs, {sum(n for _, n, _ in outs)} x 429, latency p50 {lat[400]:.2f} s, p99 {lat[791]:.2f} s")
+    finally:
+        p.terminate()
+        p.wait()
+
+
+@pytest.mark.slow
+def test_five_kill_9_during_load_lose_and_duplicate_nothing(tmp_path):
+    import random
+    import threading
+    state, port = str(tmp_path / "s"), _free_port()
+    rng = random.Random(0)
+    accepted, stop = {}, threading.Event()
+
+    def submitter():
+        k = 0
+        while not stop.is_set() and k < 40:      # 40 jobs, submitted while the server is being killed
+            try:
+                code, r = call(f"http://127.0.0.1:{port}", "/jobs", dict(job(k % 8), sample_id=f"j{k}", key=f"j{k}"))
+            except (OSError, ValueError):
+                time.sleep(0.05)             # server down: retry the same key (idempotent)
+                continue
+            if code in (200, 202):
+                accepted[f"j{k}"] = r["job_id"]
+                k += 1
+            else:
+                time.sleep(0.1)              # 429 or restarting
+
+    p, url = start_server(state, "--port", str(port), "--steps", "1", "--queue-size", "16")
+    t = threading.Thread(target=submitter, daemon=True)
+    t.start()
+    kills = 0
+    try:
+        for _ in range(5):
+            time.sleep(rng.uniform(0.5, 2.5))
+            p.send_signal(signal.SIGKILL)
+            p.wait()
+            kills += 1
+            p, url = start_server(state, "--port", str(port), "--steps", "1", "--queue-size", "16")
+        deadline = time.time() + 300
+        while len(accepted) < 40 and time.time() < deadline:
+            time.sleep(0.2)
+        stop.set()
+        t.join()
+        ids = list(accepted.values())
+        assert len(ids) == len(set(ids)) == 40
+        assert wait_done(url, ids, timeout=600) == ["done"] * len(ids)
+        results = call(url, "/results?after=0&limit=256")[1]["results"]
+        cursor, allres = 0, []
+        while True:
+            r = call(url, f"/results?after={cursor}&limit=256")[1]
+            if not r["results"]:
+                break
+            allres += r["results"]
+            cursor = r["next"]
+        got = [x["job_id"] for x in allres]
+        assert len(got) == len(set(got)) and set(ids) <= set(got)     # nothing lost, nothing twice
+        print(f"\ncrash: {kills} kills survived, {len(ids)} jobs accepted, all delivered once")
+    finally:
+        stop.set()
+        p.terminate()
+        p.wait()
