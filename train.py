@@ -33,7 +33,7 @@ import torch
 from tqdm import tqdm
 
 import rewards as R
-from data import DataPool, gold_completion, make_shapes, read_jsonl
+from data import DataPool, gold_completion, load_image, make_shapes, read_jsonl
 from server import DataServerClient
 from rollout import (TINY_MODELS, HFRollout, Sampling, VLLMRollout, encode_prompt, load_policy, resolve_model,
                      vision_token_ids)
@@ -371,13 +371,20 @@ def absorb_result(r: dict, pool: DataPool, out_dir: str, step: int):
     if r.get("status") != "done" or r.get("sample_id") not in pool.samples or "image_b64" not in r:
         return None
     parent = pool.samples[r["sample_id"]]
-    path = os.path.join(out_dir, "synth", r["job_id"] + ".png")
+    new_id = f"{parent.root}~{str(r['job_id'])[:12]}"
+    boxes = r.get("boxes") or []
+    if new_id in pool.samples or len(boxes) != len(parent.gold_boxes()):
+        return None            # already absorbed, or not the labels we sent: keep the pool as it is
+    path = os.path.join(out_dir, "synth", new_id.replace("/", "_") + ".png")
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(base64.b64decode(r["image_b64"]))
-    boxes = r["boxes"]
+    try:
+        with open(path, "wb") as f:
+            f.write(base64.b64decode(r["image_b64"]))
+        load_image(path)
+    except (ValueError, OSError):   # a corrupt result is dropped, never a crash of the run
+        return None
     new = copy.deepcopy(parent)
-    new.id, new.image = f"{parent.root}~{r['job_id'][:12]}", path
+    new.id, new.image = new_id, path
     if new.task == "rec":
         new.solution = boxes[0]
         new.meta["context_objects"] = [dict(o, bbox=b) for o, b in zip(parent.meta.get("context_objects", []), boxes[1:])]

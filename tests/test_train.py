@@ -195,3 +195,24 @@ def test_syn_grpo_synthesized_samples_enter_the_pool_and_are_trained_on(tmp_path
     assert all(os.path.getsize(f) > 5000 for f in E.plot_command(out))
     gallery = E.gallery_command(out)
     assert Image.open(gallery).size[0] >= 2 * 200       # originals next to their synthesized descendants
+
+
+def test_absorb_result_ignores_bad_and_duplicate_results(tmp_path):
+    import base64
+    import io
+    from PIL import Image
+    from data import DataPool, Sample
+    from train import absorb_result
+    img = tmp_path / "a.png"
+    Image.new("RGB", (20, 20), "white").save(img)
+    pool = DataPool([Sample(id="s", task="rec", image=str(img), width=20, height=20, problem="q", solution=[1, 1, 9, 9])])
+    buf = io.BytesIO()
+    Image.new("RGB", (20, 20), "red").save(buf, format="PNG")
+    ok = {"status": "done", "job_id": "j1", "sample_id": "s", "boxes": [[1, 1, 9, 9]], "description": "d",
+          "image_b64": base64.b64encode(buf.getvalue()).decode()}
+    for bad in ({**ok, "status": "failed"}, {**ok, "sample_id": "zzz"}, {**ok, "image_b64": "@@"},
+                {**ok, "image_b64": base64.b64encode(b"junk").decode()}, {**ok, "boxes": []}):
+        assert absorb_result(bad, pool, str(tmp_path), 0) is None
+    new = absorb_result(ok, pool, str(tmp_path), 3)
+    assert pool.get(0) is new and new.meta["step"] == 3 and new.solution == [1, 1, 9, 9]
+    assert absorb_result(ok, pool, str(tmp_path), 4) is None          # the same result twice: absorbed once
