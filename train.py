@@ -285,6 +285,15 @@ def majority_rewards(groups, prompts, task) -> tuple[list[list[float]], list]:
     return out, labels
 
 
+def pseudo_label_correct(label, sample) -> bool:
+    """A majority answer (math string or rec box in the original frame) against the gold label."""
+    if label is None:
+        return False
+    if sample.task == "math":
+        return sample.answer is not None and R.math_equal(label, sample.answer)
+    return sample.solution is not None and R.iou(label, sample.solution) > 0.5
+
+
 def score_groups(cfg, groups, prompts, smoother):
     """Rewards of every completion, (B, G) tensors by component, plus the Syn-GRPO statistics and descriptions."""
     parts = [[R.score_completion(c.text, p.sample, p.input_size, cfg.algo) for c in g] for g, p in zip(groups, prompts)]
@@ -295,10 +304,8 @@ def score_groups(cfg, groups, prompts, smoother):
         maj, labels = majority_rewards(groups, prompts, cfg.task)
         gold_acc = acc
         acc = torch.tensor(maj)
-        stats["majority_acc"] = float(np.mean([          # how often the pseudo-label is right (needs gold)
-            R.ACCURACY[p.sample.task](f"<answer>{json.dumps(l)}</answer>" if cfg.task != "math" else f"\\boxed{{{l}}}",
-                                      p.sample, None if cfg.task == "math" else (p.sample.width, p.sample.height)) >= 0.5
-            if l is not None else 0.0 for l, p in zip(labels, prompts)]))
+        # how often the pseudo-label is right, when gold labels exist (TTRL's "reward acc"); never used as reward
+        stats["majority_acc"] = float(np.mean([pseudo_label_correct(l, p.sample) for l, p in zip(labels, prompts)]))
         stats["gold_accuracy"] = gold_acc.mean().item()
     div = torch.zeros_like(acc)
     descriptions = [None] * len(groups)

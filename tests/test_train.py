@@ -216,3 +216,17 @@ def test_absorb_result_ignores_bad_and_duplicate_results(tmp_path):
     new = absorb_result(ok, pool, str(tmp_path), 3)
     assert pool.get(0) is new and new.meta["step"] == 3 and new.solution == [1, 1, 9, 9]
     assert absorb_result(ok, pool, str(tmp_path), 4) is None          # the same result twice: absorbed once
+
+
+def test_majority_rewards_group_by_prompt_and_pseudo_label_accuracy():
+    from data import Sample
+    from rollout import Completion, Prompt
+    from train import majority_rewards, pseudo_label_correct
+    s1 = Sample(id="a", task="math", image="", problem="q", answer="2")
+    s2 = Sample(id="b", task="math", image="", problem="q", answer="5")
+    prompts = [Prompt(sample=s, text="", image=None, input_ids=[], pixel_values=None, image_grid_thw=None) for s in (s1, s2)]
+    texts = [["\\boxed{2}", "\\boxed{3}", "\\boxed{2}"], ["\\boxed{7}", "no box", "\\boxed{7.0}"]]
+    groups = [[Completion(prompt_idx=i, token_ids=[1], text=t) for t in g] for i, g in enumerate(texts)]
+    r, labels = majority_rewards(groups, prompts, "math")
+    assert r == [[1, 0, 1], [1, 0, 1]] and labels == ["2", "7"]
+    assert pseudo_label_correct("2", s1) and not pseudo_label_correct("7", s2) and not pseudo_label_correct(None, s1)
