@@ -343,6 +343,8 @@ def make_handler(store: JobStore, jobs: queue.Queue, cfg: ServerConfig):
                 raise BadRequest(400 if "Content-Length" in self.headers else 411, "Content-Length required")
             if n < 0 or n > cfg.max_body_bytes:
                 raise BadRequest(413, f"body over the limit of {cfg.max_body_bytes} bytes")
+            if len(store.pending) >= cfg.queue_size:     # cheap refusal first: no body parsing under overload
+                raise BadRequest(429, "queue full, retry later")
             raw = self.rfile.read(n)
             if len(raw) < n:
                 raise BadRequest(400, "body shorter than Content-Length")
@@ -374,6 +376,11 @@ def make_handler(store: JobStore, jobs: queue.Queue, cfg: ServerConfig):
     return Handler
 
 
+class DataServer(ThreadingHTTPServer):
+    request_queue_size = 128    # listen backlog: socketserver's default of 5 refuses bursts of clients
+    daemon_threads = True
+
+
 def serve(cfg: ServerConfig) -> None:
     store = JobStore(cfg.state_dir)
     jobs: queue.Queue = queue.Queue()
@@ -383,8 +390,7 @@ def serve(cfg: ServerConfig) -> None:
     threads = [threading.Thread(target=worker_loop, args=(store, jobs, cfg, stop), daemon=True) for _ in range(cfg.workers)]
     for t in threads:
         t.start()
-    httpd = ThreadingHTTPServer((cfg.host, cfg.port), make_handler(store, jobs, cfg))
-    httpd.daemon_threads = True
+    httpd = DataServer((cfg.host, cfg.port), make_handler(store, jobs, cfg))
     port = httpd.server_address[1]
     if cfg.port_file:
         with open(cfg.port_file + ".tmp", "w") as f:
