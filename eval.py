@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 import rewards as R
-from data import DataPool, Sample, coco_to_samples, parse_row, read_jsonl, scale_box, smart_resize
+from data import DataPool, Sample, coco_to_samples, parse_row, read_jsonl, smart_resize
 
 QWEN_MIN_PIXELS, QWEN_MAX_PIXELS = 3136, 12845056   # Qwen2.5-VL's processor defaults
 
