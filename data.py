@@ -390,7 +390,7 @@ def _mask_box(mask: np.ndarray) -> list:
     return [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
 
 
-SHAPES_VERSION = 4   # bump when the generator changes: cached files carry it in their name
+SHAPES_VERSION = 5   # bump when the generator changes: cached files carry it in their name
 GRID = 4   # shapes sit centred in the cells of a 4x4 grid, in two sizes: with the tiny models' 112x112 input
            # (4x4 merged image tokens) each cell is one image token, and the boxes take few distinct values.
 
@@ -452,10 +452,17 @@ def shapes_sample(task: str, index: int, seed: int = 0, objects: tuple = (2, 4))
         cats = sorted(set(rng.sample(present, rng.randint(1, len(present)))) | ({rng.choice(SHAPES)} if rng.random() < 0.3 else set()))
         return img, {"categories": cats,
                      "objects": [{"bbox": o["bbox"], "label": o["label"]} for o in objs if o["label"] in cats]}
-    if task == "math":
-        kind = rng.choice(SHAPES)
-        n = sum(o["label"] == kind for o in objs)
-        return img, {"problem": f"How many {kind}s are in the image?", "answer": str(n)}
+    if task == "math":   # counting: by shape, by colour, or all shapes
+        question = rng.choice(("shape", "color", "total"))
+        if question == "shape":
+            kind = rng.choice(SHAPES)
+            n, q = sum(o["label"] == kind for o in objs), f"How many {kind}s are in the image?"
+        elif question == "color":
+            color = rng.choice(list(COLORS))
+            n, q = sum(o["color"] == color for o in objs), f"How many {color} shapes are in the image?"
+        else:
+            n, q = len(objs), "How many shapes are in the image in total?"
+        return img, {"problem": q, "answer": str(n)}
     raise ValueError(f"unknown task {task!r}")
 
 

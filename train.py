@@ -304,9 +304,14 @@ def score_groups(cfg, groups, prompts, smoother):
         maj, labels = majority_rewards(groups, prompts, cfg.task)
         gold_acc = acc
         acc = torch.tensor(maj)
-        # how often the pseudo-label is right, when gold labels exist (TTRL's "reward acc"); never used as reward
-        stats["majority_acc"] = float(np.mean([pseudo_label_correct(l, p.sample) for l, p in zip(labels, prompts)]))
-        stats["gold_accuracy"] = gold_acc.mean().item()
+        # MM-UPT's reward is agreement alone (no format term); the format rate is still logged
+        stats["format_rate"] = fmt.mean().item()
+        fmt = torch.zeros_like(fmt)
+        # how often the pseudo-label is right, where gold labels exist (TTRL's "reward acc"); never used as reward
+        gold = [b for b, p in enumerate(prompts) if (p.sample.answer if cfg.task == "math" else p.sample.solution) is not None]
+        if gold:
+            stats["majority_acc"] = float(np.mean([pseudo_label_correct(labels[b], prompts[b].sample) for b in gold]))
+            stats["gold_accuracy"] = gold_acc[gold].mean().item()
     div = torch.zeros_like(acc)
     descriptions = [None] * len(groups)
     if cfg.algo == "syn-grpo":
@@ -326,10 +331,14 @@ def sft_phase(cfg, model, processor, pool, log):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.sft_lr)
     banned = vision_token_ids(processor)
     eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
-    bar = tqdm(range(cfg.sft_steps), desc="sft", dynamic_ncols=True)
     rng = random.Random(cfg.seed)
+    labelled = [i for i in range(len(pool)) if pool.get(i).task != "math" or pool.get(i).answer is not None]
+    if not labelled:
+        print("sft: no labelled samples (unlabelled math data): skipping the warm start")
+        return
+    bar = tqdm(range(cfg.sft_steps), desc="sft", dynamic_ncols=True)
     for step in bar:
-        idx = [rng.randrange(len(pool)) for _ in range(cfg.batch_size * 2)]
+        idx = [labelled[rng.randrange(len(labelled))] for _ in range(cfg.batch_size * 2)]
         prompts = [encode_prompt(processor, pool.get(i), cfg.algo) for i in idx]
         seqs = [(k, processor.tokenizer(gold_completion(p.sample, p.input_size, cfg.algo, idx[k]),
                                         add_special_tokens=False)["input_ids"] + [eos]) for k, p in enumerate(prompts)]

@@ -30,3 +30,12 @@ def vllm_engine(tiny):
     """One in-process engine for the whole session (start-up costs seconds; sharing it keeps CI short)."""
     from rollout import VLLMRollout
     return VLLMRollout("tiny", tiny[1], max_model_len=1024, max_num_seqs=32)
+
+
+@pytest.fixture(scope="session")
+def math_model(tmp_path_factory):
+    """The tiny model after a supervised warm start on shapes counting (it boxes an answer, right by chance)."""
+    import train
+    out = str(tmp_path_factory.mktemp("sftmath") / "run")
+    train.main(train.Config(algo="sft", task="math", out_dir=out, sft_steps=150, seed=0))
+    return os.path.join(out, "final")

@@ -219,6 +219,19 @@ def test_math_extraction_and_equivalence():
     assert math_equal("0.5", "\\frac{1}{2}") and not math_equal("2", "3")
 
 
+# The checker's agreement table: known pairs and the verdict of MathRuler's grader (which SynthRL and MM-UPT use).
+CHECKER_TABLE = [("0.5", "\\frac{1}{2}", True), ("2/4", "\\frac{1}{2}", False), ("30^\\circ", "30", True),
+                 ("2\\sqrt{3}", "\\sqrt{12}", True), ("(A)", "A", True), ("C", "c", True), ("x=3", "3", True),
+                 ("B. 5", "B", False), ("", "None", False), ("3", "3.0", True), ("\\text{3}", "3", True),
+                 ("10\\%", "10", True), ("(1, 2)", "(1,2)", True), ("(1, 2)", "(2, 1)", False), ("4", "5", False),
+                 ("\\dfrac{3}{4}", "0.75", True), ("1,000", "1000", True)]
+
+
+@pytest.mark.parametrize("given,gold,same", CHECKER_TABLE)
+def test_math_checker_agreement_table(given, gold, same):
+    assert math_equal(given, gold) is same
+
+
 # -- never raise -----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("text", ["", None, "<answer>", "</answer><answer>", "<answer>[" + "9" * 5000 + ", 1, 2, 3]</answer>",

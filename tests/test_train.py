@@ -230,3 +230,27 @@ def test_majority_rewards_group_by_prompt_and_pseudo_label_accuracy():
     r, labels = majority_rewards(groups, prompts, "math")
     assert r == [[1, 0, 1], [1, 0, 1]] and labels == ["2", "7"]
     assert pseudo_label_correct("2", s1) and not pseudo_label_correct("7", s2) and not pseudo_label_correct(None, s1)
+
+
+@pytest.mark.slow
+def test_majority_reward_never_reads_the_gold_answer(tmp_path, math_model):
+    """MM-UPT on shapes counting: the same run on the data with its answers removed has identical rewards
+    and updates; with answers present the pseudo-label accuracy is logged, the format term is off."""
+    from data import make_shapes, read_jsonl, write_jsonl
+    path = make_shapes("math", 32, str(tmp_path / "shapes"))
+    samples = read_jsonl(path, "math")
+    for s in samples:
+        s.answer = None
+    stripped = str(tmp_path / "shapes" / "unlabelled.jsonl")
+    write_jsonl(samples, stripped)
+    args = ["--task", "math", "--reward", "majority", "--model", math_model, "--sft-steps", "0", "--batch-size", "3",
+            "--num-generations", "5", "--max-new-tokens", "24", "--max-steps", "3"]
+    for data, out in ((path, "gold"), (stripped, "nogold")):
+        r = run_train(*args, "--data", data, "--out-dir", str(tmp_path / out))
+        assert r.returncode == 0, r.stderr[-2000:]
+    gold, nogold = metrics(tmp_path / "gold"), metrics(tmp_path / "nogold")
+    for key in ("reward", "reward_accuracy", "loss", "entropy"):
+        assert [x[key] for x in gold] == [x[key] for x in nogold], key
+    assert all(0 <= x["majority_acc"] <= 1 and x["reward_format"] == 0 for x in gold)
+    assert all("majority_acc" not in x for x in nogold)
+    assert any(x["reward"] > 0 for x in gold) and any(x["loss"] != 0 for x in gold)

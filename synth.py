@@ -1,0 +1,445 @@
+"""Question synthesis for math GRPO: SynthRL's verified harder variants and MM-UPT's self-generated questions.
+
+    python synth.py run --data seeds.jsonl --model TARGET --synthesizer MODEL --out-dir runs/synth
+    python synth.py passrate|select|synthesize|verify|export ...     # the same stages one at a time
+    python synth.py selfq --mode in-context|direct --model POLICY --data seeds.jsonl --out-dir runs/selfq
+    python train.py --task math --data runs/synth/synth.jsonl         # train on the result
+
+SynthRL (arXiv 2506.02096, §3 and Algorithm 1), with the target model as its own verifier:
+  passrate    N rollouts per seed (16, T = 1.0) by the target model; c_ori = how many are correct.
+  select      seeds with c_ori >= --select-min (12 of 16): the easy ones, which give GRPO almost no signal.
+  synthesize  the synthesizer sees the image and the question, never the answer, and writes a harder variant.
+  verify      the target model answers the variant N times, graded against the ORIGINAL answer: keep it iff
+              c_cand >= --t-min (4: still solvable with the same answer) and c_cand <= c_ori - --delta (2: harder).
+              synthesize + verify repeat for up to --attempts rounds per seed; the first accepted variant wins
+              (the paper's Algorithm 1; the released code instead chains variants and keeps the hardest).
+  export      train.py's math JSONL: the originals plus accepted variants (SynthRL's "A-" augmentation, which
+              beat replacing the seeds), with provenance (seed id, attempts, pass counts) in each row.
+MM-UPT (arXiv 2505.22453, §3.3) `selfq`: the policy writes new questions about a seed image, from the image,
+question and answer (`in-context`) or from the image alone (`direct`). They carry no answer: train on them with
+`--reward majority`. MM-UPT did not publish its prompts; ours are below.
+
+Every stage appends one JSON line per finished item to a file in --out-dir and skips items already there, so a
+killed run continues where it was; a half-written last line is ignored and its item done again.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import os
+import re
+import time
+import urllib.request
+from collections import Counter
+from dataclasses import asdict, dataclass, fields, replace
+
+import torch
+from tqdm import tqdm
+
+import rewards as R
+from data import Sample, load_image, make_shapes, read_jsonl, stable_hash, write_jsonl
+from rollout import HFRollout, Sampling, VLLMRollout, encode_prompt, load_policy, resolve_model
+
+STAGES = ("run", "passrate", "select", "synthesize", "verify", "export", "selfq")
+
+
+@dataclass
+class SynthConfig:
+    stage: str = "run"                  # run | passrate | select | synthesize | verify | export | selfq
+    data: str = ""                      # seed math JSONL ("" = the built-in shapes counting questions)
+    image_root: str = ""
+    shapes_n: int = 64                  # number of shapes seeds when --data is empty
+    out_dir: str = "runs/synth"
+    model: str = "tiny"                 # the target model (SynthRL) or the policy (MM-UPT selfq)
+    synthesizer: str = ""               # local model for the rewrites ("" = --model); ignored with --api-url
+    api_url: str = ""                   # OpenAI-compatible endpoint, e.g. http://localhost:8000/v1
+    api_model: str = ""                 # model name sent to the endpoint
+    api_key_env: str = "OPENAI_API_KEY"  # environment variable holding the endpoint's key (if any)
+    backend: str = "hf"                 # hf | vllm, for the local models
+    # SynthRL's defaults (scripts/run_evolve_verifiable.sh and the paper)
+    num_rollouts: int = 16              # N: rollouts per question for pass counts
+    temperature: float = 1.0
+    max_new_tokens: int = 2048
+    select_min: int = 12                # seeds with c_ori >= this are synthesized from
+    t_min: int = 4                      # variant must still be solved this many times of N
+    delta: int = 2                      # and at least this many times fewer than its seed
+    attempts: int = 8                   # synthesize + verify rounds per seed
+    synth_temperature: float = 1.0
+    synth_max_tokens: int = 512
+    synth_prefill: str = ""             # start the synthesizer's reply with this (e.g. "New Question:")
+    export_mode: str = "augment"        # augment: originals + variants | variants: accepted variants only
+    # MM-UPT selfq
+    mode: str = "in-context"            # in-context | direct
+    questions_per_image: int = 1
+    batch: int = 8                      # prompts per generation call (and per line-flush)
+    seed: int = 0
+
+
+def parse_args(argv=None) -> SynthConfig:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("stage", choices=STAGES)
+    for f in fields(SynthConfig):
+        if f.name != "stage":
+            p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+    return SynthConfig(**vars(p.parse_args(argv)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Prompts and the pure rules (tested directly)
+
+SYNTH_SYSTEM = ("You are an excellent vision-language AI assistant that generates more challenging questions "
+                "while preserving the original answer.")
+# SynthRL's synthesis prompt (synthrl_framework/verify_utils.py); the answer is deliberately not shown
+HARDER_PROMPT = ("Given an image and the following question, transform it into a significantly more challenging "
+                 "version that requires deeper reasoning but maintains the same answer.\n\nOriginal Question:\n"
+                 "{question}\n\nYour Response Format:\nNew Question: [Your transformed question]")
+SELFQ_PROMPTS = {
+    "in-context": ("Here is a question about this image and its answer.\nQuestion: {question}\nAnswer: {answer}\n"
+                   "Write a new question about the same image that is clearly different from this one, can be "
+                   "answered from the image, and has one short final answer.\n\nYour Response Format:\n"
+                   "New Question: [your question]"),
+    "direct": ("Write one question about this image that can be answered from the image alone and has one short "
+               "final answer.\n\nYour Response Format:\nNew Question: [your question]"),
+}
+_MARKER = re.compile(r"new\s+question\s*:", re.IGNORECASE)
+
+
+def parse_new_question(text: str) -> str | None:
+    """The text after the last "New Question:" up to the first blank line, markdown stars removed; None if absent
+    or wordless (SynthRL's parser took the first marker; a model that restates the format first makes that wrong)."""
+    if not isinstance(text, str):
+        return None
+    text = text.replace("*", "")
+    found = list(_MARKER.finditer(text))
+    if not found:
+        return None
+    q = re.split(r"\n\s*\n", text[found[-1].end():].strip(), maxsplit=1)[0].strip()
+    return q if re.search(r"[^\W\d_]{2}", q) else None   # a question has at least one word
+
+
+def same_question(a: str, b: str) -> bool:
+    norm = lambda s: re.sub(r"[\W_]+", " ", s.lower()).strip()
+    return norm(a) == norm(b)
+
+
+def pass_count(texts: list[str], answer: str) -> int:
+    """How many completions box an answer equivalent to `answer` (MathRuler's rules, rewards.math_equal)."""
+    return sum(1 for t in texts if (a := R.extract_boxed(t)) is not None and R.math_equal(a, answer))
+
+
+def verdict(c_cand: int, c_ori: int, t_min: int, delta: int) -> str:
+    """SynthRL's acceptance rule: 'accepted', 'unsolvable' (answer changed or too hard) or 'not_harder'."""
+    if c_cand < t_min:
+        return "unsolvable"
+    if c_cand > c_ori - delta:
+        return "not_harder"
+    return "accepted"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Files: append-only JSONL, one line per finished item
+
+
+def read_rows(path: str) -> list[dict]:
+    """Rows of an append-only JSONL file; a torn last line (killed mid-write) is dropped and redone."""
+    if not os.path.exists(path):
+        return []
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return rows
+
+
+def append_rows(path: str, rows: list[dict]) -> None:
+    torn = False
+    if os.path.exists(path) and os.path.getsize(path) > 0:
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            torn = f.read(1) != b"\n"
+    with open(path, "a", encoding="utf-8") as f:
+        if torn:           # end the torn line so that it cannot swallow the first new row
+            f.write("\n")
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def out_path(cfg, name: str) -> str:
+    return os.path.join(cfg.out_dir, name)
+
+
+def load_seeds(cfg) -> list[Sample]:
+    if cfg.data:
+        return read_jsonl(cfg.data, "math", cfg.image_root, strict=False, log=lambda m: tqdm.write(m))
+    path = make_shapes("math", cfg.shapes_n, os.path.join(cfg.out_dir, "shapes"), seed=cfg.seed)
+    return read_jsonl(path, "math")
+
+
+def chunks(items, n):
+    return [items[i:i + n] for i in range(0, len(items), n)]
+
+
+def item_seed(cfg, *parts) -> int:
+    return int(stable_hash(cfg.seed, *parts)[:8], 16)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Models: local (HF or vLLM, shared when target and synthesizer are the same) or an OpenAI-compatible API
+
+
+class Models:
+    """Loads each local model once, on first use."""
+
+    def __init__(self, cfg):
+        self.cfg, self.engines = cfg, {}
+
+    def engine(self, name: str):
+        if name not in self.engines:
+            model, processor = load_policy(name)
+            if self.cfg.backend == "vllm":
+                eng = VLLMRollout(resolve_model(name), processor, max_model_len=4096 if torch.cuda.is_available() else 1024)
+                del model
+            else:
+                eng = HFRollout(model.eval(), processor)
+            self.engines[name] = (eng, processor)
+        return self.engines[name]
+
+    def answer(self, samples: list[Sample], n: int, seed: int) -> list[list[str]]:
+        """n sampled solutions per question from the target model, as in training (same prompt)."""
+        eng, processor = self.engine(self.cfg.model)
+        prompts = [encode_prompt(processor, s) for s in samples]
+        torch.manual_seed(seed)
+        groups = eng.generate(prompts, Sampling(n=n, temperature=self.cfg.temperature,
+                                                max_tokens=self.cfg.max_new_tokens, seed=seed))
+        return [[c.text for c in g] for g in groups]
+
+    def write(self, samples: list[Sample], texts: list[str], seed: int, model: str = "") -> list[str | None]:
+        """One reply per (image, instruction); None where an API call failed (the item is retried on rerun)."""
+        if self.cfg.api_url:
+            return [api_chat(self.cfg, s, t) for s, t in zip(samples, texts)]
+        eng, processor = self.engine(model or self.cfg.synthesizer or self.cfg.model)
+        prompts = [encode_prompt(processor, s, text=t, prefill=self.cfg.synth_prefill) for s, t in zip(samples, texts)]
+        torch.manual_seed(seed)
+        groups = eng.generate(prompts, Sampling(n=1, temperature=self.cfg.synth_temperature,
+                                                max_tokens=self.cfg.synth_max_tokens, seed=seed))
+        return [self.cfg.synth_prefill + g[0].text for g in groups]
+
+
+def api_chat(cfg, sample: Sample, text: str, retries: int = 3) -> str | None:
+    """One chat completion with the image inlined as a data URL; None after `retries` failures."""
+    buf = io.BytesIO()
+    load_image(sample.image).save(buf, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    body = {"model": cfg.api_model, "temperature": cfg.synth_temperature, "max_tokens": cfg.synth_max_tokens,
+            "messages": [{"role": "system", "content": SYNTH_SYSTEM},
+                         {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                      {"type": "text", "text": text}]}]}
+    headers = {"Content-Type": "application/json"}
+    if os.environ.get(cfg.api_key_env):
+        headers["Authorization"] = "Bearer " + os.environ[cfg.api_key_env]
+    for attempt in range(retries):
+        try:
+            req = urllib.request.Request(cfg.api_url.rstrip("/") + "/chat/completions",
+                                         data=json.dumps(body).encode(), headers=headers)
+            with urllib.request.urlopen(req, timeout=300) as r:
+                return json.loads(r.read())["choices"][0]["message"]["content"]
+        except Exception as e:   # network, HTTP or schema error: back off, then give up on this item for now
+            tqdm.write(f"synthesizer API error on {sample.id}: {e}")
+            time.sleep(min(30.0, 2.0 ** attempt))
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stages
+
+
+def passrate(cfg, models, seeds) -> dict:
+    """c_ori for every labelled seed -> passrate.jsonl {id, pass_count, n, answers}."""
+    path = out_path(cfg, "passrate.jsonl")
+    done = {r["id"]: r for r in read_rows(path)}
+    todo = [s for s in seeds if s.answer is not None and s.id not in done]
+    for ch in tqdm(chunks(todo, cfg.batch), desc="passrate", dynamic_ncols=True):
+        groups = models.answer(ch, cfg.num_rollouts, item_seed(cfg, "passrate", ch[0].id))
+        rows = [{"id": s.id, "pass_count": pass_count(g, s.answer), "n": cfg.num_rollouts,
+                 "answers": [R.extract_boxed(t) for t in g]} for s, g in zip(ch, groups)]
+        append_rows(path, rows)
+        done.update((r["id"], r) for r in rows)
+    return done
+
+
+def select(cfg, seeds, rates) -> list[Sample]:
+    """Seeds the target already solves at least select_min times of N -> selected.jsonl."""
+    chosen = [s for s in seeds if s.id in rates and rates[s.id]["pass_count"] >= cfg.select_min]
+    with open(out_path(cfg, "selected.jsonl"), "w") as f:
+        for s in chosen:
+            f.write(json.dumps({"id": s.id, "pass_count": rates[s.id]["pass_count"]}) + "\n")
+    return chosen
+
+
+def open_seeds(cfg, selected) -> list[tuple[Sample, int]]:
+    """(seed, next attempt) for the selected seeds with no accepted variant and attempts left."""
+    tried = Counter(r["seed_id"] for r in read_rows(out_path(cfg, "candidates.jsonl")))
+    accepted = {r["seed_id"] for r in read_rows(out_path(cfg, "verified.jsonl")) if r["verdict"] == "accepted"}
+    return [(s, tried[s.id]) for s in selected if s.id not in accepted and tried[s.id] < cfg.attempts]
+
+
+def synthesize(cfg, models, selected) -> int:
+    """One more attempt for every open seed -> candidates.jsonl {seed_id, attempt, text, question}."""
+    path, made = out_path(cfg, "candidates.jsonl"), 0
+    todo = open_seeds(cfg, selected)
+    for ch in tqdm(chunks(todo, cfg.batch), desc="synthesize", dynamic_ncols=True):
+        texts = [HARDER_PROMPT.format(question=s.problem) for s, _ in ch]
+        replies = models.write([s for s, _ in ch], texts, item_seed(cfg, "synthesize", ch[0][0].id, ch[0][1]))
+        rows = [{"seed_id": s.id, "attempt": k, "text": t, "question": parse_new_question(t)}
+                for (s, k), t in zip(ch, replies) if t is not None]
+        append_rows(path, rows)
+        made += len(rows)
+    return made
+
+
+def verify(cfg, models, seeds, rates) -> int:
+    """Pass count of every unverified candidate against its seed's answer -> verified.jsonl."""
+    path = out_path(cfg, "verified.jsonl")
+    by_id = {s.id: s for s in seeds}
+    seen = {(r["seed_id"], r["attempt"]) for r in read_rows(path)}
+    todo = [c for c in read_rows(out_path(cfg, "candidates.jsonl"))
+            if (c["seed_id"], c["attempt"]) not in seen and c["seed_id"] in by_id]
+    rows = []
+    for c in todo:   # candidates that need no rollouts
+        seed = by_id[c["seed_id"]]
+        if c["question"] is None:
+            rows.append({**c, "verdict": "no_question", "pass_count": None})
+        elif same_question(c["question"], seed.problem):
+            rows.append({**c, "verdict": "same_as_seed", "pass_count": None})
+    append_rows(path, rows)
+    todo = [c for c in todo if c["question"] is not None and not same_question(c["question"], by_id[c["seed_id"]].problem)]
+    for ch in tqdm(chunks(todo, cfg.batch), desc="verify", dynamic_ncols=True):
+        variants = [replace(by_id[c["seed_id"]], problem=c["question"]) for c in ch]
+        groups = models.answer(variants, cfg.num_rollouts, item_seed(cfg, "verify", ch[0]["seed_id"], ch[0]["attempt"]))
+        rows = []
+        for c, v, g in zip(ch, variants, groups):
+            k = pass_count(g, v.answer)
+            rows.append({**c, "pass_count": k, "seed_pass_count": rates[c["seed_id"]]["pass_count"],
+                         "verdict": verdict(k, rates[c["seed_id"]]["pass_count"], cfg.t_min, cfg.delta)})
+        append_rows(path, rows)
+    return len(todo)
+
+
+def export(cfg, seeds, rates) -> str:
+    """synth.jsonl for train.py: originals (augment mode) and the first accepted variant of each seed."""
+    first = {}
+    for r in read_rows(out_path(cfg, "verified.jsonl")):
+        if r["verdict"] == "accepted" and (r["seed_id"] not in first or r["attempt"] < first[r["seed_id"]]["attempt"]):
+            first[r["seed_id"]] = r
+    out = []
+    for s in seeds:
+        if cfg.export_mode == "augment":
+            meta = {**s.meta, "pass_count": rates[s.id]["pass_count"]} if s.id in rates else s.meta
+            out.append(replace(s, meta=meta))
+        if s.id in first:
+            r = first[s.id]
+            out.append(replace(s, id=f"{s.id}-synthrl{r['attempt']}", problem=r["question"], parent_id=s.id,
+                                    source_id=s.root, generation=s.generation + 1,
+                                    meta={"synth_method": "harder", "seed_id": s.id, "attempts": r["attempt"] + 1,
+                                          "pass_count": r["pass_count"], "seed_pass_count": r["seed_pass_count"],
+                                          "num_rollouts": cfg.num_rollouts}))
+    path = out_path(cfg, "synth.jsonl")
+    write_jsonl(out, path)
+    return path
+
+
+def selfq(cfg, models, seeds) -> str:
+    """MM-UPT: the policy writes questions_per_image new questions per seed image -> selfq_<mode>.jsonl."""
+    path = out_path(cfg, f"selfq_{cfg.mode}.jsonl")
+    done = {r.get("parent_id") for r in read_rows(path)} | {r["seed_id"] for r in read_rows(path + ".rejected")}
+    todo = [s for s in seeds if s.id not in done]
+    for ch in tqdm(chunks(todo, cfg.batch), desc=f"selfq {cfg.mode}", dynamic_ncols=True):
+        rows, rejected = [], []
+        for k in range(cfg.questions_per_image):
+            texts = [SELFQ_PROMPTS[cfg.mode].format(question=s.problem, answer=s.answer) for s in ch]
+            replies = models.write(ch, texts, item_seed(cfg, "selfq", cfg.mode, ch[0].id, k), model=cfg.model)
+            for s, t in zip(ch, replies):
+                q = parse_new_question(t) if t is not None else None
+                asked = [s.problem] + [r["problem"] for r in rows if r["parent_id"] == s.id]
+                if q is None or any(same_question(q, a) for a in asked):
+                    rejected.append({"seed_id": s.id, "k": k, "text": t, "reason": "no_question" if q is None else "duplicate"})
+                    continue
+                rows.append({"id": f"{s.id}-selfq-{cfg.mode}-{k}", "image": s.image, "problem": q, "answer": None,
+                             "parent_id": s.id, "source_id": s.root, "generation": s.generation + 1,
+                             "meta": {"synth_method": cfg.mode, "seed_id": s.id}})
+        append_rows(path + ".rejected", rejected)   # first: a seed is "done" once its questions are written
+        append_rows(path, rows)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------
+# Summary
+
+
+def summary(cfg, seeds) -> dict:
+    rates = {r["id"]: r for r in read_rows(out_path(cfg, "passrate.jsonl"))}
+    verified = read_rows(out_path(cfg, "verified.jsonl"))
+    reasons = Counter(r["verdict"] for r in verified)
+    accepted = {r["seed_id"] for r in verified if r["verdict"] == "accepted"}
+    sel = read_rows(out_path(cfg, "selected.jsonl"))
+    s = {"seeds": len(seeds), "labelled": sum(x.answer is not None for x in seeds), "pass_counted": len(rates),
+         f"selected (c_ori >= {cfg.select_min}/{cfg.num_rollouts})": len(sel),
+         "candidates": len(read_rows(out_path(cfg, "candidates.jsonl"))), "verified": len(verified),
+         "seeds with a variant": len(accepted), **{f"  rejected: {k}": v for k, v in sorted(reasons.items()) if k != "accepted"}}
+    return s
+
+
+def print_table(stats: dict) -> None:
+    w = max(map(len, stats))
+    print("\n| " + "item".ljust(w) + " | count |\n|" + "-" * (w + 2) + "|-------|")
+    for k, v in stats.items():
+        print(f"| {k.ljust(w)} | {v:5d} |")
+
+
+def main(cfg: SynthConfig) -> dict:
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    with open(out_path(cfg, f"config_{cfg.stage}.json"), "w") as f:
+        json.dump(asdict(cfg), f, indent=1)
+    seeds, models = load_seeds(cfg), Models(cfg)
+    if cfg.stage == "selfq":
+        path = selfq(cfg, models, seeds)
+        n, bad = len(read_rows(path)), Counter(r["reason"] for r in read_rows(path + ".rejected"))
+        print_table({"seed images": len(seeds), "questions": n, **{f"  rejected: {k}": v for k, v in bad.items()}})
+        print(f"questions: {path}  (train with --task math --reward majority --data {path})")
+        return {"questions": n, "path": path}
+    rates = {r["id"]: r for r in read_rows(out_path(cfg, "passrate.jsonl"))}
+    if cfg.stage in ("run", "passrate"):
+        rates = passrate(cfg, models, seeds)
+    selected = select(cfg, seeds, rates) if cfg.stage in ("run", "select", "synthesize") else \
+        [s for s in seeds if s.id in {r["id"] for r in read_rows(out_path(cfg, "selected.jsonl"))}]
+    if cfg.stage == "synthesize":
+        synthesize(cfg, models, selected)
+    if cfg.stage == "verify":
+        verify(cfg, models, seeds, rates)
+    if cfg.stage == "run":
+        while open_seeds(cfg, selected):   # one attempt per open seed per round (resumes mid-round too)
+            verify(cfg, models, seeds, rates)
+            if not open_seeds(cfg, selected):
+                break
+            if synthesize(cfg, models, selected) == 0:   # the API gave nothing this round: stop, rerun later
+                break
+        verify(cfg, models, seeds, rates)
+    if cfg.stage in ("run", "export"):
+        path = export(cfg, seeds, rates)
+        print(f"training data: {path}  (python train.py --task math --data {path})")
+    stats = summary(cfg, seeds)
+    print_table(stats)
+    with open(out_path(cfg, "summary.json"), "w") as f:
+        json.dump(stats, f, indent=1)
+    return stats
+
+
+if __name__ == "__main__":
+    main(parse_args())
