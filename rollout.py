@@ -243,13 +243,20 @@ def _clean(token_ids: list[int], stops: list[int], banned: set) -> tuple[list[in
 class HFRollout:
     """`model.generate`, one call per chunk of prompts with num_return_sequences = n."""
 
-    def __init__(self, model, processor, chunk: int = 8):
-        self.model, self.processor, self.chunk = model, processor, chunk
+    def __init__(self, model, processor, chunk: int = 8, synced: bool = False):
+        self.model, self.processor, self.chunk, self.synced = model, processor, chunk, synced
         self.banned = vision_token_ids(processor)
         self.stops = stop_token_ids(processor)
 
     @torch.no_grad()
-    def generate(self, prompts: list[Prompt], sampling: Sampling) -> list[list[Completion]]:
+    def generate(self, prompts: list[Prompt], sampling: Sampling, seeds: list[int] | None = None) -> list[list[Completion]]:
+        """seeds: one per prompt, each prompt then sampled alone from its own seed (batch-independent results)."""
+        if seeds is not None:
+            groups = []
+            for i, (p, seed) in enumerate(zip(prompts, seeds)):
+                torch.manual_seed(seed)
+                groups += self._generate_chunk([p], i, sampling)
+            return groups
         groups = []
         for start in range(0, len(prompts), self.chunk):
             groups += self._generate_chunk(prompts[start:start + self.chunk], start, sampling)
@@ -273,7 +280,8 @@ class HFRollout:
             do_sample=not sp.greedy, temperature=sp.temperature if not sp.greedy else None,
             top_p=sp.top_p if not sp.greedy else None, top_k=0 if not sp.greedy else None,
             num_return_sequences=n, max_new_tokens=sp.max_tokens, suppress_tokens=self.banned,
-            eos_token_id=self.stops, pad_token_id=pad, output_scores=True, return_dict_in_generate=True)
+            eos_token_id=self.stops, pad_token_id=pad, output_scores=True, return_dict_in_generate=True,
+            synced_gpus=self.synced)
         seqs = out.sequences[:, width:].cpu()
         # scores are the processed logits each token was sampled from (temperature, top-p, suppression)
         logps = torch.stack(out.scores, 1).float().log_softmax(-1).cpu()                  # (B*n, T, V)
@@ -320,13 +328,14 @@ class VLLMRollout:
                        # sampled-token log-probs after temperature / logit bias: what the tokens were drawn from
                        logprobs_mode="processed_logprobs", **kw)
 
-    def generate(self, prompts: list[Prompt], sp: Sampling) -> list[list[Completion]]:
+    def generate(self, prompts: list[Prompt], sp: Sampling, seeds: list[int] | None = None) -> list[list[Completion]]:
+        """seeds: one per prompt (default: derived from sp.seed and the prompt's position)."""
         from vllm import SamplingParams
         n = 1 if sp.greedy else sp.n
         params = [SamplingParams(
             n=n, temperature=0.0 if sp.greedy else sp.temperature, top_p=1.0 if sp.greedy else sp.top_p,
             max_tokens=sp.max_tokens, logprobs=0, stop_token_ids=self.stops, skip_special_tokens=True,
-            logit_bias={t: -1e4 for t in self.banned}, seed=None if sp.greedy else sp.seed * 100003 + i)
+            logit_bias={t: -1e4 for t in self.banned}, seed=None if sp.greedy else (seeds[i] if seeds else sp.seed * 100003 + i))
             for i in range(len(prompts))]
         reqs = [{"prompt_token_ids": self._vllm_prompt_ids(p), "multi_modal_data": {"image": p.image}} for p in prompts]
         outs = self.llm.generate(reqs, params, use_tqdm=False)

@@ -486,6 +486,11 @@ class DataServerClient:
                 self._mark_down(url, e)
         return out
 
+    def waiting(self, job_ids) -> list[str]:
+        """Those of job_ids still pending on a server that is up (a dead server's jobs are not waited for)."""
+        alive = set(self._alive())
+        return [j for j in job_ids if j in self.pending and self.pending[j] in alive]
+
     def state_dict(self) -> dict:
         return {"cursor": self.cursor, "pending": self.pending, "failed": self.failed}
 

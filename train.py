@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import base64
 import copy
+import hashlib
 import json
 import math
 import os
@@ -92,6 +93,9 @@ class Config:
     max_new_tokens: int | None = None
     rollout_backend: str | None = None  # hf | vllm (default: vllm on GPU, hf on CPU)
     micro_batch: int = 16               # sequences per forward/backward
+    prompt_seeds: bool = False          # each prompt's G samples from its own seed (step, slot): rollouts do not
+                                        # depend on how the batch is split (torchrun == one process; HF: 1 prompt/call)
+    vllm_tp: int = 1                    # vLLM tensor parallel size (GPU)
     # model
     lora_r: int = 0                     # > 0: train LoRA adapters on the language model only
     lora_alpha: int = 32
@@ -202,11 +206,86 @@ def completion_logprobs(model, batch, banned: list[int], temperature: float = 1.
 
 
 # ----------------------------------------------------------------------------------------------------
+# Distributed: `torchrun --nproc_per_node N train.py ...` runs N copies of this file, FSDP2-sharded (gloo on CPU,
+# nccl on GPU). Rank r takes a contiguous 1/N of each step's B prompts with all their G completions, so groups never
+# straddle ranks and rewards / advantages need no communication; FSDP averages the gradients. Rank 0 alone logs,
+# checkpoints and talks to the data server(s), and broadcasts pool updates.
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed() -> Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    import torch.distributed as dist
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return Dist(dist.get_rank(), world)
+
+
+def shard_policy(model) -> None:
+    """FSDP2: one unit per vision block and per decoder layer, then the root (patch embedding, merger, embeddings,
+    lm_head). `generate` is registered as a forward of the root: HF runs the vision tower from inside generate,
+    outside the model's forward, to precompute image features."""
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    for block in model.model.visual.blocks:
+        fully_shard(block)
+    for layer in model.model.language_model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    register_fsdp_forward_method(model, "generate")
+
+
+def rank_share(n: int, d: Dist) -> range:
+    """The contiguous part of n items that rank d.rank handles (n must divide evenly)."""
+    return range(d.rank * n // d.world, (d.rank + 1) * n // d.world)
+
+
+def mean_over_ranks(row: dict, d: Dist) -> dict:
+    """Metrics of one step, averaged over ranks (each rank holds the same number of prompts)."""
+    if d.world == 1:
+        return row
+    import torch.distributed as dist
+    rows = [None] * d.world
+    dist.all_gather_object(rows, row)
+    return {k: float(np.mean([r[k] for r in rows if k in r])) if isinstance(v, (int, float)) and k != "step" else v
+            for k, v in row.items()}
+
+
+def broadcast(obj, d: Dist):
+    """Rank 0's object on every rank."""
+    if d.world == 1:
+        return obj
+    import torch.distributed as dist
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# ----------------------------------------------------------------------------------------------------
 # Checkpoints: one file, written atomically, holding everything an exact resume needs
 
 
+def is_sharded(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule)
+
+
 def policy_state(model) -> dict:
-    """HF-named full weights (LoRA merged) for vLLM pushes and final saves."""
+    """HF-named full weights (LoRA merged) for vLLM pushes and final saves (on every rank when sharded)."""
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
     if hasattr(model, "merge_adapter"):
         with torch.no_grad():
             model.merge_adapter()
@@ -217,29 +296,49 @@ def policy_state(model) -> dict:
     return model.state_dict()
 
 
-def save_checkpoint(path, model, opt, sched, step, pool, smoother, cfg, client=None):
-    state = {"model": {k: v for k, v in model.state_dict().items()}, "optimizer": opt.state_dict(),
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def save_checkpoint(path, model, opt, sched, step, pool, smoother, cfg, client=None, d: Dist = Dist()):
+    """Sharded runs save full (unsharded) model and optimizer states, so the file is the same for any world size."""
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+        model_sd, opt_sd = get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        rngs = [None] * d.world
+        torch.distributed.all_gather_object(rngs, rng_state())
+    else:
+        model_sd, opt_sd, rngs = dict(model.state_dict()), opt.state_dict(), [rng_state()]
+    if not d.main:
+        return
+    state = {"model": model_sd, "optimizer": opt_sd,
              "scheduler": sched.state_dict(), "step": step, "pool": pool.state_dict(),
              "smoother": smoother.state_dict(), "config": asdict(cfg),
-             "server_client": client.state_dict() if client else None,
-             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}
+             "server_client": client.state_dict() if client else None, "rng": rngs[0], "rng_ranks": rngs}
     tmp = path + ".tmp"
     torch.save(state, tmp)
     os.replace(tmp, path)   # a kill during the save leaves the previous checkpoint intact
     pool.save(os.path.join(os.path.dirname(path), "pool.json"))   # readable lineage for eval.py gallery
 
 
-def load_checkpoint(path, model, opt, sched, smoother, client=None):
+def load_checkpoint(path, model, opt, sched, smoother, client=None, d: Dist = Dist()):
     state = torch.load(path, map_location="cpu", weights_only=False)
     if client and state.get("server_client"):
         client.load_state_dict(state["server_client"])
-    model.load_state_dict(state["model"])
-    opt.load_state_dict(state["optimizer"])
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+        set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                       options=StateDictOptions(full_state_dict=True))
+    else:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     smoother.load_state_dict(state["smoother"])
-    torch.set_rng_state(state["rng"]["torch"])
-    np.random.set_state(state["rng"]["numpy"])
-    random.setstate(state["rng"]["python"])
+    rngs = state.get("rng_ranks") or [state["rng"]]
+    rng = rngs[d.rank] if len(rngs) == d.world else state["rng"]
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
     return state["step"], DataPool.from_state_dict(state["pool"])
 
 
@@ -324,8 +423,8 @@ def score_groups(cfg, groups, prompts, smoother):
     return acc, fmt, div, stats, descriptions
 
 
-def sft_phase(cfg, model, processor, pool, log):
-    """Supervised warm start on the gold answers (cross-entropy on completion tokens only)."""
+def sft_phase(cfg, model, processor, pool, log, d: Dist = Dist()):
+    """Supervised warm start on the gold answers (cross-entropy on completion tokens only); ranks split each batch."""
     if cfg.sft_steps <= 0:
         return
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.sft_lr)
@@ -336,9 +435,10 @@ def sft_phase(cfg, model, processor, pool, log):
     if not labelled:
         print("sft: no labelled samples (unlabelled math data): skipping the warm start")
         return
-    bar = tqdm(range(cfg.sft_steps), desc="sft", dynamic_ncols=True)
+    bar = tqdm(range(cfg.sft_steps), desc="sft", dynamic_ncols=True, disable=not d.main)
     for step in bar:
         idx = [labelled[rng.randrange(len(labelled))] for _ in range(cfg.batch_size * 2)]
+        idx = [idx[k] for k in rank_share(len(idx), d)]
         prompts = [encode_prompt(processor, pool.get(i), cfg.algo) for i in idx]
         seqs = [(k, processor.tokenizer(gold_completion(p.sample, p.input_size, cfg.algo, idx[k]),
                                         add_special_tokens=False)["input_ids"] + [eos]) for k, p in enumerate(prompts)]
@@ -435,13 +535,18 @@ def main(cfg: Config) -> dict:
         cfg = Config(**{**saved, "resume": resume_dir, "out_dir": resume_dir})
         cfg.max_steps = max_steps if max_steps is not None else cfg.max_steps
     cfg = resolve_defaults(cfg)
+    d = setup_distributed()
     os.makedirs(cfg.out_dir, exist_ok=True)
-    json.dump(asdict(cfg), open(os.path.join(cfg.out_dir, "config.json"), "w"), indent=1)
-    random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    if d.main:
+        json.dump(asdict(cfg), open(os.path.join(cfg.out_dir, "config.json"), "w"), indent=1)
+    seed = cfg.seed + 1_000_003 * d.rank      # rank 0 = a single-process run; other ranks sample other streams
+    random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
+    device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device != "cpu" else torch.float32
     if device == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
+        if d.world > 1:   # N ranks share the machine's cores
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // d.world))
 
     # -- model, reference, optimizer ------------------------------------------------------------------
     model, processor = load_policy(cfg.model, dtype=dtype, device=device)
@@ -449,33 +554,44 @@ def main(cfg: Config) -> dict:
         model.model.visual.requires_grad_(False)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    if d.world > 1:
+        if cfg.lora_r or cfg.drop_zero_std or cfg.batch_size % d.world:
+            raise SystemExit("torchrun: --batch-size must be a multiple of the number of processes; "
+                             "--lora-r and --drop-zero-std are single-process only")
+        shard_policy(model)
     banned = vision_token_ids(processor)
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
     ckpt_path = os.path.join(cfg.out_dir, "checkpoint.pt")
     resuming = bool(resume_dir) and os.path.exists(ckpt_path)
 
     def log(row):
+        if not d.main:
+            return
         with open(metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
 
     pool = load_data(cfg)
     if not resuming:
-        open(metrics_path, "w").close()
-        sft_phase(cfg, model, processor, pool, log)
+        if d.main:
+            open(metrics_path, "w").close()
+        sft_phase(cfg, model, processor, pool, log, d)
     if cfg.lora_r > 0:
         from peft import LoraConfig, get_peft_model
         model = get_peft_model(model, LoraConfig(
             r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
             target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"))
     ref = None
-    if cfg.beta > 0:   # with LoRA the reference is the base model (adapters disabled), no second copy
+    if cfg.beta > 0 and d.world > 1:   # a sharded module cannot be deep-copied: load and shard the reference again
+        ref = load_policy(cfg.model, dtype=dtype, device=device)[0].eval().requires_grad_(False)
+        shard_policy(ref)
+    elif cfg.beta > 0:   # with LoRA the reference is the base model (adapters disabled), no second copy
         ref = None if cfg.lora_r > 0 else copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                             weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
     smoother = R.DiversitySmoother(cfg.gamma)
     server_proc, client, fixed_descriptions = None, None, None
-    if cfg.algo == "syn-grpo" and cfg.synthesize:
+    if cfg.algo == "syn-grpo" and cfg.synthesize and d.main:
         urls = [u for u in cfg.server_url.split(",") if u]
         if not urls:
             server_proc, url = start_local_server(cfg)
@@ -486,25 +602,30 @@ def main(cfg: Config) -> dict:
                 fixed_descriptions = [l.strip() for l in f if l.strip()]
     start = 0
     if resuming:
-        start, pool = load_checkpoint(ckpt_path, model, opt, sched, smoother, client)
-        with open(metrics_path) as f:   # drop lines logged after the checkpoint: they will be logged again
-            keep = [l for l in f if json.loads(l).get("step", -1) < start]
-        open(metrics_path, "w").writelines(keep)
+        start, pool = load_checkpoint(ckpt_path, model, opt, sched, smoother, client, d)
+        if d.main:
+            with open(metrics_path) as f:   # drop lines logged after the checkpoint: they will be logged again
+                keep = [l for l in f if json.loads(l).get("step", -1) < start]
+            open(metrics_path, "w").writelines(keep)
     if cfg.algo == "sft":
-        save_final(cfg, model, processor)
+        save_final(cfg, model, processor, d)
         return {}
     max_steps = cfg.max_steps or math.ceil(cfg.epochs * len(pool) / cfg.batch_size)
 
     # -- rollout engine ------------------------------------------------------------------------------------
     if cfg.rollout_backend == "vllm":
-        engine = VLLMRollout(resolve_model(cfg.model), processor, dtype="bfloat16" if device == "cuda" else "float32",
-                             max_model_len=4096 if device == "cuda" else 1024)
-    else:
-        engine = HFRollout(model, processor)
+        # one engine per rank (each rank generates its own prompts); --vllm-tp K splits each engine over K GPUs
+        engine = VLLMRollout(resolve_model(cfg.model), processor, dtype="bfloat16" if device != "cpu" else "float32",
+                             max_model_len=4096 if device != "cpu" else 1024, tensor_parallel_size=cfg.vllm_tp)
+    else:   # synced: a rank whose sequences have all ended keeps stepping until every rank's have (FSDP collectives)
+        engine = HFRollout(model, processor, synced=d.world > 1)
     dirty = True   # the engine's weights differ from the policy's
 
-    print(f"training {cfg.algo} on {len(pool)} {cfg.task} samples for {max_steps} steps; metrics: {metrics_path}")
-    bar = tqdm(range(start, max_steps), initial=start, total=max_steps, desc=cfg.algo, dynamic_ncols=True)
+    if d.main:
+        print(f"training {cfg.algo} on {len(pool)} {cfg.task} samples for {max_steps} steps on {d.world} process(es); "
+              f"metrics: {metrics_path}")
+    bar = tqdm(range(start, max_steps), initial=start, total=max_steps, desc=cfg.algo, dynamic_ncols=True,
+               disable=not d.main)
     for step in bar:
         t0 = time.time()
         # -- sync weights into vLLM --------------------------------------------------------------------------
@@ -515,12 +636,15 @@ def main(cfg: Config) -> dict:
         dirty = False
         # -- generate ----------------------------------------------------------------------------------------
         t1 = time.time()
-        samples = [pool.get(i) for i in batch_slots(step, cfg.batch_size, len(pool), cfg.seed)]
+        mine = rank_share(cfg.batch_size, d)      # this rank's slots of the step's B prompts
+        slots = batch_slots(step, cfg.batch_size, len(pool), cfg.seed)
+        samples = [pool.get(slots[k]) for k in mine]
         prompts = [encode_prompt(processor, s, cfg.algo) for s in samples]
         model.eval()
-        groups = engine.generate(prompts, Sampling(n=cfg.num_generations, temperature=cfg.temperature,
-                                                   top_p=cfg.top_p, max_tokens=cfg.max_new_tokens,
-                                                   seed=cfg.seed * 1_000_003 + step))
+        sampling = Sampling(n=cfg.num_generations, temperature=cfg.temperature, top_p=cfg.top_p,
+                            max_tokens=cfg.max_new_tokens, seed=cfg.seed * 1_000_003 + step)
+        seeds = [(cfg.seed * 1_000_003 + step) * 1000 + k for k in mine] if cfg.prompt_seeds else None
+        groups = engine.generate(prompts, sampling, seeds=seeds)
         t2 = time.time()
         # -- reward and advantages (Eq. 1, Eq. 7) ---------------------------------------------------------------
         acc, fmt, div, stats, descriptions = score_groups(cfg, groups, prompts, smoother)
@@ -536,22 +660,32 @@ def main(cfg: Config) -> dict:
         # -- Syn-GRPO: send the selected descriptions (Eq. 8) to the data server; take in what has finished --------
         t_server = time.time()
         server_stats = {}
+        if cfg.algo == "syn-grpo" and cfg.synthesize and d.world > 1:   # rank 0 submits every rank's descriptions
+            everyone = [None] * d.world
+            torch.distributed.all_gather_object(everyone, [(p.sample.id, t) for p, t in zip(prompts, descriptions)])
+            chosen = [(pool.samples[i], t) for part in everyone for i, t in part]
+        else:
+            chosen = [(p.sample, t) for p, t in zip(prompts, descriptions)]
         if client:
             ids = []
-            for b, p in enumerate(prompts):
-                d = fixed_descriptions[(step * len(prompts) + b) % len(fixed_descriptions)] if fixed_descriptions \
-                    else descriptions[b]
-                if d:
-                    ids.append(client.submit(synthesis_job(p.sample, d, seed=cfg.seed * 1_000_003 + step * 1000 + b,
-                                                           key=f"{p.sample.id}@{step}")))
+            for b, (sample, desc) in enumerate(chosen):
+                desc = fixed_descriptions[(step * len(chosen) + b) % len(fixed_descriptions)] if fixed_descriptions \
+                    else desc
+                if desc:
+                    ids.append(client.submit(synthesis_job(sample, desc, seed=cfg.seed * 1_000_003 + step * 1000 + b,
+                                                           key=f"{sample.id}@{step}")))
             results = client.collect()
             deadline = time.time() + 600
-            while cfg.sync and any(i in client.pending for i in ids if i) and time.time() < deadline:
+            while cfg.sync and client.waiting([i for i in ids if i]) and time.time() < deadline:
                 time.sleep(0.05)          # --sync: the paper's synchronous baseline waits for this step's images
                 results += client.collect()
             absorbed = [absorb_result(r, pool, cfg.out_dir, step) for r in results]
             server_stats = {"jobs_submitted": sum(i is not None for i in ids), "jobs_absorbed": sum(a is not None for a in absorbed),
                             "jobs_pending": len(client.pending), "jobs_failed": client.failed}
+        if cfg.algo == "syn-grpo" and cfg.synthesize and d.world > 1:   # every rank continues with rank 0's pool
+            update = broadcast(pool.state_dict() if server_stats.get("jobs_absorbed") else None, d)
+            if update is not None:
+                pool = DataPool.from_state_dict(update)
         t3 = time.time()
         # -- policy update: mu optimizer steps on this batch ---------------------------------------------------
         model.train()
@@ -560,7 +694,13 @@ def main(cfg: Config) -> dict:
             chunks = [seqs[i:i + cfg.micro_batch] for i in range(0, len(seqs), cfg.micro_batch)]
             batches = [make_batch(prompts, ch, processor.tokenizer.pad_token_id) for ch in chunks]
             n_tok = sum(b[2].sum().item() for b in batches)
-            norm = {"grpo": len(seqs), "dapo": n_tok, "dr_grpo": len(seqs) * cfg.max_new_tokens}[cfg.loss_type]
+            # FSDP averages gradients over ranks, so each rank normalises by 1/N of the global batch's count
+            n_tok_all = n_tok
+            if d.world > 1:
+                t = torch.tensor([float(n_tok)])
+                torch.distributed.all_reduce(t)
+                n_tok_all = t.item() / d.world
+            norm = {"grpo": len(seqs), "dapo": n_tok_all, "dr_grpo": len(seqs) * cfg.max_new_tokens}[cfg.loss_type]
             with torch.no_grad():   # old (= current) and reference log-probs, once per batch
                 old = [completion_logprobs(model, b, banned, cfg.temperature)[0] for b in batches]
                 if cfg.beta > 0:
@@ -612,8 +752,9 @@ def main(cfg: Config) -> dict:
                "batch_synth_frac": float(np.mean([s.generation > 0 for s in samples])),
                "time_generate": t2 - t1, "time_reward": t_server - t2, "time_server": t3 - t_server,
                "time_train": t4 - t3, "time_sync": t_sync, "time_step": time.time() - t0}
+        row = mean_over_ranks(row, d)
         log(row)
-        if cfg.log_completions:
+        if cfg.log_completions and d.main:
             with open(os.path.join(cfg.out_dir, "completions.jsonl"), "a") as f:
                 for g, p in list(zip(groups, prompts))[:cfg.log_completions]:
                     f.write(json.dumps({"step": step, "id": p.sample.id, "completions": [c.text for c in g],
@@ -621,19 +762,36 @@ def main(cfg: Config) -> dict:
         bar.set_postfix(reward=f"{row['reward']:.3f}", acc=f"{row['reward_accuracy']:.3f}")
         # -- checkpoint --------------------------------------------------------------------------------------
         if cfg.save_every and ((step + 1) % cfg.save_every == 0 or step + 1 == max_steps):
-            save_checkpoint(ckpt_path, model, opt, sched, step + 1, pool, smoother, cfg, client)
+            save_checkpoint(ckpt_path, model, opt, sched, step + 1, pool, smoother, cfg, client, d)
     if server_proc:
         server_proc.terminate()
         server_proc.wait()
-    pool.save(os.path.join(cfg.out_dir, "pool.json"))
-    save_final(cfg, model, processor)
-    print(f"done: metrics {metrics_path}, checkpoint {ckpt_path}, model {os.path.join(cfg.out_dir, 'final')}")
+    if d.main:
+        pool.save(os.path.join(cfg.out_dir, "pool.json"))
+    save_final(cfg, model, processor, d)
+    if d.main:
+        print(f"done: metrics {metrics_path}, checkpoint {ckpt_path}, model {os.path.join(cfg.out_dir, 'final')}")
     return row if max_steps > start else {}
 
 
-def save_final(cfg, model, processor):
-    """An HF checkpoint dir (LoRA merged) that eval.py, train.py --model and vLLM load directly."""
+def save_final(cfg, model, processor, d: Dist = Dist()):
+    """An HF checkpoint dir (LoRA merged) that eval.py, train.py --model and vLLM load directly. Sharded runs
+    also check that every rank holds the same full weights and log their digests."""
     final = os.path.join(cfg.out_dir, "final")
+    if is_sharded(model):
+        sd = policy_state(model)
+        if getattr(model.config.get_text_config(), "tie_word_embeddings", False):
+            sd.pop("lm_head.weight", None)   # tied to the embeddings: HF checkpoints store it once
+        digest = hashlib.sha256(b"".join(sd[k].detach().cpu().contiguous().numpy().tobytes() for k in sorted(sd))).hexdigest()
+        digests = [None] * d.world
+        torch.distributed.all_gather_object(digests, digest)
+        if d.main:
+            model.save_pretrained(final, state_dict=sd)
+            processor.save_pretrained(final)
+            with open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps({"phase": "final", "weights_sha256_by_rank": digests}) + "\n")
+        torch.distributed.barrier()
+        return
     m = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
     m.save_pretrained(final)
     processor.save_pretrained(final)
