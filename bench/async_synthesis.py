@@ -52,27 +52,33 @@ def run(out, steps, *extra):
     return sum(r["time_step"] for r in rows), rows
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=12)
-    p.add_argument("--pipeline-steps", type=int, default=2)
-    a = p.parse_args()
+def measure(steps: int, pipeline_steps: int) -> dict:
+    """Seconds of per-step time of the four runs (and images absorbed by the synthesis runs)."""
     tmp = tempfile.mkdtemp(prefix="bench-async-")
     desc = os.path.join(tmp, "descriptions.txt")
     with open(desc, "w") as f:   # fixed descriptions: every step submits B jobs whatever the tiny model writes
         f.write("a snowy forest\na sunny beach\na busy street\n")
-    base, _ = run(os.path.join(tmp, "grpo"), a.steps)
-    nosyn, _ = run(os.path.join(tmp, "nosyn"), a.steps, "--algo", "syn-grpo", "--no-synthesize")
-    res = {}
+    res = {"grpo": run(os.path.join(tmp, "grpo"), steps)[0],
+           "nosyn": run(os.path.join(tmp, "nosyn"), steps, "--algo", "syn-grpo", "--no-synthesize")[0]}
     for mode in ("async", "sync"):
-        server, url = start_server(os.path.join(tmp, f"server-{mode}"), a.pipeline_steps)
+        server, url = start_server(os.path.join(tmp, f"server-{mode}"), pipeline_steps)
         try:
-            res[mode], rows = run(os.path.join(tmp, mode), a.steps, "--algo", "syn-grpo", "--server-url", url,
+            res[mode], rows = run(os.path.join(tmp, mode), steps, "--algo", "syn-grpo", "--server-url", url,
                                   "--descriptions", desc, *(["--sync"] if mode == "sync" else []))
         finally:
             server.terminate()
             server.wait()
         res[mode + "_absorbed"] = sum(r["jobs_absorbed"] for r in rows)
+    return res
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--pipeline-steps", type=int, default=2)
+    a = p.parse_args()
+    res = measure(a.steps, a.pipeline_steps)
+    base, nosyn = res["grpo"], res["nosyn"]
     print(f"steps {a.steps}, pipeline steps {a.pipeline_steps}, seconds of per-step time (start-up excluded)")
     print(f"{'run':10s} {'seconds':>8s} {'/ grpo':>7s} {'/ no-synth':>10s} {'images in pool':>15s}")
     print(f"{'grpo':10s} {base:8.1f} {1.0:7.3f} {'-':>10s} {'-':>15s}")

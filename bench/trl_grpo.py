@@ -1,0 +1,73 @@
+"""TRL's GRPOTrainer on the same tiny Qwen2.5-VL, shapes REC data, batch, G, completion length and rewards as
+`train.py` (HF generation), for bench/run.py. Prints one JSON line: per-step seconds.
+
+    python bench/trl_grpo.py --model DIR --steps 6 --batch-size 4 --num-generations 6 --max-new-tokens 48
+"""
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", required=True)
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--num-generations", type=int, default=6)
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--lr", type=float, default=1e-3)
+    a = p.parse_args()
+
+    import torch
+    from datasets import Dataset
+    from transformers import AutoProcessor, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    import rewards as R
+    from data import build_prompt, load_image, make_shapes, read_jsonl
+    from rollout import encode_prompt
+
+    torch.manual_seed(0)
+    processor = AutoProcessor.from_pretrained(a.model)
+    samples = read_jsonl(make_shapes("rec", 512, os.path.join(ROOT, ".cache", "shapes"), objects=(1, 2)), "rec")
+    sizes = [encode_prompt(processor, s).input_size for s in samples]   # the model-input frame, as train.py uses
+    ds = Dataset.from_list([{"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": build_prompt(s)}]}],
+                             "image": load_image(s.image), "idx": i} for i, s in enumerate(samples)])
+
+    def text(c):
+        return c[0]["content"] if isinstance(c, list) else c
+
+    def accuracy(prompts, completions, idx, **kw):
+        return [R.score_completion(text(c), samples[i], sizes[i]).accuracy for c, i in zip(completions, idx)]
+
+    def fmt(prompts, completions, idx, **kw):
+        return [R.format_reward(text(c), "rec") for c in completions]
+
+    times = []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            times.append(time.perf_counter() - self.t)
+
+    cfg = GRPOConfig(output_dir=tempfile.mkdtemp(prefix="trl-"), use_cpu=True, bf16=False,
+                     per_device_train_batch_size=a.batch_size * a.num_generations, num_generations=a.num_generations,
+                     max_completion_length=a.max_new_tokens, temperature=1.0, beta=0.0, learning_rate=a.lr,
+                     max_steps=a.steps, logging_steps=1000, save_strategy="no", report_to=[], disable_tqdm=True,
+                     loss_type="grpo", epsilon_high=0.28, seed=0)
+    trainer = GRPOTrainer(model=a.model, processing_class=processor, reward_funcs=[accuracy, fmt], args=cfg,
+                          train_dataset=ds, callbacks=[Clock()])
+    trainer.train()
+    print(json.dumps({"step_times": times}))
+
+
+if __name__ == "__main__":
+    main()
