@@ -152,17 +152,19 @@ REC_THRS = np.linspace(0.0, 1.00, int(np.round((1.00 - 0.0) / 0.01)) + 1)
 
 def _match(ious: np.ndarray) -> np.ndarray:
     """COCOeval.evaluateImg's greedy matching for one (image, category): detections in listed order (all scores
-    equal), each takes the best still-free gold box with IoU >= t. ious (D, G) -> matched flags (T, D)."""
+    equal), each takes the best still-free gold box with IoU >= t. ious (D, G) -> matched flags (T, D).
+    Python lists, not numpy indexing: D and G are a handful, and element access dominates the reward's time."""
     D, G = ious.shape
+    rows = ious.tolist()
     out = np.zeros((len(IOU_THRS), D), bool)
-    for ti, t in enumerate(IOU_THRS):
-        used = np.zeros(G, bool)
-        for d in range(D):
-            best, m = min(t, 1 - 1e-10), -1
-            for g in range(G):
-                if used[g] or ious[d, g] < best:
+    for ti, t in enumerate(IOU_THRS.tolist()):
+        used, t = [False] * G, min(t, 1 - 1e-10)
+        for d, row in enumerate(rows):
+            best, m = t, -1
+            for g, v in enumerate(row):
+                if used[g] or v < best:
                     continue
-                best, m = ious[d, g], g
+                best, m = v, g
             if m >= 0:
                 used[m], out[ti, d] = True, True
     return out
@@ -170,19 +172,18 @@ def _match(ious: np.ndarray) -> np.ndarray:
 
 def _average_precision(tp: np.ndarray, ignore: np.ndarray, n_gt: int) -> float:
     """COCOeval.accumulate for one category: tp/ignore (T, D) in detection order -> AP averaged over the IoU
-    thresholds and 101 recall points (precision made monotone right to left; 0 past the last recall)."""
-    D = tp.shape[1]
-    if D == 0 or n_gt == 0:
+    thresholds and 101 recall points (precision made monotone right to left; 0 past the last recall).
+    All thresholds at once: rows are independent."""
+    T, D = tp.shape
+    if D == 0 or n_gt == 0 or not tp.any():     # no true positive: precision is 0 at every recall point
         return 0.0
-    aps = []
-    for t in range(tp.shape[0]):
-        tps, fps = np.cumsum(tp[t] & ~ignore[t]), np.cumsum(~tp[t] & ~ignore[t])
-        rc = tps / n_gt
-        pr = tps / (fps + tps + np.spacing(1))
-        pr = np.maximum.accumulate(pr[::-1])[::-1]
-        inds = np.searchsorted(rc, REC_THRS, side="left")
-        aps.append(np.where(inds < D, pr[np.minimum(inds, D - 1)], 0.0).mean())
-    return float(np.mean(aps))
+    tps, fps = np.cumsum(tp & ~ignore, 1), np.cumsum(~tp & ~ignore, 1)          # (T, D)
+    rc = tps / n_gt
+    pr = tps / (fps + tps + np.spacing(1))
+    pr = np.maximum.accumulate(pr[:, ::-1], 1)[:, ::-1]
+    inds = (rc[:, None, :] < REC_THRS[None, :, None]).sum(2)                    # (T, R) = searchsorted(left)
+    q = pr[np.arange(T)[:, None], np.minimum(inds, D - 1)] * (inds < D)
+    return float(q.mean())
 
 
 def coco_map_dataset(gts: list, preds: list, max_dets: int = 100) -> float:
@@ -190,17 +191,23 @@ def coco_map_dataset(gts: list, preds: list, max_dets: int = 100) -> float:
     predictions with score 1.0 in listed order (VLM-R1's convention), categories = the gold labels. Equals
     pycocotools' evaluate + accumulate (tested); a prediction whose label has no gold box anywhere is dropped."""
     cats = sorted({g["label"] for img in gts for g in img})
+    # per image: every prediction against every gold box once; categories then take sub-matrices
+    images = []
+    for gt, pred in zip(gts, preds):
+        g = np.array([_xywh(o["bbox"]) for o in gt], dtype=np.float64).reshape(-1, 4)
+        d = np.array([_xywh(o["bbox"]) for o in pred], dtype=np.float64).reshape(-1, 4)
+        images.append(([o["label"] for o in gt], [o["label"] for o in pred], d, iou_matrix_xywh(d, g)))
     aps = []
     for c in cats:
         tps, igns, n_gt = [], [], 0
-        for gt, pred in zip(gts, preds):
-            g = np.array([_xywh(o["bbox"]) for o in gt if o["label"] == c], dtype=np.float64).reshape(-1, 4)
-            d = np.array([_xywh(o["bbox"]) for o in pred if o["label"] == c][:max_dets], dtype=np.float64).reshape(-1, 4)
-            n_gt += len(g)
-            if len(d):
-                tp = _match(iou_matrix_xywh(d, g))
+        for g_lab, d_lab, d, ious in images:
+            gi = [k for k, lab in enumerate(g_lab) if lab == c]
+            di = [k for k, lab in enumerate(d_lab) if lab == c][:max_dets]
+            n_gt += len(gi)
+            if di:
+                tp = _match(ious[di][:, gi])
                 tps.append(tp)
-                igns.append(~tp & (d[:, 2] * d[:, 3] > 1e10)[None, :])   # unmatched and outside the "all" area range
+                igns.append(~tp & (d[di, 2] * d[di, 3] > 1e10)[None, :])  # unmatched and outside the "all" area range
         if n_gt:
             tp = np.concatenate(tps, 1) if tps else np.zeros((len(IOU_THRS), 0), bool)
             ig = np.concatenate(igns, 1) if igns else tp

@@ -361,8 +361,8 @@ class VLLMRollout:
         `reload_weights` takes HF checkpoint names; `model.load_weights` (TRL's colocate path) fails on the CPU
         backend. Without `reset_encoder_cache` the next request with an already-seen image fails with
         "Encoder cache miss"; without `reset_prefix_cache` old KV blocks would be reused."""
-        items = [(k, v.detach().to("cpu" if not torch.cuda.is_available() else v.device).clone())
-                 for k, v in state_dict.items()]
+        # no copy: the engine copies each tensor into its own weights during this synchronous call
+        items = [(k, v.detach()) for k, v in state_dict.items()]
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": items})
         self.llm.reset_prefix_cache()
         self.llm.reset_mm_cache()

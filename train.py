@@ -191,6 +191,15 @@ def make_batch(prompts, seqs, pad_id: int):
     return ids, attn, mask, pixel_values, grid, T
 
 
+def logp_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def engine_gap(logp: torch.Tensor, engine: list[list[float]]) -> list[float]:
+    """Max |trainer - engine| log-prob per sequence, over the tokens the engine reported. logp: (n, T)."""
+    return [(logp[r, :len(e)].cpu() - torch.tensor(e)).abs().max().item() for r, e in enumerate(engine) if e]
+
+
 def completion_logprobs(model, batch, banned: list[int], temperature: float = 1.0, with_entropy: bool = False):
     """Per-token log-probs (N, T) of the completion tokens (and entropies), the sampler's view: logits divided by
     the temperature (trl#4159) and the suppressed vision tokens removed, as at sampling time."""
@@ -701,30 +710,30 @@ def main(cfg: Config) -> dict:
                 torch.distributed.all_reduce(t)
                 n_tok_all = t.item() / d.world
             norm = {"grpo": len(seqs), "dapo": n_tok_all, "dr_grpo": len(seqs) * cfg.max_new_tokens}[cfg.loss_type]
-            with torch.no_grad():   # old (= current) and reference log-probs, once per batch
-                old = [completion_logprobs(model, b, banned, cfg.temperature)[0] for b in batches]
+            # old log-probs: with mu = 1 they are the first (only) update's own, detached (ratio exactly 1, as TRL
+            # does); with mu > 1 one no-grad pass fixes them before the first update
+            with torch.no_grad():
+                old = [completion_logprobs(model, b, banned, cfg.temperature)[0] for b in batches] if cfg.mu > 1 \
+                    else [None] * len(batches)
                 if cfg.beta > 0:
                     if ref is None:
                         with model.disable_adapter():
                             refs = [completion_logprobs(model, b, banned, cfg.temperature)[0] for b in batches]
                     else:
                         refs = [completion_logprobs(ref, b, banned, cfg.temperature)[0] for b in batches]
-            gap, o = [], 0
-            for b, lp in zip(batches, old):
-                for r in range(lp.shape[0]):
-                    e = engine_logp[o + r]
-                    if e:
-                        gap.append((lp[r, :len(e)] - torch.tensor(e)).abs().max().item())
-                o += lp.shape[0]
-            train_stats["logp_engine_gap"] = float(np.max(gap)) if gap else 0.0
+            gap = []
             for it in range(cfg.mu):
                 opt.zero_grad(set_to_none=True)
                 o = 0
                 for k, b in enumerate(batches):
-                    mask = b[2].to(old[k].device)
+                    mask = b[2].to(logp_device(model))
                     a = seq_adv[o:o + mask.shape[0]].to(mask.device)[:, None].expand_as(mask)   # (n, T)
                     o += mask.shape[0]
                     logp, ent = completion_logprobs(model, b, banned, cfg.temperature, with_entropy=True)
+                    if it == 0:
+                        if old[k] is None:
+                            old[k] = logp.detach()
+                        gap += engine_gap(old[k], engine_logp[o - mask.shape[0]:o])
                     if cfg.entropy_adv > 0:
                         a = entropy_shaped_advantage(a, ent, cfg.entropy_adv, cfg.entropy_adv_kappa)
                     surr, clipped = clipped_surrogate(logp, old[k], a, cfg.epsilon_low, cfg.epsilon_high)
@@ -741,6 +750,7 @@ def main(cfg: Config) -> dict:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                 opt.step()
                 sched.step()
+            train_stats["logp_engine_gap"] = float(np.max(gap)) if gap else 0.0
             dirty = True
         t4 = time.time()
         # -- log ---------------------------------------------------------------------------------------------

@@ -54,7 +54,7 @@ def sft_model() -> str:
     out = os.path.join(CACHE, "sft-rec")
     if not os.path.exists(os.path.join(out, "final", "config.json")):
         log = os.path.join(CACHE, "sft.log")
-        check(*spawn([sys.executable, "train.py", "--algo", "sft", "--sft-steps", "40", "--out-dir", out], log), log)
+        check(spawn([sys.executable, "train.py", "--algo", "sft", "--sft-steps", "40", "--out-dir", out], log)[0], log)
     return os.path.join(out, "final")
 
 
@@ -111,7 +111,7 @@ def rollouts(reps: int, max_tokens: int, tmp: str) -> dict:
     for vocab in ("tiny", "tiny-qwen-vocab"):
         for backend in ("hf", "vllm"):
             log = os.path.join(tmp, f"rollout-{vocab}-{backend}.log")
-            check(*spawn([sys.executable, "bench/run.py", "--rollout-worker", backend, vocab, str(reps), str(max_tokens)], log), log)
+            check(spawn([sys.executable, "bench/run.py", "--rollout-worker", backend, vocab, str(reps), str(max_tokens)], log)[0], log)
             out[f"{vocab}_{backend}"] = [json.loads(l) for l in open(log) if l.startswith('{"rates"')][-1]
     return out
 
