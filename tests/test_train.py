@@ -254,3 +254,18 @@ def test_majority_reward_never_reads_the_gold_answer(tmp_path, math_model):
     assert all(0 <= x["majority_acc"] <= 1 and x["reward_format"] == 0 for x in gold)
     assert all("majority_acc" not in x for x in nogold)
     assert any(x["reward"] > 0 for x in gold) and any(x["loss"] != 0 for x in gold)
+
+
+def test_majority_rewards_rec_clusters_boxes_by_iou():
+    from data import Sample
+    from rollout import Completion, Prompt
+    from train import majority_rewards, pseudo_label_correct
+    s = Sample(id="r", task="rec", image="", width=100, height=100, problem="q", solution=[10, 10, 50, 50])
+    prompt = Prompt(sample=s, text="", image=None, input_ids=[], pixel_values=None, image_grid_thw=None,
+                    input_size=(100, 100))
+    box = lambda b: f'<think>t</think><answer>{{"bbox_2d": {b}}}</answer>'
+    texts = [box([60, 60, 90, 90]), box([11, 10, 50, 51]), "no answer", box([10, 12, 49, 50]), box([61, 60, 90, 90])]
+    r, labels = majority_rewards([[Completion(prompt_idx=0, token_ids=[1], text=t) for t in texts]], [prompt], "rec")
+    # two clusters of two (IoU >= 0.5 within each): the tie goes to the cluster seen first
+    assert r == [[1, 0, 0, 0, 1]] and labels[0] == [60, 60, 90, 90]
+    assert not pseudo_label_correct(labels[0], s) and pseudo_label_correct([11, 10, 50, 51], s)
