@@ -34,6 +34,7 @@ import json
 import math
 import os
 import queue
+import sys
 import threading
 import time
 import urllib.error
@@ -261,7 +262,10 @@ def worker_loop(store: JobStore, jobs: queue.Queue, cfg: ServerConfig, stop: thr
                                   steps=cfg.steps, zoom_out=job["zoom_out"], segmenter=segmenter)
             store.finish(job, new, boxes)
         except Exception as e:   # a failed job is reported, never lost, and never kills the worker
-            store.finish(job, None, error=f"{type(e).__name__}: {e}"[:500])
+            try:
+                store.finish(job, None, error=f"{type(e).__name__}: {e}"[:500])
+            except Exception as e2:   # not even reportable (e.g. an unreadable job file): keep serving the rest
+                print(f"worker: job {job_id} could not be reported: {e2}", file=sys.stderr, flush=True)
 
 
 def make_handler(store: JobStore, jobs: queue.Queue, cfg: ServerConfig):
