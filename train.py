@@ -205,7 +205,7 @@ def completion_logprobs(model, batch, banned: list[int], temperature: float = 1.
     """Per-token log-probs (N, T) of the completion tokens (and entropies), the sampler's view: logits divided by
     the temperature (trl#4159) and the suppressed vision tokens removed, as at sampling time."""
     ids, attn, mask, pv, grid, T, mm = batch
-    dev = next(model.parameters()).device
+    dev = logp_device(model)
     out = model(input_ids=ids.to(dev), attention_mask=attn.to(dev), mm_token_type_ids=mm.to(dev),
                 pixel_values=pv.to(dev, model.dtype),
                 image_grid_thw=grid.to(dev), logits_to_keep=T + 1, use_cache=False)
