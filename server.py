@@ -29,6 +29,7 @@ import argparse
 import base64
 import binascii
 import hmac
+import http.client
 import io
 import json
 import math
@@ -423,6 +424,11 @@ def _exit_with_parent(pid: int, httpd) -> None:
 # ----------------------------------------------------------------------------------------------------
 # Client (used by train.py): spreads jobs over servers, skips dead ones and retries them with backoff
 
+# What an unreachable, dying or misbehaving server can raise: a refused or reset connection (OSError), a reply cut
+# off by a kill between headers and body (http.client.IncompleteRead, not an OSError), or a reply that is not our
+# JSON schema. Any of these marks the server down for a while; none may stop a training run.
+SERVER_ERRORS = (OSError, ValueError, KeyError, TypeError, http.client.HTTPException)
+
 
 class DataServerClient:
     def __init__(self, urls: list[str], token: str = "", timeout: float = 5.0, log=print):
@@ -461,9 +467,13 @@ class DataServerClient:
             except urllib.error.HTTPError as e:
                 if e.code == 429:
                     continue
-                self.log(f"data server {url} rejected a job: {e.code} {e.read()[:200]!r}")
+                try:
+                    detail = e.read()[:200]
+                except SERVER_ERRORS as e2:     # the error body itself was cut off
+                    detail = repr(e2)
+                self.log(f"data server {url} rejected a job: {e.code} {detail!r}")
                 return None
-            except (OSError, ValueError) as e:
+            except SERVER_ERRORS as e:
                 self._mark_down(url, e)
                 continue
             self.backoff[url] = 1.0
@@ -486,7 +496,7 @@ class DataServerClient:
                     if r["next"] == self.cursor[url]:
                         break
                     self.cursor[url] = r["next"]
-            except (OSError, ValueError) as e:
+            except SERVER_ERRORS as e:
                 self._mark_down(url, e)
         return out
 

@@ -1,4 +1,5 @@
 import base64
+import http.client
 import io
 import json
 import os
@@ -192,6 +193,48 @@ def test_client_skips_a_dead_server_and_collects(tmp_path):
         p.wait()
 
 
+BROKEN_REPLIES = {   # what a server killed mid-reply, or a wrong one, sends back
+    "cut after headers": b"HTTP/1.1 200 OK\r\nContent-Length: 36\r\n\r\n",
+    "cut error body": b"HTTP/1.1 500 Oops\r\nContent-Length: 36\r\n\r\n{",
+    "bad status line": b"HTTP/1.1 2xx what\r\n\r\n",
+    "not json": b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
+    "wrong schema": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n[]",
+    "empty object": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}",
+    "closed at once": b"",
+}
+
+
+@pytest.mark.parametrize("kind", list(BROKEN_REPLIES))
+def test_client_survives_a_broken_reply(kind):
+    """A reply cut off by a kill (IncompleteRead is not an OSError) or not our schema marks the server down."""
+    import threading
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    url = f"http://127.0.0.1:{srv.getsockname()[1]}"
+
+    def serve():
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(1 << 20)
+                conn.sendall(BROKEN_REPLIES[kind])
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        logs = []
+        c = DataServerClient([url], timeout=5, log=logs.append)
+        assert c.submit(job(0)) is None and not c.pending
+        c.down_until[url] = 0.0       # skip the backoff: ask again at once
+        assert c.collect() == [] and c.cursor[url] == 0
+        assert len(logs) == 2
+    finally:
+        srv.close()
+
+
 def test_local_server_exits_with_its_parent(tmp_path):
     """train.py's own server must not outlive a killed trainer."""
     parent = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
@@ -365,15 +408,21 @@ def test_five_kill_9_during_load_lose_and_duplicate_nothing(tmp_path):
     import threading
     state, port = str(tmp_path / "s"), _free_port()
     rng = random.Random(0)
-    accepted, stop = {}, threading.Event()
+    accepted, stop, errors = {}, threading.Event(), []
 
     def submitter():
+        try:
+            submit_all()
+        except Exception as e:              # surfaced by the test at once, not as a 3-minute stall
+            errors.append(e)
+
+    def submit_all():
         k = 0
         while not stop.is_set() and k < 40:      # 40 jobs, submitted while the server is being killed
             try:
                 code, r = call(f"http://127.0.0.1:{port}", "/jobs", dict(job(k % 8), sample_id=f"j{k}", key=f"j{k}"))
-            except (OSError, ValueError):
-                time.sleep(0.05)             # server down: retry the same key (idempotent)
+            except (OSError, ValueError, http.client.HTTPException):   # down, or killed mid-reply
+                time.sleep(0.05)             # retry the same key (idempotent)
                 continue
             if code in (200, 202):
                 accepted[f"j{k}"] = r["job_id"]
@@ -393,12 +442,13 @@ def test_five_kill_9_during_load_lose_and_duplicate_nothing(tmp_path):
             kills += 1
             p, url = start_server(state, "--port", str(port), "--steps", "1", "--queue-size", "16")
         last, seen = time.time(), 0
-        while len(accepted) < 40 and time.time() - last < 180:   # fail only when no job is accepted for 3 min
+        while len(accepted) < 40 and not errors and time.time() - last < 180:   # or no job accepted for 3 min
             time.sleep(0.2)
             if len(accepted) > seen:
                 last, seen = time.time(), len(accepted)
         stop.set()
         t.join()
+        assert not errors, f"submitter failed: {errors[0]!r}"
         ids = list(accepted.values())
         assert len(ids) == len(set(ids)) == 40
         assert wait_done(url, ids, timeout=600) == ["done"] * len(ids)
