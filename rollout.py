@@ -225,10 +225,19 @@ def encode_prompt(processor, sample: Sample, algo: str = "grpo", text: str | Non
                   input_size=(gw * ps, gh * ps), mm_token_type_ids=enc["mm_token_type_ids"][0].tolist())
 
 
-def mm_types(p: Prompt) -> list[int]:
-    """Token types of a prompt (0 text, 1 image). Without them transformers silently gives image tokens 1D text
-    positions instead of Qwen2.5-VL's 3D M-RoPE (temporal, height, width), unlike vLLM and the pretraining."""
-    return p.mm_token_type_ids or [0] * len(p.input_ids)
+def left_pad(prompts: list[Prompt], width: int, pad_id: int):
+    """Prompts right-aligned in `width` columns -> (ids, attention mask, mm token types), each (n, width) long.
+
+    The token types (0 text, 1 image) must reach transformers: without them it silently gives image tokens 1D
+    text positions instead of Qwen2.5-VL's 3D M-RoPE (temporal, height, width), unlike vLLM and the pretraining."""
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attn, mm = torch.zeros_like(ids), torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        n = len(p.input_ids)
+        ids[i, width - n:] = torch.tensor(p.input_ids)
+        attn[i, width - n:] = 1
+        mm[i, width - n:] = torch.tensor(p.mm_token_type_ids or [0] * n)
+    return ids, attn, mm
 
 
 def _clean(token_ids: list[int], stops: list[int], banned: set) -> tuple[list[int], bool]:
@@ -272,13 +281,7 @@ class HFRollout:
     def _generate_chunk(self, prompts, offset, sp: Sampling):
         tok = self.processor.tokenizer
         pad = tok.pad_token_id
-        width = max(len(p.input_ids) for p in prompts)
-        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-        mask, mm = torch.zeros_like(ids), torch.zeros_like(ids)
-        for i, p in enumerate(prompts):                     # left padding for generation
-            ids[i, width - len(p.input_ids):] = torch.tensor(p.input_ids)
-            mask[i, width - len(p.input_ids):] = 1
-            mm[i, width - len(p.input_ids):] = torch.tensor(mm_types(p))
+        ids, mask, mm = left_pad(prompts, max(len(p.input_ids) for p in prompts), pad)   # generate appends on the right
         n = 1 if sp.greedy else sp.n
         dev = self.model.device
         out = self.model.generate(
@@ -290,7 +293,7 @@ class HFRollout:
             num_return_sequences=n, max_new_tokens=sp.max_tokens, suppress_tokens=self.banned,
             eos_token_id=self.stops, pad_token_id=pad, output_scores=True, return_dict_in_generate=True,
             synced_gpus=self.synced)
-        seqs = out.sequences[:, width:].cpu()
+        seqs = out.sequences[:, ids.shape[1]:].cpu()                                      # the new tokens
         # scores are the processed logits each token was sampled from (temperature, top-p, suppression)
         logps = torch.stack(out.scores, 1).float().log_softmax(-1).cpu()                  # (B*n, T, V)
         tok_logps = logps.gather(-1, seqs[:, :logps.shape[1]].unsqueeze(-1)).squeeze(-1)  # (B*n, T)

@@ -36,7 +36,7 @@ from tqdm import tqdm
 import rewards as R
 from data import DataPool, gold_completion, load_image, make_shapes, read_jsonl
 from server import DataServerClient
-from rollout import (TINY_MODELS, HFRollout, Sampling, VLLMRollout, encode_prompt, load_policy, mm_types,
+from rollout import (TINY_MODELS, HFRollout, Sampling, VLLMRollout, encode_prompt, left_pad, load_policy,
                      resolve_model, vision_token_ids)
 
 
@@ -177,16 +177,15 @@ def make_batch(prompts, seqs, pad_id: int):
     seqs: list of (prompt_idx, completion token ids)."""
     P = max(len(prompts[i].input_ids) for i, _ in seqs)
     T = max(1, max(len(c) for _, c in seqs))
-    ids = torch.full((len(seqs), P + T), pad_id, dtype=torch.long)
-    attn, mm = torch.zeros_like(ids), torch.zeros_like(ids)
+    p_ids, p_attn, p_mm = left_pad([prompts[i] for i, _ in seqs], P, pad_id)     # (N, P) each
+    c_ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     mask = torch.zeros(len(seqs), T)
-    for r, (i, c) in enumerate(seqs):
-        p = prompts[i].input_ids
-        ids[r, P - len(p):P] = torch.tensor(p)
-        mm[r, P - len(p):P] = torch.tensor(mm_types(prompts[i]))
-        ids[r, P:P + len(c)] = torch.tensor(c, dtype=torch.long)
-        attn[r, P - len(p):P + len(c)] = 1
+    for r, (_, c) in enumerate(seqs):
+        c_ids[r, :len(c)] = torch.tensor(c, dtype=torch.long)
         mask[r, :len(c)] = 1
+    ids = torch.cat([p_ids, c_ids], 1)                                          # (N, P+T)
+    attn = torch.cat([p_attn, mask.long()], 1)
+    mm = torch.cat([p_mm, torch.zeros_like(c_ids)], 1)                           # completions are text
     pixel_values = torch.cat([prompts[i].pixel_values for i, _ in seqs])
     grid = torch.cat([prompts[i].image_grid_thw for i, _ in seqs])
     return ids, attn, mask, pixel_values, grid, T, mm

@@ -157,8 +157,9 @@ def _grpo(out, sft_model, flip):
 @pytest.mark.slow
 def test_grpo_raises_the_reward_and_a_flipped_advantage_lowers_it(tmp_path, sft_model):
     """After a 60-step warm start the tiny model writes the required format a third of the time; 25 GRPO steps
-    (B=4, G=6, lr 1e-3) take the mean reward from 0.32 to 0.61, the flipped run from 0.15 to 0.00 (measured). The IoU part stays near 0: the
-    random-weight tiny model does not learn to localise in CPU minutes (see README, Known issues)."""
+    (B=4, G=6, lr 1e-3) take the mean reward from 0.32 to 0.61, the flipped run from 0.15 to 0.00 (measured).
+    The IoU part stays near 0: the random-weight tiny model does not learn to localise in CPU minutes (see
+    README, Known issues)."""
     first, last = _grpo(str(tmp_path / "up"), sft_model, flip=False)
     assert last > first + 0.15, (first, last)
     first, last = _grpo(str(tmp_path / "down"), sft_model, flip=True)
