@@ -166,6 +166,13 @@ def test_make_shapes_writes_valid_jsonl(tmp_path):
         assert len(samples) == 8 and len({s.id for s in samples}) == 8
 
 
+@pytest.mark.parametrize("objects", [(1, 5), (0, 1), (3, 2)])
+def test_make_shapes_rejects_more_shapes_than_grid_cells(tmp_path, objects):
+    with pytest.raises(ValueError, match="one per grid cell"):
+        make_shapes("rec", 4, str(tmp_path), objects=objects)
+    assert not any(f.endswith(".jsonl") for f in os.listdir(tmp_path))      # nothing half-written
+
+
 # -- data pool -----------------------------------------------------------------------------------------------------
 
 def _pool():
