@@ -51,7 +51,9 @@ def stats(xs) -> dict:
 
 def sft_model() -> str:
     """The tiny model after 40 SFT steps (it writes the answer format some of the time), built once."""
-    out = os.path.join(CACHE, "sft-rec")
+    from data import SHAPES_VERSION
+    from rollout import TINY_VERSION
+    out = os.path.join(CACHE, f"sft-rec-v{TINY_VERSION}.{SHAPES_VERSION}")   # rebuilt when the model or data change
     if not os.path.exists(os.path.join(out, "final", "config.json")):
         log = os.path.join(CACHE, "sft.log")
         check(spawn([sys.executable, "train.py", "--algo", "sft", "--sft-steps", "40", "--out-dir", out], log)[0], log)
@@ -71,7 +73,7 @@ def grpo_runs(model: str, steps: int, tmp: str) -> dict:
         log = d + ".log"
         rc, rss = spawn([sys.executable, "train.py", "--model", model, "--sft-steps", "0", "--max-steps", str(steps),
                          "--rollout-backend", backend, "--save-every", "0", "--log-completions", "0", "--lr", "1e-3",
-                         "--out-dir", d, *common], log)
+                         "--shapes-objects", "1-2", "--no-freeze-vision", "--out-dir", d, *common], log)   # as TRL
         check(rc, log)
         with open(os.path.join(d, "metrics.jsonl")) as f:
             rows = [r for r in map(json.loads, f) if "step" in r][1:]      # the first step warms up

@@ -97,10 +97,11 @@ def metrics(out_dir):
 
 @pytest.fixture(scope="module")
 def sft_model(tmp_path_factory):
-    """The tiny model after a short supervised warm start (a checkpoint dir, as any user checkpoint)."""
+    """The tiny model after the embedded default's warm start (600 SFT steps on one-shape REC images), as a
+    checkpoint dir like any user's: it writes the answer format, and its sampled boxes score a mean IoU of ~0.55."""
     import train
     out = str(tmp_path_factory.mktemp("sft") / "run")
-    train.main(Config(algo="sft", out_dir=out, sft_steps=60, seed=0))
+    train.main(Config(algo="sft", out_dir=out, seed=0))
     return os.path.join(out, "final")
 
 
@@ -147,23 +148,25 @@ def test_grpo_steps_with_the_vllm_backend(tmp_path, sft_model):
     assert all(x["kl"] >= 0 and 0 <= x["clip_frac"] <= 1 for x in rows)
 
 
-def _grpo(out, sft_model, flip):
+def _iou_rewards(out, sft_model, flip, steps):
+    """The mean IoU reward of every step of a GRPO run with the CPU defaults (B=4, G=6, lr 2e-4)."""
     import train
-    train.main(Config(model=sft_model, out_dir=out, sft_steps=0, max_steps=25, flip_advantage=flip, seed=0, save_every=0))
-    r = [x["reward"] for x in metrics(out)]
-    return float(np.mean(r[:5])), float(np.mean(r[-5:]))
+    train.main(Config(model=sft_model, out_dir=out, sft_steps=0, max_steps=steps, flip_advantage=flip, seed=0,
+                      save_every=0))
+    return [x["reward_accuracy"] for x in metrics(out)]
 
 
 @pytest.mark.slow
-def test_grpo_raises_the_reward_and_a_flipped_advantage_lowers_it(tmp_path, sft_model):
-    """After a 60-step warm start the tiny model writes the required format a third of the time; 25 GRPO steps
-    (B=4, G=6, lr 1e-3) take the mean reward from 0.32 to 0.61, the flipped run from 0.15 to 0.00 (measured).
-    The IoU part stays near 0: the random-weight tiny model does not learn to localise in CPU minutes (see
-    README, Known issues)."""
-    first, last = _grpo(str(tmp_path / "up"), sft_model, flip=False)
-    assert last > first + 0.15, (first, last)
-    first, last = _grpo(str(tmp_path / "down"), sft_model, flip=True)
-    assert last < first and last < 0.05, (first, last)
+def test_grpo_raises_the_iou_reward_and_a_flipped_advantage_lowers_it(tmp_path, sft_model):
+    """Measured: 100 GRPO steps after the warm start take the mean IoU reward from 0.57 over the first 20 steps to
+    0.69 over the last 20 (warm starts from seeds 1, 2, 3: +0.12, +0.07, +0.08). With the advantage negated the
+    model gives up answering: 0.53 over the first 5 steps, 0.00 from step 11 on."""
+    up = _iou_rewards(str(tmp_path / "up"), sft_model, flip=False, steps=100)
+    first, last = np.mean(up[:20]), np.mean(up[-20:])
+    assert last > first + 0.05, (first, last)
+    down = _iou_rewards(str(tmp_path / "down"), sft_model, flip=True, steps=30)
+    first, last = np.mean(down[:5]), np.mean(down[-10:])
+    assert first > 0.3 and last < 0.05, (first, last)
 
 
 @pytest.mark.slow
