@@ -50,7 +50,8 @@ def stats(xs) -> dict:
 
 
 def sft_model() -> str:
-    """The tiny model after 40 SFT steps (it writes the answer format some of the time), built once."""
+    """The tiny model after 40 SFT steps, built once: its completions are answer-like, ~40 of the 48 tokens, though
+    not yet valid (format reward 0); the speed rows need realistic lengths, not rewards."""
     from data import SHAPES_VERSION
     from rollout import TINY_VERSION
     out = os.path.join(CACHE, f"sft-rec-v{TINY_VERSION}.{SHAPES_VERSION}")   # rebuilt when the model or data change
