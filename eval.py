@@ -173,10 +173,8 @@ def markdown_table(task: str, results: dict, name: str = "model") -> str:
 
 def evaluate(cfg: Config) -> dict:
     """Generate (greedy) on every split, save predictions, score, write results.json and results.md."""
-    from rollout import HFRollout, Sampling, VLLMRollout, encode_prompt, load_policy, resolve_model
-    model, processor = load_policy(cfg.model)
-    engine = (VLLMRollout(resolve_model(cfg.model), processor, max_model_len=4096) if cfg.backend == "vllm"
-              else HFRollout(model, processor, chunk=cfg.batch_size))
+    from rollout import Sampling, encode_prompt, load_engine
+    engine, processor = load_engine(cfg.model, cfg.backend, chunk=cfg.batch_size)
     os.makedirs(cfg.out_dir, exist_ok=True)
     results = {}
     for path in cfg.data:

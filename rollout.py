@@ -163,13 +163,16 @@ def resolve_model(name: str) -> str:
     return name
 
 
+def load_processor(name: str):
+    from transformers import AutoProcessor
+    return AutoProcessor.from_pretrained(resolve_model(name))
+
+
 def load_policy(name: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """(model, processor) from `tiny`, `tiny-qwen-vocab`, a hub id or a local checkpoint dir."""
-    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
-    path = resolve_model(name)
-    processor = AutoProcessor.from_pretrained(path)
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device)
-    return model, processor
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(resolve_model(name), dtype=dtype).to(device)
+    return model, load_processor(name)
 
 
 def vision_token_ids(processor) -> list[int]:
@@ -383,3 +386,15 @@ class VLLMRollout:
         self.llm.reset_prefix_cache()
         self.llm.reset_mm_cache()
         self.llm.llm_engine.reset_encoder_cache()
+
+
+def load_engine(name: str, backend: str, max_model_len: int = 4096, chunk: int = 8):
+    """(engine, processor) for generation only (eval.py, synth.py, bench): on the GPU in bf16 when there is one,
+    as train.py does. With vLLM the HF weights are never loaded: vLLM reads the checkpoint itself."""
+    gpu = torch.cuda.is_available()
+    if backend == "vllm":
+        processor = load_processor(name)
+        return VLLMRollout(resolve_model(name), processor, dtype="bfloat16" if gpu else "float32",
+                           max_model_len=max_model_len), processor
+    model, processor = load_policy(name, dtype=torch.bfloat16 if gpu else torch.float32, device="cuda" if gpu else "cpu")
+    return HFRollout(model.eval(), processor, chunk=chunk), processor

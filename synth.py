@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 import rewards as R
 from data import Sample, load_image, make_shapes, read_jsonl, stable_hash, write_jsonl
-from rollout import HFRollout, Sampling, VLLMRollout, encode_prompt, load_policy, resolve_model
+from rollout import Sampling, encode_prompt, load_engine
 
 STAGES = ("run", "passrate", "select", "synthesize", "verify", "export", "selfq")
 
@@ -202,13 +202,8 @@ class Models:
 
     def engine(self, name: str):
         if name not in self.engines:
-            model, processor = load_policy(name)
-            if self.cfg.backend == "vllm":
-                eng = VLLMRollout(resolve_model(name), processor, max_model_len=4096 if torch.cuda.is_available() else 1024)
-                del model
-            else:
-                eng = HFRollout(model.eval(), processor)
-            self.engines[name] = (eng, processor)
+            self.engines[name] = load_engine(name, self.cfg.backend,
+                                             max_model_len=4096 if torch.cuda.is_available() else 1024)
         return self.engines[name]
 
     def answer(self, samples: list[Sample], n: int, seed: int) -> list[list[str]]:

@@ -92,10 +92,9 @@ def rollout_worker(backend: str, model: str, reps: int, max_tokens: int) -> None
     """(subprocess) completions/s of one backend: 4 prompts x G 6, `reps` timed calls after one warm-up."""
     import torch
     from data import make_shapes, read_jsonl
-    from rollout import HFRollout, Sampling, VLLMRollout, encode_prompt, load_policy, resolve_model
+    from rollout import Sampling, encode_prompt, load_engine
     torch.manual_seed(0)
-    m, proc = load_policy(model)
-    eng = VLLMRollout(resolve_model(model), proc, max_model_len=1024) if backend == "vllm" else HFRollout(m.eval(), proc)
+    eng, proc = load_engine(model, backend, max_model_len=1024)
     samples = read_jsonl(make_shapes("rec", 8, os.path.join(ROOT, ".cache", "shapes")), "rec")[:4]
     prompts = [encode_prompt(proc, s) for s in samples]
     rates, lens = [], []

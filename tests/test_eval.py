@@ -86,6 +86,7 @@ def test_evaluate_tiny_model_end_to_end_both_backends(tmp_path, shapes_dir, tiny
     # vLLM backend: reuse the session's engine instead of starting a second one in this process
     import rollout
     monkeypatch.setattr(rollout, "VLLMRollout", lambda *a, **k: vllm_engine)
+    monkeypatch.setattr(rollout, "load_policy", lambda *a, **k: pytest.fail("the vLLM path loaded the HF weights"))
     res = E.evaluate(E.Config(model="tiny", task="rec", data=(data,), out_dir=str(tmp_path / "v"), backend="vllm",
                               max_new_tokens=16))
     assert list(res.values())[0]["n"] == 6
