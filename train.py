@@ -111,10 +111,11 @@ def resolve_defaults(cfg: Config) -> Config:
     gpu = torch.cuda.is_available()
     cfg.model = cfg.model or ("Qwen/Qwen2.5-VL-3B-Instruct" if gpu else "tiny")
     random_init = cfg.model in TINY_MODELS   # built with random weights: needs the supervised warm start
-    # CPU values measured on the tiny model (README, Known issues): SFT at lr 1e-3 with the random vision tower
-    # frozen (training it collapses its output); GRPO at lr 2e-4 (1e-3 undid the warm start's localisation,
-    # IoU 0.46 -> 0.17); 64 new tokens (at 48 GRPO learned to cut boxes short, IoU 0); one shape per REC image
-    # (the tiny model learns to localise a lone shape in CPU minutes, not yet to pick the described one of two).
+    # CPU values measured on the tiny model (README, "What the tiny model learns on a CPU"): SFT at lr 1e-3 with
+    # the random vision tower frozen (training it collapses its output); GRPO at lr 2e-4 (1e-3 undid the warm
+    # start's localisation, IoU 0.46 -> 0.17); 64 new tokens (at 48 GRPO learned to cut boxes short, IoU 0); one
+    # shape per REC image (the tiny model learns to localise a lone shape in CPU minutes, not yet to pick the
+    # described one of two).
     d = dict(batch_size=20 if gpu else 4, num_generations=6, lr=1e-6 if gpu else 2e-4,
              sft_steps=600 if random_init else 0, sft_lr=1e-5 if gpu else 1e-3, freeze_vision=not gpu,
              max_new_tokens=1024 if gpu else (112 if cfg.algo == "syn-grpo" else 64),
