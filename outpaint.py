@@ -63,11 +63,26 @@ def zoom_boxes(boxes: list, size: tuple, zoom_out: float) -> tuple[list, tuple]:
 
 
 def build_tiny_pipeline(out_dir: str, seed: int = 0) -> str:
-    """Random-weight StableDiffusionXLControlNetInpaintPipeline with diffusers' test-sized components."""
+    """Random-weight StableDiffusionXLControlNetInpaintPipeline with diffusers' test-sized components, saved to
+    out_dir (atomic: tmp + rename)."""
+    with torch.random.fork_rng(devices=[]):   # built on first use inside a process: leave its RNG as it was
+        torch.manual_seed(seed)
+        pipe = _random_tiny_pipeline()
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".build-")
+    pipe.save_pretrained(tmp)
+    try:
+        os.rename(tmp, out_dir)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def _random_tiny_pipeline():
     from diffusers import (AutoencoderKL, ControlNetModel, EulerDiscreteScheduler,
                            StableDiffusionXLControlNetInpaintPipeline, UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-    torch.manual_seed(seed)
     common = dict(block_out_channels=(32, 64), layers_per_block=2, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                   attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
                   addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
@@ -89,18 +104,9 @@ def build_tiny_pipeline(out_dir: str, seed: int = 0) -> str:
     tcfg = CLIPTextConfig(bos_token_id=512, eos_token_id=513, pad_token_id=513, hidden_size=32, intermediate_size=37,
                           num_attention_heads=4, num_hidden_layers=5, vocab_size=514, projection_dim=32,
                           hidden_act="gelu", layer_norm_eps=1e-5)
-    pipe = StableDiffusionXLControlNetInpaintPipeline(
+    return StableDiffusionXLControlNetInpaintPipeline(
         vae=vae, text_encoder=CLIPTextModel(tcfg), text_encoder_2=CLIPTextModelWithProjection(tcfg), tokenizer=tok,
         tokenizer_2=tok, unet=unet, controlnet=controlnet, scheduler=scheduler, requires_aesthetics_score=False)
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".build-")
-    pipe.save_pretrained(tmp)
-    try:
-        os.rename(tmp, out_dir)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
 
 
 def load_pipeline(name: str = "tiny", device: str = "cpu"):

@@ -135,8 +135,9 @@ def build_tiny(out_dir: str, vocab: str = "small", seed: int = 0) -> str:
         vision_config=TINY_VISION, image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=True)
-    torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    with torch.random.fork_rng(devices=[]):   # built inside a run on first use: leave the run's RNG as it was
+        torch.manual_seed(seed)
+        model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
     model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     proc = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**TINY_PIXELS), tokenizer=tok,

@@ -136,3 +136,13 @@ def test_image_tokens_get_3d_mrope_positions(tiny, prompts):
         a, _ = completion_logprobs(model, batch, [])
         b, _ = completion_logprobs(model, no_types, [])
     assert (a - b).abs().max() > 1e-4
+
+
+def test_building_a_tiny_model_leaves_the_global_rng_alone(tmp_path):
+    """The first run after a fresh clone builds the tiny model inside `load_policy`, after the run's seeds are set:
+    the build must not reseed the run (it did, and that run then differed from every later one)."""
+    from rollout import build_tiny
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    build_tiny(str(tmp_path / "tiny"))
+    assert torch.equal(torch.get_rng_state(), before)
