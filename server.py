@@ -2,9 +2,12 @@
 
     python server.py --device cuda:1 --port 8000 [--pipeline tiny|sdxl|DIR] [--workers N] [--state-dir D]
 
-A dumb HTTP boundary around a bounded job queue: handlers only validate, persist and enqueue; worker threads,
-each with its own outpainting pipeline (outpaint.py), turn jobs into results. The trainer submits and later
-collects; it never waits for generation (unless `train.py --sync`, which exists for the paper's Table 5).
+A dumb HTTP boundary around a bounded job queue, top to bottom: `validate_job` (pure checks of a POST body),
+`JobStore` (jobs and results on disk, behind its own lock), `worker_loop` (threads, each with its own outpainting
+pipeline from outpaint.py, turning jobs into results), `API` (the endpoints as plain methods returning (status,
+body)), `ROUTES` (the one route table; 404 vs 405 follows from it), `Handler` (HTTP in and out), then the trainer's
+side: `make_job` / `parse_result` (the wire format) and `DataServerClient`. The trainer submits and later
+collects; it never waits for generation (unless `train.py --synchronous-synthesis`, the paper's Table 5 baseline).
 
 API (JSON bodies; `Authorization: Bearer TOKEN` on every request when --token is set):
   POST /jobs      {"sample_id": str, "image_b64": PNG/JPEG base64 | "image": path under --image-root,
@@ -25,14 +28,12 @@ result, so each accepted job ends in exactly one result.
 """
 from __future__ import annotations
 
-import argparse
 import base64
 import binascii
 import hmac
 import http.client
 import io
 import json
-import math
 import os
 import queue
 import sys
@@ -47,39 +48,31 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from PIL import Image
 
+from data import is_box, opt, parse_config
+
 
 @dataclass
 class ServerConfig:
-    host: str = "127.0.0.1"          # loopback unless told otherwise
-    port: int = 8000                 # 0 = any free port (written to --port-file)
-    port_file: str = ""
-    pipeline: str = "tiny"           # tiny | sdxl | a saved pipeline dir
-    segmenter: str = ""              # "" (box mask alone) | ben2 (GPU) | color (flat synthetic backgrounds)
-    device: str = "cpu"
-    workers: int = 1
-    state_dir: str = "runs/server"
-    image_root: str = ""             # image paths are accepted only under this folder ("" = no paths, base64 only)
-    token: str = ""                  # require "Authorization: Bearer TOKEN"
-    queue_size: int = 256            # accepted-but-unfinished jobs; beyond it POST /jobs answers 429
-    max_body_bytes: int = 16 << 20   # 16 MiB
-    max_image_pixels: int = 4096 * 4096
-    max_boxes: int = 1000
-    steps: int = 8                   # denoising steps
-    request_timeout: float = 10.0    # seconds a client may take to send its request
-    parent_pid: int = 0              # exit when this process dies (train.py's own local server)
-
-
-FIELD_HELP = {
-    "host": "address to bind; loopback by default, give 0.0.0.0 only on a trusted network with --token",
-    "port": "0 = any free port", "port_file": "write the bound port here", "pipeline": "tiny | sdxl | a pipeline dir",
-    "segmenter": "'' | ben2 | color", "workers": "generation threads, one pipeline each",
-    "state_dir": "accepted jobs and results, written atomically; reused after a restart",
-    "image_root": "image paths are accepted only under this folder ('' = base64 images only)",
-    "token": "require 'Authorization: Bearer TOKEN' (compared in constant time)",
-    "queue_size": "unfinished jobs accepted at most; beyond, POST /jobs answers 429",
-    "max_body_bytes": "request body limit (413 above)", "max_image_pixels": "image size limit, checked before decoding (413)",
-    "max_boxes": "boxes per job", "steps": "denoising steps", "request_timeout": "seconds a client may stall",
-    "parent_pid": "exit when this process dies"}
+    host: str = opt("127.0.0.1", "address to bind; loopback by default, give 0.0.0.0 only on a trusted network with "
+                                 "--token")
+    port: int = opt(8000, "port to listen on; 0 = any free port (written to --port-file)")
+    port_file: str = opt("", "write the bound port to this file (atomically) once listening")
+    pipeline: str = opt("tiny", "outpainting pipeline: tiny (random weights, built offline), sdxl (SDXL + ControlNet "
+                                "from the hub, GPU) or a saved pipeline dir")
+    segmenter: str = opt("", "foreground matte refining the keep-mask inside the boxes: '' (box mask alone), ben2 "
+                             "(the paper's BEN2, GPU) or color (flat synthetic backgrounds)", choices=("", "ben2", "color"))
+    device: str = opt("cpu", "device of the pipelines, e.g. cuda:1")
+    workers: int = opt(1, "generation threads, one pipeline each")
+    state_dir: str = opt("runs/server", "accepted jobs and results, written atomically; reused after a restart")
+    image_root: str = opt("", "image paths are accepted only under this folder ('' = no paths, base64 images only)")
+    token: str = opt("", "require 'Authorization: Bearer TOKEN' on every request (compared in constant time)")
+    queue_size: int = opt(256, "accepted-but-unfinished jobs at most; beyond, POST /jobs answers 429")
+    max_body_bytes: int = opt(16 << 20, "request body limit in bytes (413 above)")
+    max_image_pixels: int = opt(4096 * 4096, "image size limit in pixels, checked before decoding (413 above)")
+    max_boxes: int = opt(1000, "boxes per job at most")
+    steps: int = opt(8, "denoising steps of the pipeline")
+    request_timeout: float = opt(10.0, "seconds a client may take to send its request")
+    parent_pid: int = opt(0, "exit when this process dies (train.py's own local server); 0 = never")
 
 
 class BadRequest(Exception):
@@ -140,8 +133,7 @@ def validate_job(body: dict, cfg: ServerConfig) -> tuple[dict, Image.Image]:
     if not isinstance(boxes, list) or len(boxes) > cfg.max_boxes:
         raise BadRequest(400, f"boxes must be a list of at most {cfg.max_boxes} [x1, y1, x2, y2] boxes")
     for b in boxes:
-        if not (isinstance(b, list) and len(b) == 4 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                            and math.isfinite(v) for v in b) and b[2] > b[0] and b[3] > b[1]):
+        if not is_box(b):
             raise BadRequest(400, f"bad box {str(b)[:80]}: expected [x1, y1, x2, y2] with x2 > x1, y2 > y1")
     if isinstance(body.get("image_b64"), str):
         image = decode_image(body["image_b64"], cfg.max_image_pixels)
@@ -234,6 +226,30 @@ class JobStore:
             self.results.append(r)
             self.pending.remove(job["job_id"])
 
+    def n_pending(self) -> int:
+        with self.lock:
+            return len(self.pending)
+
+    def counts(self) -> dict:
+        with self.lock:
+            failed = sum(r["status"] == "failed" for r in self.results)
+            return {"queued": len(self.pending), "done": len(self.results) - failed, "failed": failed}
+
+    def results_after(self, after: int, limit: int) -> list[dict]:
+        """Finished jobs with seq > after, in completion order, images included."""
+        with self.lock:
+            out = [r for r in self.results if r["seq"] > after][:limit]
+        return [self.with_image(r) for r in out]
+
+    def status(self, job_id: str) -> dict | None:
+        """A job's result (image included) or {"status": "queued"}; None for an unknown id."""
+        with self.lock:
+            r = self.by_id.get(job_id)
+            queued = job_id in self.pending
+        if r:
+            return self.with_image(r)
+        return {"job_id": job_id, "status": "queued"} if queued else None
+
     def with_image(self, r: dict) -> dict:
         r = dict(r)
         path = os.path.join(self.dirs["images"], r["job_id"] + ".png")
@@ -244,7 +260,7 @@ class JobStore:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Workers and HTTP
+# Workers: each with its own pipeline, turning queued jobs into results
 
 
 def worker_loop(store: JobStore, jobs: queue.Queue, cfg: ServerConfig, stop: threading.Event) -> None:
@@ -269,116 +285,148 @@ def worker_loop(store: JobStore, jobs: queue.Queue, cfg: ServerConfig, stop: thr
                 print(f"worker: job {job_id} could not be reported: {e2}", file=sys.stderr, flush=True)
 
 
-def make_handler(store: JobStore, jobs: queue.Queue, cfg: ServerConfig):
-    class Handler(BaseHTTPRequestHandler):
-        timeout = cfg.request_timeout          # slow or stalled clients are dropped
-        protocol_version = "HTTP/1.1"
-        default_request_version = "HTTP/1.0"   # so that a garbled request line still gets a status line (400)
+# ----------------------------------------------------------------------------------------------------
+# The API: plain methods returning (status, body), one route table, and the HTTP handler around them
 
-        def log_message(self, *args):          # quiet: the trainer has its own logs
-            pass
 
-        def _send(self, code: int, obj) -> None:
-            data = json.dumps(obj).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+class API:
+    """The data server's endpoints, free of HTTP: each method returns (status, JSON body) or raises BadRequest."""
 
-        def _authorized(self) -> bool:
-            if not cfg.token:
-                return True
-            given = self.headers.get("Authorization", "")
-            return hmac.compare_digest(given.encode(), f"Bearer {cfg.token}".encode())   # constant time
+    def __init__(self, store: JobStore, jobs: queue.Queue, cfg: ServerConfig):
+        self.store, self.jobs, self.cfg = store, jobs, cfg
 
-        def _dispatch(self, method: str) -> None:
+    def authorize(self, header: str) -> None:
+        if self.cfg.token and not hmac.compare_digest(header.encode(), f"Bearer {self.cfg.token}".encode()):
+            raise BadRequest(401, "missing or wrong bearer token")      # compared in constant time
+
+    def admit(self, content_length: str | None) -> int:
+        """The checks before a body is read: its declared size, then a cheap 429 (no parsing under overload)."""
+        try:
+            n = int(content_length or "")
+        except ValueError:
+            raise BadRequest(400 if content_length is not None else 411, "Content-Length required")
+        if n < 0 or n > self.cfg.max_body_bytes:
+            raise BadRequest(413, f"body over the limit of {self.cfg.max_body_bytes} bytes")
+        if self.store.n_pending() >= self.cfg.queue_size:
+            raise BadRequest(429, "queue full, retry later")
+        return n
+
+    def post_job(self, raw: bytes) -> tuple[int, dict]:
+        try:
+            body = json.loads(raw)
+        except (ValueError, RecursionError):
+            raise BadRequest(400, "body is not valid JSON")
+        job, image = validate_job(body, self.cfg)
+        job_id, new = self.store.accept(job, image, self.cfg.queue_size)
+        if new:
+            self.jobs.put(job_id)
+        return (202 if new else 200), {"job_id": job_id}
+
+    def get_job(self, job_id: str) -> tuple[int, dict]:
+        r = self.store.status(job_id)
+        if r is None:
+            raise BadRequest(404, "unknown job")
+        return 200, r
+
+    def results(self, query: str) -> tuple[int, dict]:
+        q = urllib.parse.parse_qs(query)
+        try:
+            after = int(q.get("after", ["0"])[0])
+            limit = max(1, min(256, int(q.get("limit", ["64"])[0])))
+        except ValueError:
+            raise BadRequest(400, "after and limit must be integers")
+        out = self.store.results_after(after, limit)
+        return 200, {"results": out, "next": out[-1]["seq"] if out else after}
+
+    def health(self) -> tuple[int, dict]:
+        return 200, {"ok": True, **self.store.counts(), "workers": self.cfg.workers}
+
+
+@dataclass
+class Request:
+    arg: str = ""        # the rest of the path after a prefix route ("/jobs/ID" -> "ID")
+    query: str = ""
+    body: bytes = b""
+
+
+# (method, path) -> the API call; a path ending in "/" is a prefix whose remainder is the request's `arg`.
+ROUTES = {("POST", "/jobs"): lambda api, req: api.post_job(req.body),
+          ("GET", "/jobs/"): lambda api, req: api.get_job(req.arg),
+          ("GET", "/results"): lambda api, req: api.results(req.query),
+          ("GET", "/health"): lambda api, req: api.health()}
+
+
+def route(method: str, path: str):
+    """(the route's call, its path argument); 405 for a known path with another method, 404 for an unknown one."""
+    matches = [(m, call, path[len(p):]) for (m, p), call in ROUTES.items()
+               if path == p or (p.endswith("/") and path.startswith(p) and len(path) > len(p))]
+    for m, call, arg in matches:
+        if m == method:
+            return call, arg
+    if matches:
+        raise BadRequest(405, f"{method} {path} is not supported")
+    raise BadRequest(404, f"no route {path}")
+
+
+class Handler(BaseHTTPRequestHandler):
+    """HTTP in and out: authorize, route, read a POST body only once the API admits it, send JSON."""
+    protocol_version = "HTTP/1.1"
+    default_request_version = "HTTP/1.0"   # so that a garbled request line still gets a status line (400)
+
+    def setup(self):
+        self.timeout = self.server.api.cfg.request_timeout    # slow or stalled clients are dropped
+        super().setup()
+
+    def log_message(self, *args):          # quiet: the trainer has its own logs
+        pass
+
+    def _send(self, code: int, obj) -> None:
+        data = json.dumps(obj).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _dispatch(self, method: str) -> None:
+        api = self.server.api
+        try:
+            api.authorize(self.headers.get("Authorization", ""))
+            url = urllib.parse.urlsplit(self.path)
+            call, arg = route(method, url.path)
+            body = b""
+            if method == "POST":
+                n = api.admit(self.headers.get("Content-Length"))
+                body = self.rfile.read(n)
+                if len(body) < n:
+                    raise BadRequest(400, "body shorter than Content-Length")
+            self._send(*call(api, Request(arg=arg, query=url.query, body=body)))
+        except BadRequest as e:
+            self.close_connection = True
+            self._send(e.code, {"error": e.message})
+        except (ConnectionError, TimeoutError):
+            self.close_connection = True
+        except Exception as e:   # never let one request take the server down
+            self.close_connection = True
             try:
-                if not self._authorized():
-                    raise BadRequest(401, "missing or wrong bearer token")
-                url = urllib.parse.urlsplit(self.path)
-                if url.path == "/jobs" and method == "POST":
-                    return self._post_job()
-                if method != "GET":
-                    raise BadRequest(405 if url.path in ("/jobs", "/results", "/health") or url.path.startswith("/jobs/")
-                                     else 404, f"{method} {url.path} is not supported")
-                if url.path == "/health":
-                    with store.lock:
-                        failed = sum(r["status"] == "failed" for r in store.results)
-                        return self._send(200, {"ok": True, "queued": len(store.pending), "done": len(store.results) - failed,
-                                                "failed": failed, "workers": cfg.workers})
-                if url.path == "/results":
-                    q = urllib.parse.parse_qs(url.query)
-                    try:
-                        after = int(q.get("after", ["0"])[0])
-                        limit = max(1, min(256, int(q.get("limit", ["64"])[0])))
-                    except ValueError:
-                        raise BadRequest(400, "after and limit must be integers")
-                    with store.lock:
-                        out = [r for r in store.results if r["seq"] > after][:limit]
-                    return self._send(200, {"results": [store.with_image(r) for r in out],
-                                            "next": out[-1]["seq"] if out else after})
-                if url.path.startswith("/jobs/"):
-                    job_id = url.path[len("/jobs/"):]
-                    with store.lock:
-                        r = store.by_id.get(job_id)
-                        queued = job_id in store.pending
-                    if r:
-                        return self._send(200, store.with_image(r))
-                    if queued:
-                        return self._send(200, {"job_id": job_id, "status": "queued"})
-                    raise BadRequest(404, "unknown job")
-                raise BadRequest(404, f"no route {url.path}")
-            except BadRequest as e:
-                self.close_connection = True
-                self._send(e.code, {"error": e.message})
-            except (ConnectionError, TimeoutError):
-                self.close_connection = True
-            except Exception as e:   # never let one request take the server down
-                self.close_connection = True
-                try:
-                    self._send(500, {"error": f"internal error: {type(e).__name__}"})
-                except OSError:
-                    pass
+                self._send(500, {"error": f"internal error: {type(e).__name__}"})
+            except OSError:
+                pass
 
-        def _post_job(self) -> None:
-            try:
-                n = int(self.headers.get("Content-Length", ""))
-            except ValueError:
-                raise BadRequest(400 if "Content-Length" in self.headers else 411, "Content-Length required")
-            if n < 0 or n > cfg.max_body_bytes:
-                raise BadRequest(413, f"body over the limit of {cfg.max_body_bytes} bytes")
-            if len(store.pending) >= cfg.queue_size:     # cheap refusal first: no body parsing under overload
-                raise BadRequest(429, "queue full, retry later")
-            raw = self.rfile.read(n)
-            if len(raw) < n:
-                raise BadRequest(400, "body shorter than Content-Length")
-            try:
-                body = json.loads(raw)
-            except (ValueError, RecursionError):
-                raise BadRequest(400, "body is not valid JSON")
-            job, image = validate_job(body, cfg)
-            job_id, new = store.accept(job, image, cfg.queue_size)
-            if new:
-                jobs.put(job_id)
-            self._send(202 if new else 200, {"job_id": job_id})
+    def do_GET(self):
+        self._dispatch("GET")
 
-        def do_GET(self):
-            self._dispatch("GET")
+    def do_POST(self):
+        self._dispatch("POST")
 
-        def do_POST(self):
-            self._dispatch("POST")
+    def do_PUT(self):
+        self._dispatch("PUT")
 
-        def do_PUT(self):
-            self._dispatch("PUT")
+    def do_DELETE(self):
+        self._dispatch("DELETE")
 
-        def do_DELETE(self):
-            self._dispatch("DELETE")
-
-        def do_PATCH(self):
-            self._dispatch("PATCH")
-
-    return Handler
+    def do_PATCH(self):
+        self._dispatch("PATCH")
 
 
 class DataServer(ThreadingHTTPServer):
@@ -395,7 +443,8 @@ def serve(cfg: ServerConfig) -> None:
     threads = [threading.Thread(target=worker_loop, args=(store, jobs, cfg, stop), daemon=True) for _ in range(cfg.workers)]
     for t in threads:
         t.start()
-    httpd = DataServer((cfg.host, cfg.port), make_handler(store, jobs, cfg))
+    httpd = DataServer((cfg.host, cfg.port), Handler)
+    httpd.api = API(store, jobs, cfg)
     port = httpd.server_address[1]
     if cfg.port_file:
         with open(cfg.port_file + ".tmp", "w") as f:
@@ -419,6 +468,45 @@ def _exit_with_parent(pid: int, httpd) -> None:
         except ProcessLookupError:
             httpd.shutdown()
             return
+
+
+# ----------------------------------------------------------------------------------------------------
+# The wire format from the trainer's side: a job to submit, a finished result to take in
+
+
+def make_job(sample_id: str, image_path: str, boxes: list, description: str, seed: int, key: str) -> dict:
+    """A POST /jobs body: the source image (base64), every gold box (the keep-mask) and the description. `key` makes
+    a resubmission after a lost reply (or a trainer resume) map to the same job."""
+    with open(image_path, "rb") as f:
+        image_b64 = base64.b64encode(f.read()).decode()
+    return {"sample_id": sample_id, "image_b64": image_b64, "boxes": boxes, "description": description,
+            "seed": seed, "key": key}
+
+
+@dataclass
+class SynthesisResult:
+    """A finished job, as GET /results returns it."""
+    job_id: str
+    sample_id: str
+    boxes: list            # the gold boxes in the new image's frame, in the order they were sent
+    description: str
+    image: bytes           # PNG
+
+
+def parse_result(r: dict) -> SynthesisResult | None:
+    """A done job's record; None for a failed job or a reply off the schema (never an exception)."""
+    if not isinstance(r, dict) or r.get("status") != "done" or not isinstance(r.get("image_b64"), str):
+        return None
+    boxes = r.get("boxes")
+    if not (isinstance(r.get("job_id"), str) and isinstance(r.get("sample_id"), str) and isinstance(boxes, list)
+            and all(is_box(b) for b in boxes)):
+        return None
+    try:
+        image = base64.b64decode(r["image_b64"], validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return SynthesisResult(job_id=r["job_id"], sample_id=r["sample_id"], boxes=boxes,
+                           description=r.get("description") if isinstance(r.get("description"), str) else "", image=image)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -514,11 +602,7 @@ class DataServerClient:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for k, v in ServerConfig.__dataclass_fields__.items():
-        p.add_argument("--" + k.replace("_", "-"), type=type(v.default), default=v.default,
-                       help=f"{FIELD_HELP.get(k, '')} (default: {v.default!r})")
-    serve(ServerConfig(**vars(p.parse_args(argv))))
+    serve(parse_config(ServerConfig, argv, description=__doc__))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ killed run continues where it was; a half-written last line is ignored and its i
 """
 from __future__ import annotations
 
-import argparse
 import base64
 import io
 import json
@@ -33,13 +32,14 @@ import re
 import time
 import urllib.request
 from collections import Counter
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from tqdm import tqdm
 
 import rewards as R
-from data import Sample, load_image, make_shapes, read_jsonl, stable_hash, write_jsonl
+from data import (ArgumentParser, Sample, add_config_arguments, load_image, make_shapes, opt, read_jsonl, stable_hash,
+                  write_jsonl)
 from rollout import Sampling, encode_prompt, load_engine
 
 STAGES = ("run", "passrate", "select", "synthesize", "verify", "export", "selfq")
@@ -47,42 +47,43 @@ STAGES = ("run", "passrate", "select", "synthesize", "verify", "export", "selfq"
 
 @dataclass
 class SynthConfig:
-    stage: str = "run"                  # run | passrate | select | synthesize | verify | export | selfq
-    data: str = ""                      # seed math JSONL ("" = the built-in shapes counting questions)
-    image_root: str = ""
-    shapes_n: int = 64                  # number of shapes seeds when --data is empty
-    out_dir: str = "runs/synth"
-    model: str = "tiny"                 # the target model (SynthRL) or the policy (MM-UPT selfq)
-    synthesizer: str = ""               # local model for the rewrites ("" = --model); ignored with --api-url
-    api_url: str = ""                   # OpenAI-compatible endpoint, e.g. http://localhost:8000/v1
-    api_model: str = ""                 # model name sent to the endpoint
-    api_key_env: str = "OPENAI_API_KEY"  # environment variable holding the endpoint's key (if any)
-    backend: str = "hf"                 # hf | vllm, for the local models
+    stage: str = opt("run", "the stage to run (run = passrate, select, then synthesize + verify rounds, export)",
+                     choices=STAGES)
+    data: str = opt("", "seed math JSONL ('' = the built-in shapes counting questions)")
+    image_root: str = opt("", "image paths in --data are relative to this folder ('' = the file's folder)")
+    shapes_n: int = opt(64, "number of shapes seeds when --data is empty")
+    out_dir: str = opt("runs/synth", "every stage's JSONL files, the summary and the exported training data")
+    model: str = opt("tiny", "the target model (SynthRL) or the policy (MM-UPT selfq)")
+    synthesizer: str = opt("", "local model that writes the variants ('' = --model); ignored with --api-url")
+    api_url: str = opt("", "OpenAI-compatible endpoint for the synthesizer, e.g. http://localhost:8000/v1")
+    api_model: str = opt("", "model name sent to that endpoint")
+    api_key_env: str = opt("OPENAI_API_KEY", "environment variable holding the endpoint's key (if any)")
+    backend: str = opt("hf", "generation backend of the local models", choices=("hf", "vllm"))
     # SynthRL's defaults (scripts/run_evolve_verifiable.sh and the paper)
-    num_rollouts: int = 16              # N: rollouts per question for pass counts
-    temperature: float = 1.0
-    max_new_tokens: int = 2048
-    select_min: int = 12                # seeds with c_ori >= this are synthesized from
-    t_min: int = 4                      # variant must still be solved this many times of N
-    delta: int = 2                      # and at least this many times fewer than its seed
-    attempts: int = 8                   # synthesize + verify rounds per seed
-    synth_temperature: float = 1.0
-    synth_max_tokens: int = 512
-    synth_prefill: str = ""             # start the synthesizer's reply with this (e.g. "New Question:")
-    export_mode: str = "augment"        # augment: originals + variants | variants: accepted variants only
+    num_rollouts: int = opt(16, "N: rollouts per question for the pass counts (SynthRL: 16)")
+    temperature: float = opt(1.0, "sampling temperature of those rollouts (SynthRL: 1.0)")
+    max_new_tokens: int = opt(2048, "completion length limit of those rollouts")
+    select_min: int = opt(12, "seeds solved at least this many times of N are synthesized from (SynthRL: 12)")
+    t_min: int = opt(4, "a variant must still be solved at least this many times of N (SynthRL: 4)")
+    delta: int = opt(2, "... and at least this many times fewer than its seed (SynthRL: 2)")
+    attempts: int = opt(8, "synthesize + verify rounds per seed at most")
+    synth_temperature: float = opt(1.0, "sampling temperature of the synthesizer")
+    synth_max_tokens: int = opt(512, "length limit of the synthesizer's reply")
+    synth_prefill: str = opt("", "start the synthesizer's reply with this (e.g. 'New Question:')")
+    export_mode: str = opt("augment", "augment: originals + accepted variants (SynthRL's A-); variants: variants only",
+                           choices=("augment", "variants"))
     # MM-UPT selfq
-    mode: str = "in-context"            # in-context | direct
-    questions_per_image: int = 1
-    batch: int = 8                      # prompts per generation call (and per line-flush)
-    seed: int = 0
+    mode: str = opt("in-context", "selfq: write questions from the image, question and answer (in-context) or from "
+                                  "the image alone (direct)", choices=("in-context", "direct"))
+    questions_per_image: int = opt(1, "selfq: new questions per seed image")
+    batch: int = opt(8, "prompts per generation call (and per flush to disk)")
+    seed: int = opt(0, "seed of the sampling")
 
 
 def parse_args(argv=None) -> SynthConfig:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=STAGES)
-    for f in fields(SynthConfig):
-        if f.name != "stage":
-            p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+    p = ArgumentParser(description=__doc__)
+    p.add_argument("stage", choices=STAGES, help="the stage to run")
+    add_config_arguments(p, SynthConfig, skip=("stage",))
     return SynthConfig(**vars(p.parse_args(argv)))
 
 
@@ -399,6 +400,8 @@ def print_table(stats: dict) -> None:
 
 
 def main(cfg: SynthConfig) -> dict:
+    if cfg.data and not os.path.isfile(cfg.data):
+        raise SystemExit(f"synth.py: --data {cfg.data}: no such file")
     os.makedirs(cfg.out_dir, exist_ok=True)
     with open(out_path(cfg, f"config_{cfg.stage}.json"), "w") as f:
         json.dump(asdict(cfg), f, indent=1)

@@ -5,10 +5,16 @@
         --image-root /data/coco --rollout-backend vllm   # the paper's setting: B=20, G=6, lr 1e-6, 5 epochs
     python train.py --resume runs/default             # continue a killed run exactly where its checkpoint was
 
-The step, top to bottom (the `for step` loop at the end of `main`): take B samples from the data pool ->
-generate G completions each (rollout.py) -> score them (rewards.py; Syn-GRPO adds the diversity reward) ->
-group advantages (Eq. 1) -> `mu` optimizer steps of the clipped surrogate (+ k3 KL, + entropy terms) ->
-push the new weights into vLLM -> log one line of metrics.jsonl -> checkpoint every --save-every steps.
+The step is the `for step` loop at the end of `main`, one function per phase, small records between them:
+  push_weights        the rollout engine samples from the policy's current weights (vLLM holds a copy)
+  rollout             B prompts from the data pool, G completions each (rollout.py)             -> Rollout
+  score               rewards by component and their sum (Eq. 1-7, rewards.score_groups), group
+                      advantages (Eq. 1)                                                         -> Scored
+  synthesis.exchange  Syn-GRPO: each prompt's selected description (Eq. 8) to the data server, finished images
+                      into the pool in place of their sources (`NoSynthesis` for the other algorithms)
+  update_policy       mu optimizer steps of the clipped surrogate (+ beta * k3 KL, entropy terms) on MicroBatches
+  log_step            one line of metrics.jsonl (and completions.jsonl)
+  save_checkpoint     every --save-every steps: everything an exact resume needs
 
 Deliberate choices: the std in Eq. 1 is torch's unbiased std, as VLM-R1 and TRL; old log-probs for the ratio
 are recomputed by the trainer (not taken from the engine) so that the ratio is exactly 1 at the first of the
@@ -16,17 +22,17 @@ mu updates; the engine's log-probs are only compared with them (`logp_engine_gap
 """
 from __future__ import annotations
 
-import argparse
-import base64
 import copy
 import hashlib
 import json
 import math
 import os
 import random
+import re
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -34,76 +40,86 @@ import torch
 from tqdm import tqdm
 
 import rewards as R
-from data import DataPool, gold_completion, load_image, make_shapes, read_jsonl
-from server import DataServerClient
-from rollout import (TINY_MODELS, HFRollout, Sampling, VLLMRollout, encode_prompt, left_pad, load_policy,
-                     resolve_model, vision_token_ids)
+from data import GRID, PROMPTS, TASKS, DataPool, gold_completion, load_image, make_shapes, opt, parse_config, read_jsonl
+from rollout import (TINY_MODELS, Completion, HFRollout, MicroBatch, Prompt, Sampling, VLLMRollout,
+                     completion_logprobs, encode_prompt, engine_gap, load_policy, make_batch, resolve_model,
+                     vision_token_ids)
+from server import DataServerClient, make_job, parse_result
 
 
 @dataclass
 class Config:
     # what to train
-    algo: str = "grpo"                  # sft | grpo | syn-grpo
-    task: str = "rec"                   # rec | ovd | isr | math
-    model: str = ""                     # hub id, checkpoint dir, tiny, tiny-qwen-vocab ("" = tiny on CPU, 3B on GPU)
-    data: str = ""                      # task JSONL ("" = the built-in shapes dataset)
-    image_root: str = ""                # image paths in --data are relative to this (default: the file's folder)
-    strict: bool = False                # stop at the first bad data row instead of skipping it
-    shapes_n: int = 512                 # size of the shapes training set when --data is empty
-    shapes_objects: str | None = None   # shapes per image (min-max) in that set (rec: 1-1, else 1-2)
-    out_dir: str = "runs/default"
-    resume: str = ""                    # a run dir to continue from its last checkpoint
-    seed: int = 0
+    algo: str = opt("grpo", "sft: supervised fine-tuning on the gold answers; grpo: VLM-R1-style GRPO; syn-grpo: "
+                            "GRPO with <score>, <description>, the diversity reward and online image synthesis",
+                    choices=("sft", "grpo", "syn-grpo"))
+    task: str = opt("rec", "rec (one box), ovd (boxes + labels), isr (OVD on top-view rooms), math (\\boxed{} answer)",
+                    choices=TASKS)
+    model: str = opt("", "hub id, checkpoint dir, tiny or tiny-qwen-vocab ('' = tiny on CPU, Qwen2.5-VL-3B on GPU)")
+    data: str = opt("", "the task's JSONL file ('' = the built-in shapes dataset)")
+    image_root: str = opt("", "image paths in --data are relative to this folder ('' = the file's folder)")
+    strict: bool = opt(False, "stop at the first bad data row instead of skipping it")
+    shapes_n: int = opt(512, "size of the shapes training set when --data is empty")
+    shapes_objects: str | None = opt(None, "shapes per image as MIN-MAX in that set (default: 1-1 for rec, else 1-2)")
+    out_dir: str = opt("runs/default", "where metrics, checkpoints and the final model go")
+    resume: str = opt("", "a run dir to continue from its last checkpoint (its own config is used)")
+    seed: int = opt(0, "seed of everything: data order, sampling, synthesis")
     # schedule (None = a default that depends on the device, see resolve_defaults)
-    max_steps: int | None = None        # GRPO steps (0 = epochs * pool size / batch size)
-    epochs: int = 5
-    batch_size: int | None = None       # B prompts per step (paper: 20)
-    num_generations: int | None = None  # G completions per prompt (paper: 6)
-    lr: float | None = None             # paper: 1e-6
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    warmup_steps: int = 0
-    sft_steps: int | None = None        # SFT warm-start steps before GRPO (tiny models start from random weights)
-    sft_lr: float | None = None
+    max_steps: int | None = opt(None, "GRPO steps; 0 = epochs x pool size / batch size (default: 0 on GPU, 100 on CPU)")
+    epochs: int = opt(5, "epochs when --max-steps is 0 (paper: 5)")
+    batch_size: int | None = opt(None, "B: prompts per step (paper: 20; CPU default 4)")
+    num_generations: int | None = opt(None, "G: completions per prompt (paper: 6)")
+    lr: float | None = opt(None, "GRPO learning rate (paper: 1e-6; CPU default 2e-4)")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    max_grad_norm: float = opt(1.0, "gradient clipping norm")
+    warmup_steps: int = opt(0, "linear learning-rate warm-up steps")
+    sft_steps: int | None = opt(None, "SFT warm-start steps before GRPO (default: 600 for the random-weight tiny "
+                                      "models, else 0)")
+    sft_lr: float | None = opt(None, "SFT learning rate (default: 1e-5 on GPU, 1e-3 on CPU)")
     # GRPO objective
-    beta: float = 0.0                   # KL(pi || pi_ref) coefficient, k3 estimator; 0 = no reference model
-    epsilon_low: float = 0.2
-    epsilon_high: float = 0.28          # clip-higher (DAPO); set = epsilon_low for symmetric clipping
-    mu: int = 1                         # optimizer steps per batch of rollouts (ratio != 1 only when mu > 1)
-    loss_type: str = "grpo"             # grpo (per-sequence mean) | dapo (token mean) | dr_grpo (/ G*max_len)
-    adv_eps: float = 1e-4
-    drop_zero_std: bool = False         # drop groups whose rewards are all equal (they carry no gradient)
-    entropy_coef: float = 0.0           # "GRPO + Entropy Loss": minus coef * mean token entropy
-    entropy_adv: float = 0.0            # "GRPO + Entropy Adv." (Cheng et al. 2025): A + min(alpha*H, |A|/kappa)
-    entropy_adv_kappa: float = 2.0
-    flip_advantage: bool = False        # debugging / tests: negate advantages (reward must then fall)
-    reward: str = "gold"                # gold | majority (MM-UPT: agreement with the group's majority answer)
+    beta: float = opt(0.0, "coefficient of KL(pi || pi_ref), k3 estimator; 0 = no reference model")
+    epsilon_low: float = opt(0.2, "clip range below: ratio >= 1 - epsilon_low")
+    epsilon_high: float = opt(0.28, "clip range above: ratio <= 1 + epsilon_high (0.28: DAPO's clip-higher)")
+    mu: int = opt(1, "optimizer steps per batch of rollouts (the ratio differs from 1 only when mu > 1)")
+    loss_type: str = opt("grpo", "token aggregation: grpo (mean per sequence), dapo (mean over the batch's tokens), "
+                                 "dr_grpo (sum / (N * max new tokens))", choices=("grpo", "dapo", "dr_grpo"))
+    adv_eps: float = opt(1e-4, "epsilon added to the group std in Eq. 1")
+    drop_zero_std: bool = opt(False, "drop groups whose rewards are all equal (they carry no gradient)")
+    entropy_coef: float = opt(0.0, "'GRPO + Entropy Loss': minus coef x mean token entropy")
+    entropy_adv: float = opt(0.0, "'GRPO + Entropy Adv.' (Cheng et al. 2025): A + min(alpha x H, |A| / kappa)")
+    entropy_adv_kappa: float = opt(2.0, "kappa of the entropy advantage")
+    flip_advantage: bool = opt(False, "debugging and tests: negate the advantages (the reward must then fall)")
+    reward: str = opt("gold", "gold: the labels; majority: MM-UPT's agreement with the group's majority answer",
+                      choices=("gold", "majority"))
     # Syn-GRPO (§3.3)
-    gamma: float = 0.7                  # diversity smoothing EMA weight
-    server_url: str = ""                # data server URL(s), comma-separated ("": train.py starts a local one)
-    server_token: str = ""
-    pipeline: str = "tiny"              # outpainting pipeline of the local data server (tiny | sdxl | DIR)
-    pipeline_steps: int = 8             # its denoising steps
-    sync: bool = False                  # wait for each step's images (only to reproduce the paper's Table 5)
-    descriptions: str = ""              # a file of fixed descriptions, one a line: the offline-generation baseline
-    synthesize: bool = True             # --no-synthesize: Syn-GRPO's outputs and rewards, but no data server
+    gamma: float = opt(0.7, "EMA weight of the diversity smoothing (paper: 0.7, Table 4)")
+    server_url: str = opt("", "data server URL(s), comma-separated ('' = train.py starts a local one)")
+    server_token: str = opt("", "bearer token of the data server(s)")
+    pipeline: str = opt("tiny", "outpainting pipeline of the local data server: tiny, sdxl or a pipeline dir")
+    pipeline_steps: int = opt(8, "denoising steps of the local data server")
+    synchronous_synthesis: bool = opt(False, "wait for each step's images before training on (the paper's "
+                                             "synchronous baseline of Table 5)")
+    descriptions: str = opt("", "a file of fixed descriptions, one a line, used instead of the model's")
+    synthesize: bool = opt(True, "--no-synthesize: Syn-GRPO's outputs and rewards, but no data server")
     # sampling
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int | None = None
-    rollout_backend: str | None = None  # hf | vllm (default: vllm on GPU, hf on CPU)
-    micro_batch: int = 16               # sequences per forward/backward
-    prompt_seeds: bool = False          # each prompt's G samples from its own seed (step, slot): rollouts do not
-                                        # depend on how the batch is split (torchrun == one process; HF: 1 prompt/call)
-    vllm_tp: int = 1                    # vLLM tensor parallel size (GPU)
+    temperature: float = opt(1.0, "sampling temperature")
+    top_p: float = opt(1.0, "nucleus sampling threshold")
+    max_new_tokens: int | None = opt(None, "completion length limit (default: 1024 on GPU; 64 on CPU, 112 for "
+                                           "syn-grpo's four tags)")
+    rollout_backend: str | None = opt(None, "hf (model.generate) or vllm (default: vllm on GPU, hf on CPU)",
+                                      choices=("hf", "vllm"))
+    micro_batch: int = opt(16, "sequences per forward/backward")
+    prompt_seeds: bool = opt(False, "sample each prompt's G completions from its own seed (step, slot): rollouts then "
+                                    "do not depend on how the batch is split (torchrun equals one process)")
+    vllm_tp: int = opt(1, "vLLM tensor-parallel size (GPU)")
     # model
-    lora_r: int = 0                     # > 0: train LoRA adapters on the language model only
-    lora_alpha: int = 32
-    freeze_vision: bool | None = None   # None: trained on GPU, frozen on CPU (see resolve_defaults)
-    gradient_checkpointing: bool = False
+    lora_r: int = opt(0, "> 0: train LoRA adapters of this rank on the language model only")
+    lora_alpha: int = opt(32, "LoRA alpha")
+    freeze_vision: bool | None = opt(None, "freeze the vision tower (default: trained on GPU, frozen on CPU)")
+    gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass (less memory)")
     # logging and checkpoints
-    save_every: int = 50
-    log_completions: int = 1            # completions printed to completions.jsonl per step
+    save_every: int = opt(50, "checkpoint every N steps (and at the end); 0 = never")
+    log_completions: int = opt(1, "prompts per step whose completions go to completions.jsonl")
 
 
 def resolve_defaults(cfg: Config) -> Config:
@@ -127,6 +143,62 @@ def resolve_defaults(cfg: Config) -> Config:
     return cfg
 
 
+def check_config(cfg: Config) -> None:
+    """A config that cannot run as asked stops here with one line, before anything is written."""
+    objects = re.fullmatch(r"(\d+)-(\d+)", cfg.shapes_objects or "")
+    problems = [
+        (cfg.data and not os.path.isfile(cfg.data), f"--data {cfg.data}: no such file"),
+        (cfg.image_root and not os.path.isdir(cfg.image_root), f"--image-root {cfg.image_root}: no such directory"),
+        (cfg.descriptions and not os.path.isfile(cfg.descriptions), f"--descriptions {cfg.descriptions}: no such file"),
+        (not objects or not 1 <= int(objects[1]) <= int(objects[2]) <= GRID * GRID,
+         f"--shapes-objects {cfg.shapes_objects}: expected MIN-MAX with 1 <= MIN <= MAX <= {GRID * GRID}"),
+        (cfg.shapes_n < 1, "--shapes-n must be at least 1"),
+        (cfg.batch_size < 1, "--batch-size must be at least 1 (prompts per step)"),
+        (cfg.algo != "sft" and cfg.num_generations < 2, "--num-generations must be at least 2: the advantage of Eq. 1 "
+                                                        "compares a completion with the rest of its group"),
+        (cfg.max_steps < 0 or cfg.epochs < 1 or cfg.sft_steps < 0, "--max-steps and --sft-steps must be >= 0, "
+                                                                   "--epochs >= 1"),
+        (cfg.mu < 1 or cfg.micro_batch < 1, "--mu and --micro-batch must be at least 1"),
+        (cfg.lr <= 0 or cfg.sft_lr <= 0, "--lr and --sft-lr must be positive"),
+        (cfg.max_new_tokens < 1, "--max-new-tokens must be at least 1"),
+        (cfg.temperature <= 0 or not 0 < cfg.top_p <= 1, "--temperature must be > 0 and --top-p in (0, 1]"),
+        (min(cfg.beta, cfg.epsilon_low, cfg.epsilon_high, cfg.entropy_coef, cfg.entropy_adv) < 0,
+         "--beta, --epsilon-low/high, --entropy-coef and --entropy-adv must be >= 0"),
+        (not 0 <= cfg.gamma <= 1, "--gamma must be in [0, 1]"),
+        (cfg.algo == "syn-grpo" and cfg.task == "math", "--algo syn-grpo regenerates the background around the "
+                                                        "labelled boxes: tasks rec, ovd and isr"),
+        (cfg.reward == "majority" and cfg.task not in ("rec", "math"), "--reward majority votes on rec boxes or math "
+                                                                       "answers: tasks rec and math"),
+    ]
+    for bad, message in problems:
+        if bad:
+            raise SystemExit(f"train.py: {message}")
+
+
+def prepare_config(cfg: Config) -> Config:
+    """The run's config: on --resume the run's own (only --max-steps may change), then defaults, then checks."""
+    if cfg.resume:
+        path = os.path.join(cfg.resume, "config.json")
+        if not os.path.isfile(path):
+            raise SystemExit(f"train.py: --resume {cfg.resume}: no config.json there (not a run directory)")
+        with open(path) as f:
+            saved = json.load(f)
+        unknown = sorted(set(saved) - {f.name for f in fields(Config)})
+        if unknown:
+            raise SystemExit(f"train.py: {path} has fields this version does not know: {', '.join(unknown)}")
+        max_steps = cfg.max_steps
+        cfg = Config(**{**saved, "resume": cfg.resume, "out_dir": cfg.resume})
+        cfg.max_steps = max_steps if max_steps is not None else cfg.max_steps
+    cfg = resolve_defaults(cfg)
+    check_config(cfg)
+    return cfg
+
+
+def parse_args(argv=None) -> Config:
+    templates = "\n".join(f"  {k}: {v}" for k, v in PROMPTS.items())
+    return parse_config(Config, argv, description=__doc__, epilog="Prompt templates (data.PROMPTS):\n" + templates)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Pure math (shapes: B prompts, G completions, N = B*G sequences, T completion tokens)
 
@@ -136,12 +208,6 @@ def group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
     mean = rewards.mean(dim=1, keepdim=True)
     std = rewards.std(dim=1, keepdim=True) if rewards.shape[1] > 1 else torch.zeros_like(mean)
     return (rewards - mean) / (std + eps)
-
-
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Token entropy H = logsumexp(z) - sum softmax(z) z. (..., V) -> (...)."""
-    p = logits.softmax(-1)
-    return torch.logsumexp(logits, -1) - (p * logits).sum(-1)
 
 
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
@@ -174,51 +240,26 @@ def clipped_surrogate(logp, old_logp, adv, eps_low: float, eps_high: float):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Model forward on (prompt, completion) pairs
+# Seeds and data order: functions of (--seed, step), so that a resumed run needs no sampler state
+
+SEED_STRIDE = 1_000_003   # a prime: derived seeds of different (seed, step, k) never coincide in practice
 
 
-def make_batch(prompts, seqs, pad_id: int):
-    """Left-pad prompts and right-pad completions so that every completion starts at the same column; the
-    model then only needs logits for the last T+1 positions (logits_to_keep), not over the long image prompt.
-    seqs: list of (prompt_idx, completion token ids)."""
-    P = max(len(prompts[i].input_ids) for i, _ in seqs)
-    T = max(1, max(len(c) for _, c in seqs))
-    p_ids, p_attn, p_mm = left_pad([prompts[i] for i, _ in seqs], P, pad_id)     # (N, P) each
-    c_ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(seqs), T)
-    for r, (_, c) in enumerate(seqs):
-        c_ids[r, :len(c)] = torch.tensor(c, dtype=torch.long)
-        mask[r, :len(c)] = 1
-    ids = torch.cat([p_ids, c_ids], 1)                                          # (N, P+T)
-    attn = torch.cat([p_attn, mask.long()], 1)
-    mm = torch.cat([p_mm, torch.zeros_like(c_ids)], 1)                           # completions are text
-    pixel_values = torch.cat([prompts[i].pixel_values for i, _ in seqs])
-    grid = torch.cat([prompts[i].image_grid_thw for i, _ in seqs])
-    return ids, attn, mask, pixel_values, grid, T, mm
+def derive_seed(seed: int, *parts: int) -> int:
+    """The one rule for every derived seed: (seed, a, b) -> (seed * S + a) * S + b, S = SEED_STRIDE, below 2^63."""
+    for p in parts:
+        seed = seed * SEED_STRIDE + p
+    return seed % 2 ** 63
 
 
-def logp_device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
-def engine_gap(logp: torch.Tensor, engine: list[list[float]]) -> list[float]:
-    """Max |trainer - engine| log-prob per sequence, over the tokens the engine reported. logp: (n, T)."""
-    return [(logp[r, :len(e)].cpu() - torch.tensor(e)).abs().max().item() for r, e in enumerate(engine) if e]
-
-
-def completion_logprobs(model, batch, banned: list[int], temperature: float = 1.0, with_entropy: bool = False):
-    """Per-token log-probs (N, T) of the completion tokens (and entropies), the sampler's view: logits divided by
-    the temperature (trl#4159) and the suppressed vision tokens removed, as at sampling time."""
-    ids, attn, mask, pv, grid, T, mm = batch
-    dev = logp_device(model)
-    out = model(input_ids=ids.to(dev), attention_mask=attn.to(dev), mm_token_type_ids=mm.to(dev),
-                pixel_values=pv.to(dev, model.dtype),
-                image_grid_thw=grid.to(dev), logits_to_keep=T + 1, use_cache=False)
-    logits = out.logits[:, :-1].float() / temperature                    # (N, T, V): position t predicts token t
-    logits[..., banned] = -float("inf")
-    logp = logits.log_softmax(-1).gather(-1, ids[:, -T:].to(dev).unsqueeze(-1)).squeeze(-1)
-    ent = entropy_from_logits(logits.masked_fill(torch.isinf(logits), -1e9)) if with_entropy else None
-    return logp, ent
+def batch_slots(step: int, batch_size: int, n: int, seed: int) -> list[int]:
+    """Slots for a step: a fresh seeded permutation each epoch, so the data order is a function of the step
+    (resume needs no sampler state). Batches wrap across epoch boundaries."""
+    out = []
+    for k in range(step * batch_size, (step + 1) * batch_size):
+        epoch, i = divmod(k, n)
+        out.append(random.Random(derive_seed(seed, epoch)).sample(range(n), n)[i])
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -247,6 +288,12 @@ def setup_distributed() -> Dist:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return Dist(dist.get_rank(), world)
+
+
+def check_distributed(cfg: Config, d: Dist) -> None:
+    if d.world > 1 and (cfg.lora_r or cfg.drop_zero_std or cfg.batch_size % d.world):
+        raise SystemExit("train.py: under torchrun --batch-size must be a multiple of the number of processes; "
+                         "--lora-r and --drop-zero-std are single-process only")
 
 
 def shard_policy(model) -> None:
@@ -288,6 +335,319 @@ def broadcast(obj, d: Dist):
     return box[0]
 
 
+def all_gather(obj, d: Dist) -> list:
+    """Every rank's object, in rank order, on every rank."""
+    if d.world == 1:
+        return [obj]
+    out = [None] * d.world
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# The phases of a step, in order
+
+
+def push_weights(engine, model) -> None:
+    """The engine samples from the policy's current weights: vLLM holds its own copy, replaced after every update
+    (HF generates with the policy itself)."""
+    if engine.copies_weights:
+        engine.push_weights(policy_state(model))
+
+
+@dataclass
+class Rollout:
+    prompts: list[Prompt]             # this rank's share of the step's B prompts; each holds its Sample
+    groups: list[list[Completion]]    # G completions per prompt
+
+
+def rollout(engine, processor, model, pool: DataPool, cfg: Config, step: int, d: Dist) -> Rollout:
+    """G completions for each of this rank's prompts of the step."""
+    mine = rank_share(cfg.batch_size, d)      # this rank's slots of the step's B prompts
+    slots = batch_slots(step, cfg.batch_size, len(pool), cfg.seed)
+    prompts = [encode_prompt(processor, pool.get(slots[k]), cfg.algo) for k in mine]
+    sampling = Sampling(n=cfg.num_generations, temperature=cfg.temperature, top_p=cfg.top_p,
+                        max_tokens=cfg.max_new_tokens, seed=derive_seed(cfg.seed, step))
+    seeds = [derive_seed(cfg.seed, step, k) for k in mine] if cfg.prompt_seeds else None
+    model.eval()
+    return Rollout(prompts, engine.generate(prompts, sampling, seeds=seeds))
+
+
+@dataclass
+class Scored:
+    rewards: R.GroupRewards           # (B, G) by component; .total is Eq. 7
+    advantages: torch.Tensor          # (B, G) Eq. 1 (negated under --flip-advantage)
+    zero_std: torch.Tensor            # (B,) True where the group's rewards are all equal: no gradient
+
+
+def score(cfg: Config, ro: Rollout, smoother: R.DiversitySmoother) -> Scored:
+    """Rewards of every completion (Eq. 2-7) and the group advantages (Eq. 1)."""
+    rw = R.score_groups([[c.text for c in g] for g in ro.groups], [p.sample for p in ro.prompts],
+                        [p.input_size for p in ro.prompts], algo=cfg.algo, reward=cfg.reward, smooth=smoother)
+    total = rw.total                                                        # (B, G)
+    adv = group_advantages(total, cfg.adv_eps)                              # (B, G)
+    return Scored(rewards=rw, advantages=-adv if cfg.flip_advantage else adv, zero_std=total.std(1) == 0)
+
+
+def micro_batches(ro: Rollout, scored: Scored, cfg: Config, pad_id: int) -> list[MicroBatch]:
+    """The step's sequences, --micro-batch at a time, each with its group advantage and the engine's log-probs
+    (under --drop-zero-std, the groups whose rewards are all equal are left out)."""
+    keep = [b for b in range(len(ro.groups)) if not (cfg.drop_zero_std and scored.zero_std[b])]
+    seqs = [(b, j, c) for b in keep for j, c in enumerate(ro.groups[b])]
+    out = []
+    for i in range(0, len(seqs), cfg.micro_batch):
+        chunk = seqs[i:i + cfg.micro_batch]
+        mb = make_batch(ro.prompts, [(b, c.token_ids) for b, _, c in chunk], pad_id)
+        mb.advantages = torch.tensor([scored.advantages[b, j].item() for b, j, _ in chunk])     # (n,)
+        mb.engine_logprobs = [c.logprobs for _, _, c in chunk]
+        out.append(mb)
+    return out
+
+
+def grpo_loss(logp, ent, old_logp, ref_logp, batch: MicroBatch, cfg: Config, norm: float):
+    """The objective of one micro-batch (§3.1): clipped surrogate, minus the entropy bonus, plus beta * k3 KL.
+    logp, ent, old_logp, ref_logp: (n, T). Returns (loss, per-token KL or None, clipped mask)."""
+    mask = batch.completion_mask.to(logp.device)
+    adv = batch.advantages.to(mask.device)[:, None].expand_as(mask)                       # (n, T)
+    if cfg.entropy_adv > 0:
+        adv = entropy_shaped_advantage(adv, ent, cfg.entropy_adv, cfg.entropy_adv_kappa)
+    surr, clipped = clipped_surrogate(logp, old_logp, adv, cfg.epsilon_low, cfg.epsilon_high)
+    per_tok = -surr - cfg.entropy_coef * ent
+    kl = None
+    if ref_logp is not None:
+        kl = kl_k3(logp, ref_logp)
+        per_tok = per_tok + cfg.beta * kl
+    return aggregate(per_tok, mask, cfg.loss_type, norm), kl, clipped
+
+
+@torch.no_grad()
+def fixed_logprobs(model, ref, batches: list[MicroBatch], cfg: Config, banned: list[int]):
+    """Log-probs that stay fixed over the mu updates: old (one pass when mu > 1; with mu = 1 the update's own,
+    detached, are used: the ratio is exactly 1, as in TRL) and the reference's when beta > 0 (with LoRA the
+    reference is the base model, adapters disabled)."""
+    lp = lambda m, b: completion_logprobs(m, b, banned, cfg.temperature)[0]
+    old = [lp(model, b) for b in batches] if cfg.mu > 1 else [None] * len(batches)
+    if cfg.beta <= 0:
+        return old, [None] * len(batches)
+    if ref is None:
+        with model.disable_adapter():
+            return old, [lp(model, b) for b in batches]
+    return old, [lp(ref, b) for b in batches]
+
+
+def loss_normaliser(batches: list[MicroBatch], cfg: Config, d: Dist) -> tuple[float, float]:
+    """(this rank's completion tokens, the aggregation's normaliser). FSDP averages gradients over ranks, so each
+    rank normalises by 1/N of the global batch's token count."""
+    n_tok = sum(b.completion_mask.sum().item() for b in batches)
+    n_tok_all = n_tok
+    if d.world > 1:
+        t = torch.tensor([float(n_tok)])
+        torch.distributed.all_reduce(t)
+        n_tok_all = t.item() / d.world
+    n_seq = sum(len(b.completion_mask) for b in batches)
+    return n_tok, {"grpo": n_seq, "dapo": n_tok_all, "dr_grpo": n_seq * cfg.max_new_tokens}[cfg.loss_type]
+
+
+def update_policy(model, ref, opt, sched, batches: list[MicroBatch], cfg: Config, d: Dist, banned: list[int]) -> dict:
+    """mu optimizer steps on the step's micro-batches; returns the mean loss, KL, clip fraction, entropy and the
+    largest trainer-vs-engine log-prob gap."""
+    stats = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": 0.0, "logp_engine_gap": 0.0}
+    if not batches:
+        return stats
+    model.train()
+    n_tok, norm = loss_normaliser(batches, cfg, d)
+    old, refs = fixed_logprobs(model, ref, batches, cfg, banned)
+    gap = []
+    for it in range(cfg.mu):
+        opt.zero_grad(set_to_none=True)
+        for k, b in enumerate(batches):
+            logp, ent = completion_logprobs(model, b, banned, cfg.temperature, with_entropy=True)
+            if it == 0:
+                old[k] = logp.detach() if old[k] is None else old[k]
+                gap += engine_gap(old[k], b.engine_logprobs)
+            loss, kl, clipped = grpo_loss(logp, ent, old[k], refs[k], b, cfg, norm)
+            loss.backward()
+            mask = b.completion_mask.to(logp.device)
+            stats["loss"] += loss.item() / cfg.mu
+            if kl is not None:
+                stats["kl"] += ((kl * mask).sum() / n_tok).item() / cfg.mu
+            stats["clip_frac"] += ((clipped.float() * mask).sum() / n_tok).item() / cfg.mu
+            stats["entropy"] += ((ent.detach() * mask).sum() / n_tok).item() / cfg.mu
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        opt.step()
+        sched.step()
+    stats["logp_engine_gap"] = float(np.max(gap)) if gap else 0.0
+    return stats
+
+
+class PhaseTimer:
+    """Seconds spent in each phase of one step, logged as time_<phase> and time_step."""
+
+    def __init__(self):
+        self.start, self.seconds = time.time(), {}
+
+    @contextmanager
+    def __call__(self, phase: str):
+        t = time.time()
+        yield
+        self.seconds[f"time_{phase}"] = time.time() - t
+
+    def row(self) -> dict:
+        return {**self.seconds, "time_step": time.time() - self.start}
+
+
+def step_metrics(step: int, ro: Rollout, scored: Scored, update: dict, synthesis: dict, pool: DataPool,
+                 lr: float, timer: PhaseTimer) -> dict:
+    """One line of metrics.jsonl (README "Training outputs" lists the keys)."""
+    rw = scored.rewards
+    lens = [len(c.token_ids) for g in ro.groups for c in g]
+    return {"step": step, "reward": rw.total.mean().item(), "reward_accuracy": rw.accuracy.mean().item(),
+            "reward_format": rw.format.mean().item(), "reward_diversity": rw.diversity.mean().item(), **rw.stats,
+            **update, "frac_reward_zero_std": scored.zero_std.float().mean().item(),
+            "completion_len": float(np.mean(lens)), "lr": lr, **pool.stats(), **synthesis,
+            "batch_synth_frac": float(np.mean([p.sample.generation > 0 for p in ro.prompts])), **timer.row()}
+
+
+def log_step(row: dict, ro: Rollout, scored: Scored, cfg: Config, d: Dist) -> dict:
+    """metrics.jsonl (averaged over ranks, written by rank 0) and the first prompts' completions."""
+    row = mean_over_ranks(row, d)
+    if d.main:
+        append_jsonl(os.path.join(cfg.out_dir, "metrics.jsonl"), [row])
+        append_jsonl(os.path.join(cfg.out_dir, "completions.jsonl"), [
+            {"step": row["step"], "id": p.sample.id, "completions": [c.text for c in g],
+             "description": scored.rewards.descriptions[b]}
+            for b, (p, g) in enumerate(zip(ro.prompts[:cfg.log_completions], ro.groups))])
+    return row
+
+
+def append_jsonl(path: str, rows: list[dict]) -> None:
+    if rows:
+        with open(path, "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Syn-GRPO's trainer side (§3.3): the data server's client, its local server process, the fixed descriptions
+
+
+class Synthesis:
+    """Each step, every prompt's selected description (Eq. 8) goes to the data server(s) with its image and gold
+    boxes; finished images replace their sources in the pool. Rank 0 talks to the servers (to a local one it
+    starts when --server-url is empty); every rank continues with rank 0's pool."""
+
+    def __init__(self, cfg: Config, d: Dist):
+        self.cfg, self.d, self.client, self.server_proc, self.fixed = cfg, d, None, None, None
+        if not d.main:
+            return
+        urls = [u for u in cfg.server_url.split(",") if u]
+        if not urls:
+            self.server_proc, url = start_local_server(cfg)
+            urls = [url]
+        self.client = DataServerClient(urls, cfg.server_token, log=tqdm.write)
+        if cfg.descriptions:   # the same descriptions in turn, whatever the model writes
+            with open(cfg.descriptions) as f:
+                self.fixed = [line.strip() for line in f if line.strip()]
+
+    def exchange(self, step: int, ro: Rollout, descriptions: list, pool: DataPool) -> tuple[DataPool, dict]:
+        """Submit this step's jobs, take in every finished image; returns the pool to go on with and job counts."""
+        everyone = all_gather([(p.sample.id, t) for p, t in zip(ro.prompts, descriptions)], self.d)
+        chosen = [(pool.samples[i], t) for part in everyone for i, t in part]
+        stats = self._submit_and_collect(step, chosen, pool) if self.client else {}
+        if self.d.world > 1:   # every rank continues with rank 0's pool
+            update = broadcast(pool.state_dict() if stats.get("jobs_absorbed") else None, self.d)
+            if update is not None:
+                pool = DataPool.from_state_dict(update)
+        return pool, stats
+
+    def _submit_and_collect(self, step: int, chosen: list, pool: DataPool) -> dict:
+        ids = []
+        for b, (sample, desc) in enumerate(chosen):
+            desc = self.fixed[(step * len(chosen) + b) % len(self.fixed)] if self.fixed else desc
+            if desc:
+                ids.append(self.client.submit(make_job(sample.id, sample.image, sample.gold_boxes(), desc,
+                                                       seed=derive_seed(self.cfg.seed, step, b), key=f"{sample.id}@{step}")))
+        results = self.client.collect()
+        deadline = time.time() + 600
+        while self.cfg.synchronous_synthesis and self.client.waiting([i for i in ids if i]) and time.time() < deadline:
+            time.sleep(0.05)
+            results += self.client.collect()
+        absorbed = [absorb_result(r, pool, self.cfg.out_dir, step) for r in results]
+        return {"jobs_submitted": sum(i is not None for i in ids), "jobs_absorbed": sum(a is not None for a in absorbed),
+                "jobs_pending": len(self.client.pending), "jobs_failed": self.client.failed}
+
+    def state_dict(self) -> dict | None:
+        return self.client.state_dict() if self.client else None
+
+    def load_state_dict(self, state: dict | None) -> None:
+        if self.client and state:
+            self.client.load_state_dict(state)
+
+    def close(self) -> None:
+        if self.server_proc:
+            self.server_proc.terminate()
+            self.server_proc.wait()
+
+
+class NoSynthesis:
+    """The do-nothing twin for every other algorithm (and syn-grpo --no-synthesize): the pool stays as it is."""
+
+    def exchange(self, step: int, ro: Rollout, descriptions: list, pool: DataPool) -> tuple[DataPool, dict]:
+        return pool, {}
+
+    def state_dict(self) -> None:
+        return None
+
+    def load_state_dict(self, state) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def absorb_result(r: dict, pool: DataPool, out_dir: str, step: int):
+    """A finished job into the pool in place of its source (the same labels in the new image); None when it cannot
+    be: failed, unknown source, already absorbed, not the boxes we sent, or a corrupt image."""
+    res = parse_result(r)
+    if res is None or res.sample_id not in pool.samples:
+        return None
+    parent = pool.samples[res.sample_id]
+    new_id = f"{parent.root}~{res.job_id[:12]}"
+    if new_id in pool.samples or len(res.boxes) != len(parent.gold_boxes()):
+        return None            # already absorbed, or not the labels we sent: keep the pool as it is
+    path = os.path.join(out_dir, "synth", new_id.replace("/", "_") + ".png")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    try:
+        with open(path, "wb") as f:
+            f.write(res.image)
+        load_image(path)
+    except (ValueError, OSError):   # a corrupt result is dropped, never a crash of the run
+        return None
+    new = parent.with_gold_boxes(res.boxes)
+    new.id, new.image = new_id, path
+    new.meta.update(description=res.description, step=step, job_id=res.job_id)
+    return pool.replace(parent.id, new)
+
+
+def start_local_server(cfg: Config):
+    """The embedded default needs no second terminal: a data server process on a free loopback port."""
+    state = os.path.join(cfg.out_dir, "server")
+    os.makedirs(state, exist_ok=True)
+    port_file = os.path.join(state, "port")
+    if os.path.exists(port_file):
+        os.remove(port_file)
+    device = "cuda:1" if torch.cuda.device_count() > 1 else ("cuda:0" if torch.cuda.is_available() else "cpu")
+    proc = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "server.py"),
+                             "--port", "0", "--port-file", port_file, "--state-dir", state, "--pipeline", cfg.pipeline,
+                             "--steps", str(cfg.pipeline_steps), "--device", device, "--parent-pid", str(os.getpid())],
+                            stdout=subprocess.DEVNULL, stderr=open(os.path.join(state, "server.log"), "a"))
+    deadline = time.time() + 300
+    while not os.path.exists(port_file):
+        if proc.poll() is not None or time.time() > deadline:
+            raise SystemExit(f"train.py: the local data server did not start; see {state}/server.log")
+        time.sleep(0.1)
+    return proc, f"http://127.0.0.1:{open(port_file).read().strip()}"
+
+
 # ----------------------------------------------------------------------------------------------------
 # Checkpoints: one file, written atomically, holding everything an exact resume needs
 
@@ -316,31 +676,30 @@ def rng_state() -> dict:
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
 
 
-def save_checkpoint(path, model, opt, sched, step, pool, smoother, cfg, client=None, d: Dist = Dist()):
+def save_checkpoint(path, model, opt, sched, step, pool, smoother, cfg, synthesis, d: Dist = Dist()):
     """Sharded runs save full (unsharded) model and optimizer states, so the file is the same for any world size."""
     if is_sharded(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
         model_sd, opt_sd = get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        rngs = [None] * d.world
-        torch.distributed.all_gather_object(rngs, rng_state())
     else:
-        model_sd, opt_sd, rngs = dict(model.state_dict()), opt.state_dict(), [rng_state()]
+        model_sd, opt_sd = dict(model.state_dict()), opt.state_dict()
+    rngs = all_gather(rng_state(), d)
     if not d.main:
         return
     state = {"model": model_sd, "optimizer": opt_sd,
              "scheduler": sched.state_dict(), "step": step, "pool": pool.state_dict(),
              "smoother": smoother.state_dict(), "config": asdict(cfg),
-             "server_client": client.state_dict() if client else None, "rng": rngs[0], "rng_ranks": rngs}
+             "server_client": synthesis.state_dict(), "rng": rngs[0], "rng_ranks": rngs}
     tmp = path + ".tmp"
     torch.save(state, tmp)
     os.replace(tmp, path)   # a kill during the save leaves the previous checkpoint intact
     pool.save(os.path.join(os.path.dirname(path), "pool.json"))   # readable lineage for eval.py gallery
 
 
-def load_checkpoint(path, model, opt, sched, smoother, client=None, d: Dist = Dist()):
+def load_checkpoint(path, model, opt, sched, smoother, synthesis, d: Dist = Dist()) -> tuple[int, DataPool]:
+    """Restores everything in place; returns (the step to continue from, the data pool)."""
     state = torch.load(path, map_location="cpu", weights_only=False)
-    if client and state.get("server_client"):
-        client.load_state_dict(state["server_client"])
+    synthesis.load_state_dict(state.get("server_client"))
     if is_sharded(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
         set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
@@ -358,8 +717,29 @@ def load_checkpoint(path, model, opt, sched, smoother, client=None, d: Dist = Di
     return state["step"], DataPool.from_state_dict(state["pool"])
 
 
+def save_final(cfg, model, processor, d: Dist = Dist()):
+    """An HF checkpoint dir (LoRA merged) that eval.py, train.py --model and vLLM load directly. Sharded runs
+    also check that every rank holds the same full weights and log their digests."""
+    final = os.path.join(cfg.out_dir, "final")
+    if is_sharded(model):
+        sd = policy_state(model)
+        if getattr(model.config.get_text_config(), "tie_word_embeddings", False):
+            sd.pop("lm_head.weight", None)   # tied to the embeddings: HF checkpoints store it once
+        digest = hashlib.sha256(b"".join(sd[k].detach().cpu().contiguous().numpy().tobytes() for k in sorted(sd))).hexdigest()
+        digests = all_gather(digest, d)
+        if d.main:
+            model.save_pretrained(final, state_dict=sd)
+            processor.save_pretrained(final)
+            append_jsonl(os.path.join(cfg.out_dir, "metrics.jsonl"), [{"phase": "final", "weights_sha256_by_rank": digests}])
+        torch.distributed.barrier()
+        return
+    m = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+    m.save_pretrained(final)
+    processor.save_pretrained(final)
+
+
 # ----------------------------------------------------------------------------------------------------
-# Pieces of the loop
+# Set-up: data, model, warm start, reference, optimizer, resume, rollout engine
 
 
 def load_data(cfg: Config) -> DataPool:
@@ -371,75 +751,23 @@ def load_data(cfg: Config) -> DataPool:
                            seed=cfg.seed, objects=(lo, hi))
     samples = read_jsonl(path, cfg.task, cfg.image_root, strict=cfg.strict)
     if not samples:
-        raise SystemExit(f"no valid samples in {path}")
+        raise SystemExit(f"train.py: no valid samples in {path}")
     return DataPool(samples)
 
 
-def batch_slots(step: int, batch_size: int, n: int, seed: int) -> list[int]:
-    """Slots for a step: a fresh seeded permutation each epoch, so the data order is a function of the step
-    (resume needs no sampler state). Batches wrap across epoch boundaries."""
-    out = []
-    for k in range(step * batch_size, (step + 1) * batch_size):
-        epoch, i = divmod(k, n)
-        out.append(random.Random(seed * 1_000_003 + epoch).sample(range(n), n)[i])
-    return out
+def load_model(cfg: Config, d: Dist, device: str, dtype: torch.dtype):
+    """The policy: vision tower frozen or not, gradient checkpointing, FSDP2 under torchrun."""
+    model, processor = load_policy(cfg.model, dtype=dtype, device=device)
+    if cfg.freeze_vision:
+        model.model.visual.requires_grad_(False)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if d.world > 1:
+        shard_policy(model)
+    return model, processor
 
 
-def majority_rewards(groups, prompts, task) -> tuple[list[list[float]], list]:
-    """MM-UPT: per prompt (never by position), 1 for answers equivalent to the group's majority answer."""
-    out, labels = [], []
-    for g, p in zip(groups, prompts):
-        if task == "math":
-            answers = [R.extract_boxed(c.text) for c in g]
-            r, lab = R.majority_vote_rewards(answers, R.math_equal)
-        else:   # rec: boxes cluster when IoU >= 0.5 (consensus box = the largest cluster's first member)
-            answers = [R.predicted_box(c.text, p.sample, p.input_size) for c in g]
-            r, lab = R.majority_vote_rewards(answers, lambda a, b: R.iou(a, b) >= 0.5)
-        out.append(r)
-        labels.append(lab)
-    return out, labels
-
-
-def pseudo_label_correct(label, sample) -> bool:
-    """A majority answer (math string or rec box in the original frame) against the gold label."""
-    if label is None:
-        return False
-    if sample.task == "math":
-        return sample.answer is not None and R.math_equal(label, sample.answer)
-    return sample.solution is not None and R.iou(label, sample.solution) > 0.5
-
-
-def score_groups(cfg, groups, prompts, smoother):
-    """Rewards of every completion, (B, G) tensors by component, plus the Syn-GRPO statistics and descriptions."""
-    parts = [[R.score_completion(c.text, p.sample, p.input_size, cfg.algo) for c in g] for g, p in zip(groups, prompts)]
-    acc = torch.tensor([[x.accuracy for x in g] for g in parts])
-    fmt = torch.tensor([[x.format for x in g] for g in parts])
-    stats = {"diversity": float(np.mean([R.diversity(a.tolist()) for a in acc]))}   # Eq. 4, batch mean
-    if cfg.reward == "majority":
-        maj, labels = majority_rewards(groups, prompts, cfg.task)
-        gold_acc = acc
-        acc = torch.tensor(maj)
-        # MM-UPT's reward is agreement alone (no format term); the format rate is still logged
-        stats["format_rate"] = fmt.mean().item()
-        fmt = torch.zeros_like(fmt)
-        # how often the pseudo-label is right, where gold labels exist (TTRL's "reward acc"); never used as reward
-        gold = [b for b, p in enumerate(prompts) if (p.sample.answer if cfg.task == "math" else p.sample.solution) is not None]
-        if gold:
-            stats["majority_acc"] = float(np.mean([pseudo_label_correct(labels[b], prompts[b].sample) for b in gold]))
-            stats["gold_accuracy"] = gold_acc[gold].mean().item()
-    div = torch.zeros_like(acc)
-    descriptions = [None] * len(groups)
-    if cfg.algo == "syn-grpo":
-        v = [R.diversity(a.tolist()) for a in acc]
-        v_s, v_batch, v_global = smoother(v)
-        for b, g in enumerate(groups):
-            div[b] = torch.tensor([R.diversity_reward(R.parse_score(c.text), v_s[b]) for c in g])
-            descriptions[b] = R.select_description([c.text for c in g], div[b].tolist())
-        stats.update(diversity_smoothed=float(np.mean(v_s)), diversity_global=v_global)
-    return acc, fmt, div, stats, descriptions
-
-
-def sft_phase(cfg, model, processor, pool, log, d: Dist = Dist()):
+def sft_phase(cfg, model, processor, pool, d: Dist = Dist()):
     """Supervised warm start on the gold answers (cross-entropy on completion tokens only); ranks split each batch."""
     if cfg.sft_steps <= 0:
         return
@@ -460,137 +788,18 @@ def sft_phase(cfg, model, processor, pool, log, d: Dist = Dist()):
                                         add_special_tokens=False)["input_ids"] + [eos]) for k, p in enumerate(prompts)]
         batch = make_batch(prompts, seqs, processor.tokenizer.pad_token_id)
         logp, _ = completion_logprobs(model, batch, banned)
-        loss = -(logp * batch[2]).sum() / batch[2].sum()
+        loss = -(logp * batch.completion_mask).sum() / batch.completion_mask.sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         opt.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
-        if step % 20 == 0 or step == cfg.sft_steps - 1:
-            log({"phase": "sft", "sft_step": step, "sft_loss": loss.item()})
+        if d.main and (step % 20 == 0 or step == cfg.sft_steps - 1):
+            append_jsonl(os.path.join(cfg.out_dir, "metrics.jsonl"), [{"phase": "sft", "sft_step": step, "sft_loss": loss.item()}])
 
 
-def start_local_server(cfg: Config):
-    """The embedded default needs no second terminal: a data server process on a free loopback port."""
-    state = os.path.join(cfg.out_dir, "server")
-    os.makedirs(state, exist_ok=True)
-    port_file = os.path.join(state, "port")
-    if os.path.exists(port_file):
-        os.remove(port_file)
-    device = "cuda:1" if torch.cuda.device_count() > 1 else ("cuda:0" if torch.cuda.is_available() else "cpu")
-    proc = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "server.py"),
-                             "--port", "0", "--port-file", port_file, "--state-dir", state, "--pipeline", cfg.pipeline,
-                             "--steps", str(cfg.pipeline_steps), "--device", device, "--parent-pid", str(os.getpid())],
-                            stdout=subprocess.DEVNULL, stderr=open(os.path.join(state, "server.log"), "a"))
-    deadline = time.time() + 300
-    while not os.path.exists(port_file):
-        if proc.poll() is not None or time.time() > deadline:
-            raise SystemExit(f"the local data server did not start; see {state}/server.log")
-        time.sleep(0.1)
-    return proc, f"http://127.0.0.1:{open(port_file).read().strip()}"
-
-
-def synthesis_job(sample, description: str, seed: int, key: str) -> dict:
-    """A data-server job: the source image, every gold box (the keep-mask) and the selected description."""
-    with open(sample.image, "rb") as f:
-        image_b64 = base64.b64encode(f.read()).decode()
-    return {"sample_id": sample.id, "image_b64": image_b64, "boxes": sample.gold_boxes(), "description": description,
-            "seed": seed, "key": key}
-
-
-def absorb_result(r: dict, pool: DataPool, out_dir: str, step: int):
-    """Put a finished synthesized image into the pool in place of its source (same labels, new image)."""
-    if r.get("status") != "done" or r.get("sample_id") not in pool.samples or "image_b64" not in r:
-        return None
-    parent = pool.samples[r["sample_id"]]
-    new_id = f"{parent.root}~{str(r['job_id'])[:12]}"
-    boxes = r.get("boxes") or []
-    if new_id in pool.samples or len(boxes) != len(parent.gold_boxes()):
-        return None            # already absorbed, or not the labels we sent: keep the pool as it is
-    path = os.path.join(out_dir, "synth", new_id.replace("/", "_") + ".png")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    try:
-        with open(path, "wb") as f:
-            f.write(base64.b64decode(r["image_b64"]))
-        load_image(path)
-    except (ValueError, OSError):   # a corrupt result is dropped, never a crash of the run
-        return None
-    new = copy.deepcopy(parent)
-    new.id, new.image = new_id, path
-    if new.task == "rec":
-        new.solution = boxes[0]
-        new.meta["context_objects"] = [dict(o, bbox=b) for o, b in zip(parent.meta.get("context_objects", []), boxes[1:])]
-    else:
-        new.objects = [dict(o, bbox=b) for o, b in zip(parent.objects, boxes)]
-    new.meta.update(description=r.get("description", ""), step=step, job_id=r["job_id"])
-    return pool.replace(parent.id, new)
-
-
-def parse_args(argv=None) -> Config:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(Config):
-        name = "--" + f.name.replace("_", "-")
-        t = {"int | None": int, "float | None": float, "str | None": str}.get(str(f.type), None)
-        if str(f.type) in ("bool", "bool | None"):
-            p.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default)
-        else:
-            p.add_argument(name, type=t or type(f.default), default=f.default)
-    p.epilog = "Prompt templates (data.PROMPTS):\n" + "\n".join(
-        f"  {k}: {v}" for k, v in __import__("data").PROMPTS.items())
-    return Config(**vars(p.parse_args(argv)))
-
-
-# ----------------------------------------------------------------------------------------------------
-
-
-def main(cfg: Config) -> dict:
-    resume_dir = cfg.resume
-    if resume_dir:   # the run's own config wins; only the step budget may be extended
-        saved = json.load(open(os.path.join(resume_dir, "config.json")))
-        max_steps = cfg.max_steps
-        cfg = Config(**{**saved, "resume": resume_dir, "out_dir": resume_dir})
-        cfg.max_steps = max_steps if max_steps is not None else cfg.max_steps
-    cfg = resolve_defaults(cfg)
-    d = setup_distributed()
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    if d.main:
-        json.dump(asdict(cfg), open(os.path.join(cfg.out_dir, "config.json"), "w"), indent=1)
-    seed = cfg.seed + 1_000_003 * d.rank      # rank 0 = a single-process run; other ranks sample other streams
-    random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
-    device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device != "cpu" else torch.float32
-    if device == "cpu":
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        if d.world > 1:   # N ranks share the machine's cores
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // d.world))
-
-    # -- model, reference, optimizer ------------------------------------------------------------------
-    model, processor = load_policy(cfg.model, dtype=dtype, device=device)
-    if cfg.freeze_vision:
-        model.model.visual.requires_grad_(False)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    if d.world > 1:
-        if cfg.lora_r or cfg.drop_zero_std or cfg.batch_size % d.world:
-            raise SystemExit("torchrun: --batch-size must be a multiple of the number of processes; "
-                             "--lora-r and --drop-zero-std are single-process only")
-        shard_policy(model)
-    banned = vision_token_ids(processor)
-    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
-    ckpt_path = os.path.join(cfg.out_dir, "checkpoint.pt")
-    resuming = bool(resume_dir) and os.path.exists(ckpt_path)
-
-    def log(row):
-        if not d.main:
-            return
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-
-    pool = load_data(cfg)
-    if not resuming:
-        if d.main:
-            open(metrics_path, "w").close()
-        sft_phase(cfg, model, processor, pool, log, d)
+def add_lora_and_reference(cfg: Config, model, d: Dist, device: str, dtype: torch.dtype):
+    """(policy with LoRA adapters if asked, the frozen reference of the KL term or None)."""
     if cfg.lora_r > 0:
         from peft import LoraConfig, get_peft_model
         model = get_peft_model(model, LoraConfig(
@@ -602,216 +811,118 @@ def main(cfg: Config) -> dict:
         shard_policy(ref)
     elif cfg.beta > 0:   # with LoRA the reference is the base model (adapters disabled), no second copy
         ref = None if cfg.lora_r > 0 else copy.deepcopy(model).eval().requires_grad_(False)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                            weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
-    smoother = R.DiversitySmoother(cfg.gamma)
-    server_proc, client, fixed_descriptions = None, None, None
-    if cfg.algo == "syn-grpo" and cfg.synthesize and d.main:
-        urls = [u for u in cfg.server_url.split(",") if u]
-        if not urls:
-            server_proc, url = start_local_server(cfg)
-            urls = [url]
-        client = DataServerClient(urls, cfg.server_token, log=tqdm.write)
-        if cfg.descriptions:
-            with open(cfg.descriptions) as f:
-                fixed_descriptions = [l.strip() for l in f if l.strip()]
-    start = 0
-    if resuming:
-        start, pool = load_checkpoint(ckpt_path, model, opt, sched, smoother, client, d)
-        if d.main:
-            with open(metrics_path) as f:   # drop lines logged after the checkpoint: they will be logged again
-                keep = [l for l in f if json.loads(l).get("step", -1) < start]
-            open(metrics_path, "w").writelines(keep)
-    if cfg.algo == "sft":
-        save_final(cfg, model, processor, d)
-        return {}
-    max_steps = cfg.max_steps or math.ceil(cfg.epochs * len(pool) / cfg.batch_size)
+    return model, ref
 
-    # -- rollout engine ------------------------------------------------------------------------------------
+
+def make_engine(cfg: Config, model, processor, d: Dist, device: str):
     if cfg.rollout_backend == "vllm":
         # one engine per rank (each rank generates its own prompts); --vllm-tp K splits each engine over K GPUs
-        engine = VLLMRollout(resolve_model(cfg.model), processor, dtype="bfloat16" if device != "cpu" else "float32",
-                             max_model_len=4096 if device != "cpu" else 1024, tensor_parallel_size=cfg.vllm_tp)
-    else:   # synced: a rank whose sequences have all ended keeps stepping until every rank's have (FSDP collectives)
-        engine = HFRollout(model, processor, synced=d.world > 1)
-    dirty = True   # the engine's weights differ from the policy's
-
-    if d.main:
-        print(f"training {cfg.algo} on {len(pool)} {cfg.task} samples for {max_steps} steps on {d.world} process(es); "
-              f"metrics: {metrics_path}")
-    bar = tqdm(range(start, max_steps), initial=start, total=max_steps, desc=cfg.algo, dynamic_ncols=True,
-               disable=not d.main)
-    for step in bar:
-        t0 = time.time()
-        # -- sync weights into vLLM --------------------------------------------------------------------------
-        t_sync = 0.0
-        if cfg.rollout_backend == "vllm" and dirty:
-            engine.push_weights(policy_state(model))
-            t_sync = time.time() - t0
-        dirty = False
-        # -- generate ----------------------------------------------------------------------------------------
-        t1 = time.time()
-        mine = rank_share(cfg.batch_size, d)      # this rank's slots of the step's B prompts
-        slots = batch_slots(step, cfg.batch_size, len(pool), cfg.seed)
-        samples = [pool.get(slots[k]) for k in mine]
-        prompts = [encode_prompt(processor, s, cfg.algo) for s in samples]
-        model.eval()
-        sampling = Sampling(n=cfg.num_generations, temperature=cfg.temperature, top_p=cfg.top_p,
-                            max_tokens=cfg.max_new_tokens, seed=cfg.seed * 1_000_003 + step)
-        seeds = [(cfg.seed * 1_000_003 + step) * 1000 + k for k in mine] if cfg.prompt_seeds else None
-        groups = engine.generate(prompts, sampling, seeds=seeds)
-        t2 = time.time()
-        # -- reward and advantages (Eq. 1, Eq. 7) ---------------------------------------------------------------
-        acc, fmt, div, stats, descriptions = score_groups(cfg, groups, prompts, smoother)
-        rewards = acc + fmt + div                                               # (B, G)
-        adv = group_advantages(rewards, cfg.adv_eps)                            # (B, G)
-        zero_std = (rewards.std(1) == 0) if rewards.shape[1] > 1 else torch.ones(len(groups), dtype=torch.bool)
-        if cfg.flip_advantage:
-            adv = -adv
-        keep = [b for b in range(len(groups)) if not (cfg.drop_zero_std and zero_std[b])]
-        seqs = [(b, c.token_ids) for b in keep for c in groups[b]]
-        seq_adv = torch.tensor([adv[b, j].item() for b in keep for j in range(len(groups[b]))])
-        engine_logp = [c.logprobs for b in keep for c in groups[b]]
-        # -- Syn-GRPO: send the selected descriptions (Eq. 8) to the data server; take in what has finished --------
-        t_server = time.time()
-        server_stats = {}
-        if cfg.algo == "syn-grpo" and cfg.synthesize and d.world > 1:   # rank 0 submits every rank's descriptions
-            everyone = [None] * d.world
-            torch.distributed.all_gather_object(everyone, [(p.sample.id, t) for p, t in zip(prompts, descriptions)])
-            chosen = [(pool.samples[i], t) for part in everyone for i, t in part]
-        else:
-            chosen = [(p.sample, t) for p, t in zip(prompts, descriptions)]
-        if client:
-            ids = []
-            for b, (sample, desc) in enumerate(chosen):
-                desc = fixed_descriptions[(step * len(chosen) + b) % len(fixed_descriptions)] if fixed_descriptions \
-                    else desc
-                if desc:
-                    ids.append(client.submit(synthesis_job(sample, desc, seed=cfg.seed * 1_000_003 + step * 1000 + b,
-                                                           key=f"{sample.id}@{step}")))
-            results = client.collect()
-            deadline = time.time() + 600
-            while cfg.sync and client.waiting([i for i in ids if i]) and time.time() < deadline:
-                time.sleep(0.05)          # --sync: the paper's synchronous baseline waits for this step's images
-                results += client.collect()
-            absorbed = [absorb_result(r, pool, cfg.out_dir, step) for r in results]
-            server_stats = {"jobs_submitted": sum(i is not None for i in ids), "jobs_absorbed": sum(a is not None for a in absorbed),
-                            "jobs_pending": len(client.pending), "jobs_failed": client.failed}
-        if cfg.algo == "syn-grpo" and cfg.synthesize and d.world > 1:   # every rank continues with rank 0's pool
-            update = broadcast(pool.state_dict() if server_stats.get("jobs_absorbed") else None, d)
-            if update is not None:
-                pool = DataPool.from_state_dict(update)
-        t3 = time.time()
-        # -- policy update: mu optimizer steps on this batch ---------------------------------------------------
-        model.train()
-        train_stats = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": 0.0, "logp_engine_gap": 0.0}
-        if seqs:
-            chunks = [seqs[i:i + cfg.micro_batch] for i in range(0, len(seqs), cfg.micro_batch)]
-            batches = [make_batch(prompts, ch, processor.tokenizer.pad_token_id) for ch in chunks]
-            n_tok = sum(b[2].sum().item() for b in batches)
-            # FSDP averages gradients over ranks, so each rank normalises by 1/N of the global batch's count
-            n_tok_all = n_tok
-            if d.world > 1:
-                t = torch.tensor([float(n_tok)])
-                torch.distributed.all_reduce(t)
-                n_tok_all = t.item() / d.world
-            norm = {"grpo": len(seqs), "dapo": n_tok_all, "dr_grpo": len(seqs) * cfg.max_new_tokens}[cfg.loss_type]
-            # old log-probs: with mu = 1 they are the first (only) update's own, detached (ratio exactly 1, as TRL
-            # does); with mu > 1 one no-grad pass fixes them before the first update
-            with torch.no_grad():
-                old = [completion_logprobs(model, b, banned, cfg.temperature)[0] for b in batches] if cfg.mu > 1 \
-                    else [None] * len(batches)
-                if cfg.beta > 0:
-                    if ref is None:
-                        with model.disable_adapter():
-                            refs = [completion_logprobs(model, b, banned, cfg.temperature)[0] for b in batches]
-                    else:
-                        refs = [completion_logprobs(ref, b, banned, cfg.temperature)[0] for b in batches]
-            gap = []
-            for it in range(cfg.mu):
-                opt.zero_grad(set_to_none=True)
-                o = 0
-                for k, b in enumerate(batches):
-                    mask = b[2].to(logp_device(model))
-                    a = seq_adv[o:o + mask.shape[0]].to(mask.device)[:, None].expand_as(mask)   # (n, T)
-                    o += mask.shape[0]
-                    logp, ent = completion_logprobs(model, b, banned, cfg.temperature, with_entropy=True)
-                    if it == 0:
-                        if old[k] is None:
-                            old[k] = logp.detach()
-                        gap += engine_gap(old[k], engine_logp[o - mask.shape[0]:o])
-                    if cfg.entropy_adv > 0:
-                        a = entropy_shaped_advantage(a, ent, cfg.entropy_adv, cfg.entropy_adv_kappa)
-                    surr, clipped = clipped_surrogate(logp, old[k], a, cfg.epsilon_low, cfg.epsilon_high)
-                    per_tok = -surr - cfg.entropy_coef * ent
-                    if cfg.beta > 0:
-                        kl = kl_k3(logp, refs[k])
-                        per_tok = per_tok + cfg.beta * kl
-                        train_stats["kl"] += ((kl * mask).sum() / n_tok).item() / cfg.mu
-                    loss = aggregate(per_tok, mask, cfg.loss_type, norm)
-                    loss.backward()
-                    train_stats["loss"] += loss.item() / cfg.mu
-                    train_stats["clip_frac"] += ((clipped.float() * mask).sum() / n_tok).item() / cfg.mu
-                    train_stats["entropy"] += ((ent.detach() * mask).sum() / n_tok).item() / cfg.mu
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                opt.step()
-                sched.step()
-            train_stats["logp_engine_gap"] = float(np.max(gap)) if gap else 0.0
-            dirty = True
-        t4 = time.time()
-        # -- log ---------------------------------------------------------------------------------------------
-        lens = [len(c.token_ids) for g in groups for c in g]
-        row = {"step": step, "reward": rewards.mean().item(), "reward_accuracy": acc.mean().item(),
-               "reward_format": fmt.mean().item(), "reward_diversity": div.mean().item(), **stats, **train_stats,
-               "frac_reward_zero_std": zero_std.float().mean().item(), "completion_len": float(np.mean(lens)),
-               "lr": sched.get_last_lr()[0], **pool.stats(), **server_stats,
-               "batch_synth_frac": float(np.mean([s.generation > 0 for s in samples])),
-               "time_generate": t2 - t1, "time_reward": t_server - t2, "time_server": t3 - t_server,
-               "time_train": t4 - t3, "time_sync": t_sync, "time_step": time.time() - t0}
-        row = mean_over_ranks(row, d)
-        log(row)
-        if cfg.log_completions and d.main:
-            with open(os.path.join(cfg.out_dir, "completions.jsonl"), "a") as f:
-                for g, p in list(zip(groups, prompts))[:cfg.log_completions]:
-                    f.write(json.dumps({"step": step, "id": p.sample.id, "completions": [c.text for c in g],
-                                        "descriptions": descriptions[0]}) + "\n")
-        bar.set_postfix(reward=f"{row['reward']:.3f}", acc=f"{row['reward_accuracy']:.3f}")
-        # -- checkpoint --------------------------------------------------------------------------------------
-        if cfg.save_every and ((step + 1) % cfg.save_every == 0 or step + 1 == max_steps):
-            save_checkpoint(ckpt_path, model, opt, sched, step + 1, pool, smoother, cfg, client, d)
-    if server_proc:
-        server_proc.terminate()
-        server_proc.wait()
-    if d.main:
-        pool.save(os.path.join(cfg.out_dir, "pool.json"))
-    save_final(cfg, model, processor, d)
-    if d.main:
-        print(f"done: metrics {metrics_path}, checkpoint {ckpt_path}, model {os.path.join(cfg.out_dir, 'final')}")
-    return row if max_steps > start else {}
+        return VLLMRollout(resolve_model(cfg.model), processor, dtype="bfloat16" if device != "cpu" else "float32",
+                           max_model_len=4096 if device != "cpu" else 1024, tensor_parallel_size=cfg.vllm_tp)
+    return HFRollout(model, processor, synced_gpus=d.world > 1)
 
 
-def save_final(cfg, model, processor, d: Dist = Dist()):
-    """An HF checkpoint dir (LoRA merged) that eval.py, train.py --model and vLLM load directly. Sharded runs
-    also check that every rank holds the same full weights and log their digests."""
-    final = os.path.join(cfg.out_dir, "final")
-    if is_sharded(model):
-        sd = policy_state(model)
-        if getattr(model.config.get_text_config(), "tie_word_embeddings", False):
-            sd.pop("lm_head.weight", None)   # tied to the embeddings: HF checkpoints store it once
-        digest = hashlib.sha256(b"".join(sd[k].detach().cpu().contiguous().numpy().tobytes() for k in sorted(sd))).hexdigest()
-        digests = [None] * d.world
-        torch.distributed.all_gather_object(digests, digest)
+@dataclass
+class Run:
+    """Everything the loop works with, made by `set_up`."""
+    model: torch.nn.Module
+    processor: object
+    ref: torch.nn.Module | None       # the KL term's reference (None: beta = 0, or LoRA's base model)
+    opt: torch.optim.Optimizer
+    sched: object
+    pool: DataPool
+    smoother: R.DiversitySmoother
+    synthesis: Synthesis | NoSynthesis
+    start: int                        # the step to begin at (after a resume)
+    max_steps: int
+
+
+def set_up(cfg: Config, d: Dist) -> Run:
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    if d.main:
+        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+            json.dump(asdict(cfg), f, indent=1)
+    seed = cfg.seed + SEED_STRIDE * d.rank    # rank 0 = a single-process run; other ranks sample other streams
+    random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
+    device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device != "cpu" else torch.float32
+    if device == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        if d.world > 1:   # N ranks share the machine's cores
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // d.world))
+    model, processor = load_model(cfg, d, device, dtype)
+    metrics_path, ckpt_path = os.path.join(cfg.out_dir, "metrics.jsonl"), os.path.join(cfg.out_dir, "checkpoint.pt")
+    resuming = bool(cfg.resume) and os.path.exists(ckpt_path)
+    pool = load_data(cfg)
+    if not resuming:
         if d.main:
-            model.save_pretrained(final, state_dict=sd)
-            processor.save_pretrained(final)
-            with open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps({"phase": "final", "weights_sha256_by_rank": digests}) + "\n")
-        torch.distributed.barrier()
-        return
-    m = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
-    m.save_pretrained(final)
-    processor.save_pretrained(final)
+            open(metrics_path, "w").close()
+        sft_phase(cfg, model, processor, pool, d)
+    model, ref = add_lora_and_reference(cfg, model, d, device, dtype)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+    smoother = R.DiversitySmoother(cfg.gamma)
+    synthesis = Synthesis(cfg, d) if cfg.algo == "syn-grpo" and cfg.synthesize else NoSynthesis()
+    start = 0
+    if resuming:
+        start, pool = load_checkpoint(ckpt_path, model, opt, sched, smoother, synthesis, d)
+        if d.main:
+            with open(metrics_path) as f:   # drop lines logged after the checkpoint: they will be logged again
+                keep = [line for line in f if json.loads(line).get("step", -1) < start]
+            open(metrics_path, "w").writelines(keep)
+    max_steps = cfg.max_steps or math.ceil(cfg.epochs * len(pool) / cfg.batch_size)
+    return Run(model, processor, ref, opt, sched, pool, smoother, synthesis, start, max_steps)
+
+
+def finish(cfg: Config, run: Run, d: Dist) -> None:
+    run.synthesis.close()
+    if d.main:
+        run.pool.save(os.path.join(cfg.out_dir, "pool.json"))
+    save_final(cfg, run.model, run.processor, d)
+    if d.main:
+        print(f"done: metrics {os.path.join(cfg.out_dir, 'metrics.jsonl')}, model {os.path.join(cfg.out_dir, 'final')}")
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+def main(cfg: Config) -> dict:
+    cfg = prepare_config(cfg)                 # resume's saved config, device defaults, checks (nothing written yet)
+    d = setup_distributed()
+    check_distributed(cfg, d)
+    run = set_up(cfg, d)                      # data, model, SFT warm start, reference, optimizer, resume
+    if cfg.algo == "sft":
+        finish(cfg, run, d)
+        return {}
+    engine = make_engine(cfg, run.model, run.processor, d, "cpu" if not torch.cuda.is_available() else "cuda")
+    banned, pad_id = vision_token_ids(run.processor), run.processor.tokenizer.pad_token_id
+    if d.main:
+        print(f"training {cfg.algo} on {len(run.pool)} {cfg.task} samples for {run.max_steps} steps on {d.world} "
+              f"process(es); metrics: {os.path.join(cfg.out_dir, 'metrics.jsonl')}")
+    bar = tqdm(range(run.start, run.max_steps), initial=run.start, total=run.max_steps, desc=cfg.algo,
+               dynamic_ncols=True, disable=not d.main)
+    row = {}
+    for step in bar:
+        timer = PhaseTimer()
+        with timer("weight_push"):        # the engine samples from the current policy
+            push_weights(engine, run.model)
+        with timer("generate"):           # G completions for each of the step's prompts
+            ro = rollout(engine, run.processor, run.model, run.pool, cfg, step, d)
+        with timer("score"):              # Eq. 1-7: rewards by component, their sum, group advantages
+            scored = score(cfg, ro, run.smoother)
+        with timer("synthesis"):          # Eq. 8 and the pool update (Syn-GRPO; a no-op otherwise)
+            run.pool, synth_stats = run.synthesis.exchange(step, ro, scored.rewards.descriptions, run.pool)
+        with timer("update"):             # mu steps of the clipped surrogate (+ KL, entropy terms)
+            update = update_policy(run.model, run.ref, run.opt, run.sched, micro_batches(ro, scored, cfg, pad_id),
+                                   cfg, d, banned)
+        row = step_metrics(step, ro, scored, update, synth_stats, run.pool, run.sched.get_last_lr()[0], timer)
+        row = log_step(row, ro, scored, cfg, d)
+        bar.set_postfix(reward=f"{row['reward']:.3f}", acc=f"{row['reward_accuracy']:.3f}")
+        if cfg.save_every and ((step + 1) % cfg.save_every == 0 or step + 1 == run.max_steps):
+            save_checkpoint(os.path.join(cfg.out_dir, "checkpoint.pt"), run.model, run.opt, run.sched, step + 1,
+                            run.pool, run.smoother, cfg, run.synthesis, d)
+    finish(cfg, run, d)
+    return row
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@
 
 Four runs of the same N steps on the tiny model, measured side by side in one invocation: grpo; syn-grpo
 --no-synthesize (the four-tag outputs and rewards, no data server); syn-grpo with the data server working in the
-background (async); syn-grpo --sync (each step waits for its images). The data server is a separate process with
+background (async); syn-grpo --synchronous-synthesis (each step waits for its images). The data server is a separate process with
 the real tiny SDXL + ControlNet pipeline. As in the paper, trainer and server get separate devices: here one CPU
 core each (taskset), one thread each. Reported: the sum of per-step times (metrics.jsonl `time_step`, start-up
 excluded) relative to grpo, and relative to syn-grpo without synthesis. On the tiny model the four-tag
@@ -64,7 +64,7 @@ def measure(steps: int, pipeline_steps: int) -> dict:
         server, url = start_server(os.path.join(tmp, f"server-{mode}"), pipeline_steps)
         try:
             res[mode], rows = run(os.path.join(tmp, mode), steps, "--algo", "syn-grpo", "--server-url", url,
-                                  "--descriptions", desc, *(["--sync"] if mode == "sync" else []))
+                                  "--descriptions", desc, *(["--synchronous-synthesis"] if mode == "sync" else []))
         finally:
             server.terminate()
             server.wait()

@@ -7,7 +7,7 @@ Rows (each a ratio of two things measured in this run, on this machine; medians 
   vs TRL      GRPO steps/s of train.py vs TRL's GRPOTrainer: same tiny Qwen2.5-VL (after a short SFT), shapes REC
               data, B, G, completion length, rewards; HF generation for both, and train.py with vLLM too.
   anatomy     share of our step outside generation and forward/backward; weight push share with vLLM.
-  async       Syn-GRPO async / GRPO and sync / GRPO wall time (bench/async_synthesis.py; real tiny pipeline in a
+  async       Syn-GRPO asynchronous / GRPO and synchronous / GRPO wall time (bench/async_synthesis.py; real tiny pipeline in a
               separate server process, one core each).
   rollouts    completions/s, vLLM vs HF backend, G = 6, tiny model with the small and with the real Qwen vocab.
   rewards     OVD mAP rewards/s of rewards.coco_map vs pycocotools on the same inputs (values must agree).
@@ -83,8 +83,8 @@ def grpo_runs(model: str, steps: int, tmp: str) -> dict:
     rc, rss = spawn([sys.executable, "bench/trl_grpo.py", "--model", model, "--steps", str(steps),
                      "--batch-size", "4", "--num-generations", "6", "--max-new-tokens", "48"], log)
     check(rc, log)
-    times = [json.loads(l)["step_times"] for l in open(log) if l.startswith('{"step_times"')][-1][1:]
-    out["trl"] = {"step_times": times, "rss_mb": rss}
+    trl = [json.loads(l) for l in open(log) if l.startswith('{"step_times"')][-1]
+    out["trl"] = {"step_times": trl["step_times"][1:], "completion_len": trl["completion_len"][1:], "rss_mb": rss}
     return out
 
 
@@ -158,20 +158,25 @@ def build_table(res: dict) -> list[tuple]:
     ours_hf = stats([r["time_step"] for r in g["ours_hf"]["rows"]])
     ours_vllm = stats([r["time_step"] for r in g["ours_vllm"]["rows"]])
     trl = stats(g["trl"]["step_times"])
-    rows = [("steps/s, ours (HF) vs TRL (HF)", f"{1 / ours_hf['median']:.3f}", f"{1 / trl['median']:.3f}",
+    lens = {k: np.mean([r["completion_len"] for r in g[k]["rows"]]) for k in ("ours_hf", "ours_vllm")}
+    lens["trl"] = np.mean(g["trl"]["completion_len"])
+    rows = [("mean completion tokens, ours (HF) vs TRL (a speed ratio needs alike lengths)", f"{lens['ours_hf']:.1f}",
+             f"{lens['trl']:.1f}", lens["ours_hf"] / lens["trl"], "~1"),
+            ("steps/s, ours (HF) vs TRL (HF)", f"{1 / ours_hf['median']:.3f}", f"{1 / trl['median']:.3f}",
              trl["median"] / ours_hf["median"], ">= 1.5"),
             ("steps/s, ours (vLLM) vs TRL (HF)", f"{1 / ours_vllm['median']:.3f}", f"{1 / trl['median']:.3f}",
              trl["median"] / ours_vllm["median"], ">= 1.5")]
     for backend in ("hf", "vllm"):
         rs = g[f"ours_{backend}"]["rows"]
-        other = [(r["time_step"] - r["time_generate"] - r["time_train"]) / r["time_step"] for r in rs]
+        other = [(r["time_step"] - r["time_generate"] - r["time_update"]) / r["time_step"] for r in rs]
         rows.append((f"step share outside gen + fwd/bwd ({backend})", f"{np.median(other):.1%}", "-", np.median(other), "<= 5 %"))
-    push = [r["time_sync"] / r["time_step"] for r in g["ours_vllm"]["rows"]]
+    push = [r["time_weight_push"] / r["time_step"] for r in g["ours_vllm"]["rows"]]
     rows.append(("weight push share of step (vLLM)", f"{np.median(push):.1%}", "-", np.median(push), "<= 5 %"))
     a = res["async"]
-    rows += [("syn-grpo async / grpo wall time", f"{a['async']:.1f} s", f"{a['grpo']:.1f} s", a["async"] / a["grpo"], "<= 1.02 (paper 1.057)"),
-             ("syn-grpo async / no-synthesis", f"{a['async']:.1f} s", f"{a['nosyn']:.1f} s", a["async"] / a["nosyn"], "-"),
-             ("syn-grpo sync / grpo wall time", f"{a['sync']:.1f} s", f"{a['grpo']:.1f} s", a["sync"] / a["grpo"], "(paper 2.16)")]
+    rows += [("syn-grpo asynchronous / grpo wall time", f"{a['async']:.1f} s", f"{a['grpo']:.1f} s", a["async"] / a["grpo"], "<= 1.02 (paper 1.057)"),
+             ("syn-grpo asynchronous / no-synthesis", f"{a['async']:.1f} s", f"{a['nosyn']:.1f} s", a["async"] / a["nosyn"], "-"),
+             ("syn-grpo synchronous / grpo wall time", f"{a['sync']:.1f} s", f"{a['grpo']:.1f} s", a["sync"] / a["grpo"],
+              "(paper 2.16)")]
     ro = res["rollouts"]
     for vocab in ("tiny", "tiny-qwen-vocab"):
         v, h = np.median(ro[f"{vocab}_vllm"]["rates"]), np.median(ro[f"{vocab}_hf"]["rates"])
@@ -222,6 +227,8 @@ def main():
               "versions": versions(), "quick": q, "seconds": time.time() - t0, "table": table,
               "rows": [{"name": n, "ours": o, "reference": r, "ratio": float(x), "goal": goal} for n, o, r, x, goal in rows],
               "raw": {"grpo": {k: {"step_times": [r["time_step"] for r in v["rows"]] if "rows" in v else v["step_times"],
+                                   "completion_len": [r["completion_len"] for r in v["rows"]] if "rows" in v
+                                   else v["completion_len"],
                                    "step_time": stats([r["time_step"] for r in v["rows"]] if "rows" in v else v["step_times"]),
                                    "rss_mb": v["rss_mb"]} for k, v in res["grpo"].items()},
                       "rollouts": {k: {**v, "rate": stats(v["rates"])} for k, v in res["rollouts"].items()},

@@ -1,4 +1,4 @@
-"""Seconds per phase of a tiny GRPO run (generate / reward / train / weight sync), HF and vLLM backends side by
+"""Seconds per phase of a tiny GRPO run (weight push / generate / score / update), HF and vLLM backends side by
 side in one run, so ratios are comparable on a noisy machine.
 
     python bench/step_phases.py [--steps 10] [--backends hf vllm]
@@ -16,7 +16,7 @@ import tempfile
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PHASES = ("time_generate", "time_reward", "time_train", "time_sync")
+PHASES = ("time_weight_push", "time_generate", "time_score", "time_update")
 
 
 def run(backend: str, steps: int, out: str) -> list[dict]:
@@ -38,7 +38,7 @@ def main():
         rows = run(backend, a.steps, tempfile.mkdtemp(prefix=f"bench-{backend}-"))[1:]
         med = {k: float(np.median([r[k] for r in rows])) for k in PHASES}
         step = sum(med.values())
-        overhead = (med["time_reward"] + med["time_sync"]) / step
+        overhead = (med["time_score"] + med["time_weight_push"]) / step
         print(f"{backend:8s} " + " ".join(f"{med[k]:9.3f}" for k in PHASES) + f" {step:7.3f} {overhead:9.1%}")
 
 

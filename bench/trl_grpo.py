@@ -1,5 +1,5 @@
 """TRL's GRPOTrainer on the same tiny Qwen2.5-VL, shapes REC data, batch, G, completion length and rewards as
-`train.py` (HF generation), for bench/run.py. Prints one JSON line: per-step seconds.
+`train.py` (HF generation), for bench/run.py. Prints one JSON line: per-step seconds and mean completion lengths.
 
     python bench/trl_grpo.py --model DIR --steps 6 --batch-size 4 --num-generations 6 --max-new-tokens 48
 """
@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
-def main():
+def main(callbacks=()):
     p = argparse.ArgumentParser()
     p.add_argument("--model", required=True)
     p.add_argument("--steps", type=int, default=6)
@@ -61,12 +61,13 @@ def main():
     cfg = GRPOConfig(output_dir=tempfile.mkdtemp(prefix="trl-"), use_cpu=True, bf16=False,
                      per_device_train_batch_size=a.batch_size * a.num_generations, num_generations=a.num_generations,
                      max_completion_length=a.max_new_tokens, temperature=1.0, beta=0.0, learning_rate=a.lr,
-                     max_steps=a.steps, logging_steps=1000, save_strategy="no", report_to=[], disable_tqdm=True,
+                     max_steps=a.steps, logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=True,
                      loss_type="grpo", epsilon_high=0.28, seed=0)
     trainer = GRPOTrainer(model=a.model, processing_class=processor, reward_funcs=[accuracy, fmt], args=cfg,
-                          train_dataset=ds, callbacks=[Clock()])
+                          train_dataset=ds, callbacks=[Clock(), *callbacks])
     trainer.train()
-    print(json.dumps({"step_times": times}))
+    lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
+    print(json.dumps({"step_times": times, "completion_len": lengths}))
 
 
 if __name__ == "__main__":

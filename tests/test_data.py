@@ -47,7 +47,7 @@ def test_readers_reject_each_bad_row_with_file_and_line(tmp_path, img, task):
             "math": {"image": img, "problem": "q", "answer": "3"}}[task]
     for bad in BAD[task]:
         path = write(tmp_path, [good, good, bad])
-        with pytest.raises(DataError, match=rf"d\.jsonl:3: "):
+        with pytest.raises(DataError, match=r"d\.jsonl:3: "):
             read_jsonl(path, task)
         logged = []
         assert len(read_jsonl(path, task, strict=False, log=logged.append)) == 2

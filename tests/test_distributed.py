@@ -65,7 +65,7 @@ def test_torchrun_two_ranks_match_one_process_and_resume(tmp_path, math_model):
 @pytest.mark.slow
 def test_two_data_servers_one_killed_mid_run(tmp_path):
     """Jobs alternate between two servers; server B is killed after step 1. Training finishes, and every job
-    server A accepted was delivered and absorbed into the pool (--sync waits for them; B's are not waited for)."""
+    server A accepted was delivered and absorbed into the pool (--synchronous-synthesis waits for them; B's are not waited for)."""
     pa, url_a = start_server(str(tmp_path / "a"), "--steps", "1")
     pb, url_b = start_server(str(tmp_path / "b"), "--steps", "1")
     desc = tmp_path / "descriptions.txt"
@@ -74,7 +74,7 @@ def test_two_data_servers_one_killed_mid_run(tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT)
     p = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), "--algo", "syn-grpo", "--out-dir", out,
                           "--sft-steps", "20", "--max-steps", "6", "--shapes-n", "8", "--batch-size", "2",
-                          "--num-generations", "3", "--max-new-tokens", "32", "--sync", "--descriptions", str(desc),
+                          "--num-generations", "3", "--max-new-tokens", "32", "--synchronous-synthesis", "--descriptions", str(desc),
                           "--server-url", f"{url_a},{url_b}", "--save-every", "0"],
                          env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:

@@ -115,3 +115,30 @@ def test_plot_and_gallery(tmp_path, shapes_dir):
     g = E.gallery_command(str(run))
     assert os.path.getsize(g) > 3000
     assert Image.open(g).size[0] > Image.open(g).size[1]     # one row, three columns
+
+
+def test_score_needs_no_image_when_rows_give_their_size_and_refuses_an_unscorable_split(tmp_path, shapes_dir):
+    """Predictions in original pixels are scored without the images when the gold rows carry width and height;
+    a gold file with no scorable row, or predictions that match no row, stop with one line instead of n = 0."""
+    gold = make_shapes("ovd", 6, shapes_dir)
+    samples = read_jsonl(gold, "ovd")
+    pred = tmp_path / "p.jsonl"
+    pred.write_text("".join(json.dumps({"id": s.id, "boxes": [o["bbox"] for o in s.objects][:1],
+                                        "labels": [o["label"] for o in s.objects][:1]}) + "\n" for s in samples))
+    expected = E.score_command("ovd", gold, str(pred))
+    moved = tmp_path / "elsewhere" / "gold.jsonl"      # the same rows, their images not next to them
+    moved.parent.mkdir()
+    moved.write_text("".join(json.dumps({**s.to_row(), "image": f"gone/{i}.png"}) + "\n" for i, s in enumerate(samples)))
+    (m,) = E.score_command("ovd", str(moved), str(pred)).values()
+    assert m == list(expected.values())[0] and m["n"] == 6 and m["mAP"] > 0
+    sizeless = tmp_path / "elsewhere" / "sizeless.jsonl"
+    sizeless.write_text("".join(json.dumps({k: v for k, v in {**s.to_row(), "image": "gone.png"}.items()
+                                            if k not in ("width", "height")}) + "\n" for s in samples))
+    with pytest.raises(SystemExit, match="no scorable row"):
+        E.score_command("ovd", str(sizeless), str(pred))
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"id": "nobody", "boxes": []}) + "\n")
+    with pytest.raises(SystemExit, match="has the id of a row"):
+        E.score_command("ovd", gold, str(other))
+    with pytest.raises(SystemExit, match="no such file"):
+        E.main(["score", "--task", "ovd", "--data", str(tmp_path / "nope.jsonl"), "--predictions", str(pred)])

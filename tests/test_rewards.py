@@ -3,7 +3,7 @@ import io
 import math
 import random
 
-import numpy as np
+import torch
 import pytest
 
 from data import Sample
@@ -243,3 +243,46 @@ def test_rewards_never_raise(text):
         parts = score_completion(text, s, (100, 100), "syn-grpo")
         assert all(math.isfinite(v) and 0 <= v <= 1 for v in (parts.accuracy, parts.format))
     parse_detections(text if isinstance(text, str) else None), extract_tag(text, "answer"), parse_box(text)
+
+
+# -- MM-UPT's majority vote per prompt, and a step's composed rewards -----------------------------------------------
+
+def test_majority_rewards_group_by_prompt_and_pseudo_label_accuracy():
+    from rewards import majority_rewards, pseudo_label_correct
+    s1 = Sample(id="a", task="math", image="", problem="q", answer="2")
+    s2 = Sample(id="b", task="math", image="", problem="q", answer="5")
+    texts = [["\\boxed{2}", "\\boxed{3}", "\\boxed{2}"], ["\\boxed{7}", "no box", "\\boxed{7.0}"]]
+    r, labels = majority_rewards(texts, [s1, s2], [None, None])
+    assert r == [[1, 0, 1], [1, 0, 1]] and labels == ["2", "7"]
+    assert pseudo_label_correct("2", s1) and not pseudo_label_correct("7", s2) and not pseudo_label_correct(None, s1)
+
+
+def test_majority_rewards_rec_clusters_boxes_by_iou():
+    from rewards import majority_rewards, pseudo_label_correct
+    s = Sample(id="r", task="rec", image="", width=100, height=100, problem="q", solution=[10, 10, 50, 50])
+    box = lambda b: f'<think>t</think><answer>{{"bbox_2d": {b}}}</answer>'
+    texts = [box([60, 60, 90, 90]), box([11, 10, 50, 51]), "no answer", box([10, 12, 49, 50]), box([61, 60, 90, 90])]
+    r, labels = majority_rewards([texts], [s], [(100, 100)])
+    # two clusters of two (IoU >= 0.5 within each): the tie goes to the cluster seen first
+    assert r == [[1, 0, 0, 0, 1]] and labels[0] == [60, 60, 90, 90]
+    assert not pseudo_label_correct(labels[0], s) and pseudo_label_correct([11, 10, 50, 51], s)
+
+
+def test_score_groups_composes_eq7_and_selects_descriptions():
+    """Eq. 7 is the sum of the three terms; R_div compares each <score> with the smoothed diversity of its own
+    group (Eq. 4-6); Eq. 8 picks the description of the best-predicting completion; V is computed once."""
+    from rewards import score_groups
+    s = rec_sample(box=(10, 10, 50, 50), w=100, h=100)
+    good = lambda v, d: (f'<think>t</think><score>{v}</score><description>{d}</description>'
+                         f'<answer>{{"bbox_2d": [10, 10, 50, 50]}}</answer>')
+    miss = lambda v, d: good(v, d).replace("[10, 10, 50, 50]", "[60, 60, 90, 90]")
+    texts = [[good(0.9, "a beach"), miss(0.0, "a forest")], [good(0.1, "a kitchen"), good(0.0, "a desert")]]
+    rw = score_groups(texts, [s, s], [(100, 100), (100, 100)], algo="syn-grpo", smooth=DiversitySmoother(0.7))
+    assert rw.accuracy.tolist() == [[1.0, 0.0], [1.0, 1.0]] and rw.format.tolist() == [[1.0, 1.0], [1.0, 1.0]]
+    # V = 4 var: group 0 -> 1, group 1 -> 0; V_batch 0.5 = V_global at the first step, so V~ = V
+    assert rw.stats["diversity"] == pytest.approx(0.5) and rw.stats["diversity_smoothed"] == pytest.approx(0.5)
+    assert torch.allclose(rw.diversity, torch.tensor([[0.9, 0.0], [0.9, 1.0]]))
+    assert rw.descriptions == ["a beach", "a desert"]
+    assert torch.equal(rw.total, rw.accuracy + rw.format + rw.diversity)
+    plain = score_groups(texts, [s, s], [(100, 100), (100, 100)], algo="grpo")
+    assert plain.diversity.abs().sum() == 0 and plain.descriptions == [None, None] and plain.format.sum() == 0

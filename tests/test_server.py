@@ -452,7 +452,7 @@ def test_five_kill_9_during_load_lose_and_duplicate_nothing(tmp_path):
         ids = list(accepted.values())
         assert len(ids) == len(set(ids)) == 40
         assert wait_done(url, ids, timeout=600) == ["done"] * len(ids)
-        results = call(url, "/results?after=0&limit=256")[1]["results"]
+        call(url, "/results?after=0&limit=256")[1]["results"]
         cursor, allres = 0, []
         while True:
             r = call(url, f"/results?after={cursor}&limit=256")[1]
@@ -467,3 +467,19 @@ def test_five_kill_9_during_load_lose_and_duplicate_nothing(tmp_path):
         stop.set()
         p.terminate()
         p.wait()
+
+
+def test_route_table_gives_404_for_unknown_paths_and_405_for_other_methods():
+    from server import BadRequest, route
+    for method, path, code in (("GET", "/jobs", 405), ("PUT", "/jobs", 405), ("DELETE", "/health", 405),
+                               ("POST", "/jobs/abc", 405), ("GET", "/admin", 404), ("POST", "/nowhere", 404)):
+        with pytest.raises(BadRequest) as e:
+            route(method, path)
+        assert e.value.code == code, (method, path)
+    assert route("GET", "/jobs/abc")[1] == "abc" and route("POST", "/jobs")[1] == ""
+
+
+def test_server_cli_rejects_a_bad_flag_in_one_line():
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "server.py"), "--segmenter", "bogus"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "invalid choice: 'bogus'" in r.stderr

@@ -171,3 +171,16 @@ def test_api_synthesizer_never_sees_the_answer_and_failures_are_retried_later(tm
     assert asked and text["text"] == synth.HARDER_PROMPT.format(question=asked[0])
     assert "answer" not in text["text"].lower().replace("same answer", "")       # the answer is withheld
     srv.shutdown()
+
+
+def test_cli_parses_every_field_and_rejects_bad_values(tmp_path, capsys):
+    from synth import main, parse_args
+    cfg = parse_args(["selfq", "--mode", "direct", "--num-rollouts", "4", "--out-dir", str(tmp_path / "o")])
+    assert (cfg.stage, cfg.mode, cfg.num_rollouts) == ("selfq", "direct", 4)
+    for bad in (["run", "--mode", "sideways"], ["nonsense"], ["run", "--export-mode", "all"]):
+        with pytest.raises(SystemExit) as e:
+            parse_args(bad)
+        assert e.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
+    with pytest.raises(SystemExit, match="no such file"):
+        main(parse_args(["run", "--data", str(tmp_path / "missing.jsonl"), "--out-dir", str(tmp_path / "o")]))
+    assert not (tmp_path / "o").exists()

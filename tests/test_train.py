@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from train import (Config, aggregate, batch_slots, clipped_surrogate, entropy_from_logits, entropy_shaped_advantage,
-                   group_advantages, kl_k3)
+from rollout import entropy_from_logits
+from train import Config, aggregate, batch_slots, clipped_surrogate, entropy_shaped_advantage, group_advantages, kl_k3
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -143,42 +143,45 @@ def test_grpo_steps_with_the_vllm_backend(tmp_path, sft_model):
     assert r.returncode == 0, r.stderr[-3000:]
     rows = metrics(out)
     assert [x["step"] for x in rows] == [0, 1, 2]
-    assert all(x["time_sync"] > 0 for x in rows)            # weights pushed before every generation
+    assert all(x["time_weight_push"] > 0 for x in rows)     # weights pushed before every generation
     assert all(math.isfinite(x["logp_engine_gap"]) for x in rows)
     assert all(x["kl"] >= 0 and 0 <= x["clip_frac"] <= 1 for x in rows)
 
 
-def _iou_rewards(out, sft_model, flip, steps):
+def _iou_rewards(out, sft_model, steps, flip=False, lr=None):
     """The mean IoU reward of every step of a GRPO run with the CPU defaults (B=4, G=6, lr 2e-4)."""
     import train
     train.main(Config(model=sft_model, out_dir=out, sft_steps=0, max_steps=steps, flip_advantage=flip, seed=0,
-                      save_every=0))
+                      save_every=0, lr=lr))
     return [x["reward_accuracy"] for x in metrics(out)]
 
 
 @pytest.mark.slow
 def test_grpo_raises_the_iou_reward_and_a_flipped_advantage_lowers_it(tmp_path, sft_model):
-    """Measured: 100 GRPO steps after the warm start take the mean IoU reward from 0.57 over the first 20 steps to
-    0.69 over the last 20 (warm starts from seeds 1, 2, 3: +0.12, +0.07, +0.08). With the advantage negated the
-    model gives up answering: 0.53 over the first 5 steps, 0.00 from step 11 on."""
-    up = _iou_rewards(str(tmp_path / "up"), sft_model, flip=False, steps=100)
-    first, last = np.mean(up[:20]), np.mean(up[-20:])
-    assert last > first + 0.05, (first, last)
-    down = _iou_rewards(str(tmp_path / "down"), sft_model, flip=True, steps=30)
+    """GRPO against the same run without learning (lr 1e-12): the data order is a function of the step, so over the
+    last 20 of 100 steps both answer the same prompts, and prompt difficulty cancels out. Measured on this 2-core
+    machine from the seed-0 warm start, last-20 mean IoU: 0.80 vs 0.64 (seeds 1 and 2: 0.85 vs 0.73, 0.89 vs 0.66).
+    A run's first 20 steps against its last 20 is a weaker test: GRPO learns much of its gain in the first 20 steps
+    (0.69 at steps 0-19 without learning, 0.78 with), and the float details of the CPU move those numbers (the
+    previous machine measured 0.57 -> 0.69). With the advantage negated the model gives up answering."""
+    up = _iou_rewards(str(tmp_path / "up"), sft_model, steps=100)
+    still = _iou_rewards(str(tmp_path / "still"), sft_model, steps=100, lr=1e-12)
+    assert np.mean(up[-20:]) > np.mean(still[-20:]) + 0.05, (np.mean(up[-20:]), np.mean(still[-20:]))
+    down = _iou_rewards(str(tmp_path / "down"), sft_model, steps=30, flip=True)
     first, last = np.mean(down[:5]), np.mean(down[-10:])
     assert first > 0.3 and last < 0.05, (first, last)
 
 
 @pytest.mark.slow
 def test_syn_grpo_synthesized_samples_enter_the_pool_and_are_trained_on(tmp_path):
-    """Local data server (tiny SDXL pipeline) started by train.py; --sync so that the test does not depend on
+    """Local data server (tiny SDXL pipeline) started by train.py; --synchronous-synthesis so that the test does not depend on
     timing: step k's images are in the pool before step k+1, and the 8-sample pool is revisited every 2 steps."""
     from data import DataPool
     desc = tmp_path / "descriptions.txt"
     desc.write_text("a snowy forest\na sunny beach\n")
     out = str(tmp_path / "syn")
     r = run_train("--algo", "syn-grpo", "--out-dir", out, "--sft-steps", "20", "--max-steps", "4", "--shapes-n", "8",
-                  "--pipeline-steps", "2", "--descriptions", str(desc), "--sync", "--save-every", "2")
+                  "--pipeline-steps", "2", "--descriptions", str(desc), "--synchronous-synthesis", "--save-every", "2")
     assert r.returncode == 0, r.stderr[-3000:]
     rows = metrics(out)
     assert sum(x["jobs_absorbed"] for x in rows) >= 4 and rows[-1]["pool_synth_frac"] > 0
@@ -222,20 +225,6 @@ def test_absorb_result_ignores_bad_and_duplicate_results(tmp_path):
     assert absorb_result(ok, pool, str(tmp_path), 4) is None          # the same result twice: absorbed once
 
 
-def test_majority_rewards_group_by_prompt_and_pseudo_label_accuracy():
-    from data import Sample
-    from rollout import Completion, Prompt
-    from train import majority_rewards, pseudo_label_correct
-    s1 = Sample(id="a", task="math", image="", problem="q", answer="2")
-    s2 = Sample(id="b", task="math", image="", problem="q", answer="5")
-    prompts = [Prompt(sample=s, text="", image=None, input_ids=[], pixel_values=None, image_grid_thw=None) for s in (s1, s2)]
-    texts = [["\\boxed{2}", "\\boxed{3}", "\\boxed{2}"], ["\\boxed{7}", "no box", "\\boxed{7.0}"]]
-    groups = [[Completion(prompt_idx=i, token_ids=[1], text=t) for t in g] for i, g in enumerate(texts)]
-    r, labels = majority_rewards(groups, prompts, "math")
-    assert r == [[1, 0, 1], [1, 0, 1]] and labels == ["2", "7"]
-    assert pseudo_label_correct("2", s1) and not pseudo_label_correct("7", s2) and not pseudo_label_correct(None, s1)
-
-
 @pytest.mark.slow
 def test_majority_reward_never_reads_the_gold_answer(tmp_path, math_model):
     """MM-UPT on shapes counting: the same run on the data with its answers removed has identical rewards
@@ -260,16 +249,52 @@ def test_majority_reward_never_reads_the_gold_answer(tmp_path, math_model):
     assert any(x["reward"] > 0 for x in gold) and any(x["loss"] != 0 for x in gold)
 
 
-def test_majority_rewards_rec_clusters_boxes_by_iou():
-    from data import Sample
-    from rollout import Completion, Prompt
-    from train import majority_rewards, pseudo_label_correct
-    s = Sample(id="r", task="rec", image="", width=100, height=100, problem="q", solution=[10, 10, 50, 50])
-    prompt = Prompt(sample=s, text="", image=None, input_ids=[], pixel_values=None, image_grid_thw=None,
-                    input_size=(100, 100))
-    box = lambda b: f'<think>t</think><answer>{{"bbox_2d": {b}}}</answer>'
-    texts = [box([60, 60, 90, 90]), box([11, 10, 50, 51]), "no answer", box([10, 12, 49, 50]), box([61, 60, 90, 90])]
-    r, labels = majority_rewards([[Completion(prompt_idx=0, token_ids=[1], text=t) for t in texts]], [prompt], "rec")
-    # two clusters of two (IoU >= 0.5 within each): the tie goes to the cluster seen first
-    assert r == [[1, 0, 0, 0, 1]] and labels[0] == [60, 60, 90, 90]
-    assert not pseudo_label_correct(labels[0], s) and pseudo_label_correct([11, 10, 50, 51], s)
+# -- bad command lines: one clear line, a non-zero exit, nothing written -------------------------------------------
+
+@pytest.mark.parametrize("args,message", [
+    (["--algo", "syn_grpo"], "invalid choice: 'syn_grpo'"),
+    (["--task", "xyz"], "invalid choice: 'xyz'"),
+    (["--loss-type", "ppo"], "invalid choice: 'ppo'"),
+    (["--batch-size", "two"], "invalid int value"),
+    (["--data", "no/such/file.jsonl"], "--data no/such/file.jsonl: no such file"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--num-generations", "1"], "--num-generations must be at least 2"),
+    (["--shapes-objects", "3-1"], "--shapes-objects 3-1"),
+    (["--gamma", "1.5"], "--gamma must be in [0, 1]"),
+    (["--algo", "syn-grpo", "--task", "math"], "tasks rec, ovd and isr"),
+    (["--reward", "majority", "--task", "ovd"], "tasks rec and math"),
+    (["--resume", "no/such/run"], "no config.json"),
+])
+def test_a_bad_command_line_stops_with_one_line_before_writing_anything(tmp_path, capsys, args, message):
+    import train
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        train.main(train.parse_args([*args, "--out-dir", str(out)]))
+    text = str(e.value.code) if not isinstance(e.value.code, int) else capsys.readouterr().err
+    assert e.value.code != 0 and message in text and len(text.strip().splitlines()) == 1, text
+    assert not out.exists()
+
+
+def test_a_bad_flag_ends_the_process_without_a_traceback(tmp_path):
+    r = run_train("--algo", "syn_grpo", "--out-dir", str(tmp_path / "run"), timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "train.py: error: argument --algo: invalid choice: 'syn_grpo' (choose from 'sft', 'grpo', 'syn-grpo') (see --help)"]
+    r = run_train("--batch-size", "0", "--out-dir", str(tmp_path / "run"), timeout=120)
+    assert r.returncode == 1 and r.stderr.strip() == "train.py: --batch-size must be at least 1 (prompts per step)"
+    assert not (tmp_path / "run").exists()
+
+
+def test_every_flag_has_help_and_enumerated_ones_list_their_choices():
+    from train import parse_args
+    import contextlib
+    import io
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = buf.getvalue()
+    for flag in ("--algo {sft,grpo,syn-grpo}", "--task {rec,ovd,isr,math}", "--reward {gold,majority}",
+                 "--loss-type {grpo,dapo,dr_grpo}", "--rollout-backend {hf,vllm}"):
+        assert flag in text, flag
+    from dataclasses import fields
+    from train import Config
+    assert all(f.metadata.get("help") for f in fields(Config))
