@@ -653,29 +653,36 @@ def parse_config(cls, argv=None, description: str = "", epilog: str = ""):
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
-    sp = sub.add_parser("shapes", help="write the synthetic shapes dataset")
-    sp.add_argument("--task", choices=TASKS, default="rec")
-    sp.add_argument("--n", type=int, default=2000)
-    sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--split", default="train")
+    sp = sub.add_parser("shapes", help="write the synthetic shapes dataset", formatter_class=_HelpFormatter)
+    sp.add_argument("--task", choices=TASKS, default="rec", help="the task whose format the rows take")
+    sp.add_argument("--n", type=int, default=2000, help="number of images")
+    sp.add_argument("--seed", type=int, default=0, help="the dataset is a function of (task, seed, split, index)")
+    sp.add_argument("--split", default="train", help="train, or any other name for a disjoint held-out split")
     sp.add_argument("--objects", type=int, nargs=2, default=(2, 4), metavar=("MIN", "MAX"),
-                    help="number of shapes per image")
-    sp.add_argument("--out", required=True)
-    cp = sub.add_parser("check", help="validate a JSONL file and report every bad line")
-    cp.add_argument("file")
-    cp.add_argument("--task", choices=TASKS, required=True)
-    cp.add_argument("--image-root", default="")
-    co = sub.add_parser("coco", help="convert COCO detection JSON to the ovd JSONL format")
-    co.add_argument("coco_json")
-    co.add_argument("--image-root", required=True)
-    co.add_argument("--out", required=True)
-    co.add_argument("--task", choices=("ovd", "isr"), default="ovd")
-    co.add_argument("--max-boxes-per-category", type=int, default=0)
+                    help=f"number of shapes per image (at most {GRID * GRID}, one per grid cell)")
+    sp.add_argument("--out", required=True, help="folder for the JSONL file and images/")
+    cp = sub.add_parser("check", help="validate a JSONL file and report every bad line", formatter_class=_HelpFormatter)
+    cp.add_argument("file", help="the JSONL file")
+    cp.add_argument("--task", choices=TASKS, required=True, help="the task whose format the rows must have")
+    cp.add_argument("--image-root", default="", help="image paths are relative to this folder ('' = the file's)")
+    co = sub.add_parser("coco", help="convert COCO detection JSON to the ovd JSONL format", formatter_class=_HelpFormatter)
+    co.add_argument("coco_json", help="COCO instances JSON (bbox as x, y, w, h)")
+    co.add_argument("--image-root", required=True, help="the folder of the COCO images")
+    co.add_argument("--out", required=True, help="the JSONL file to write")
+    co.add_argument("--task", choices=("ovd", "isr"), default="ovd", help="the task of the rows")
+    co.add_argument("--max-boxes-per-category", type=int, default=0,
+                    help="drop, per image, categories with more boxes than this (VLM-R1's COCO filtered: 10; 0 = keep all)")
     a = p.parse_args(argv)
+    for path in [getattr(a, "file", None), getattr(a, "coco_json", None)]:
+        if path is not None and not os.path.isfile(path):
+            raise SystemExit(f"data.py {a.cmd}: {path}: no such file")
     if a.cmd == "shapes":
-        print(make_shapes(a.task, a.n, a.out, a.seed, a.split, tuple(a.objects)))
+        try:
+            print(make_shapes(a.task, a.n, a.out, a.seed, a.split, tuple(a.objects)))
+        except ValueError as e:
+            raise SystemExit(f"data.py shapes: {e}")
     elif a.cmd == "check":
         bad = []
         good = read_jsonl(a.file, a.task, a.image_root, strict=False, log=bad.append)

@@ -34,6 +34,6 @@ if [ "$MODE" = cpu ]; then
 else
   $PIP install vllm -r requirements.txt
 fi
-"$VENV/bin/python" -c "import vllm, torchvision, transformers, diffusers, peft, pycocotools, mathruler; print('install.sh: imports ok, torch', __import__('torch').__version__, 'vllm', vllm.__version__)" 2>&1 | grep -v -E "^(INFO|WARNING)" | tail -n 2
+"$VENV/bin/python" -c "import torch, vllm, torchvision, transformers, diffusers, peft, pycocotools, mathruler; print('install.sh: imports ok, torch', torch.__version__, 'vllm', vllm.__version__)" 2>&1 | grep -v -E "^(INFO|WARNING)" | tail -n 2
 echo "$want" > "$STAMP"
 echo "install.sh: done in $(( $(date +%s) - start )) s, $(du -sh "$VENV" | cut -f1) in $VENV"

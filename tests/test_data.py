@@ -198,3 +198,12 @@ def test_pool_replace_revert_lineage_and_state(tmp_path):
     assert loaded.samples["g2"].image == "/syn/2.png"     # history is kept after a revert
     with pytest.raises(ValueError):
         pool.replace("s0", Sample(id="g1", task="rec", image="", problem="q", solution=[1, 1, 2, 2]))
+
+
+def test_cli_bad_input_gets_one_line(tmp_path):
+    from data import main
+    with pytest.raises(SystemExit, match="no such file"):
+        main(["check", str(tmp_path / "missing.jsonl"), "--task", "rec"])
+    with pytest.raises(SystemExit, match="shapes per image"):
+        main(["shapes", "--objects", "3", "9", "--out", str(tmp_path / "s")])
+    assert not (tmp_path / "s").exists()
