@@ -49,6 +49,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from PIL import Image
 
 from data import is_box, opt, parse_config
+from outpaint import SEGMENTERS
 
 
 @dataclass
@@ -60,7 +61,8 @@ class ServerConfig:
     pipeline: str = opt("tiny", "outpainting pipeline: tiny (random weights, built offline), sdxl (SDXL + ControlNet "
                                 "from the hub, GPU) or a saved pipeline dir")
     segmenter: str = opt("", "foreground matte refining the keep-mask inside the boxes: '' (box mask alone), ben2 "
-                             "(the paper's BEN2, GPU) or color (flat synthetic backgrounds)", choices=("", "ben2", "color"))
+                             "(the paper's BEN2, GPU), palette (the shapes data's object colours) or color (flat "
+                             "backgrounds)", choices=SEGMENTERS)
     device: str = opt("cpu", "device of the pipelines, e.g. cuda:1")
     workers: int = opt(1, "generation threads, one pipeline each")
     state_dir: str = opt("runs/server", "accepted jobs and results, written atomically; reused after a restart")
@@ -71,6 +73,10 @@ class ServerConfig:
     max_image_pixels: int = opt(4096 * 4096, "image size limit in pixels, checked before decoding (413 above)")
     max_boxes: int = opt(1000, "boxes per job at most")
     steps: int = opt(8, "denoising steps of the pipeline")
+    work_size: int = opt(0, "side in pixels the pipeline runs at (multiple of 8); the result is resized to the "
+                            "source's size; 0 = the source's size")
+    threads: int = opt(0, "torch threads of the workers (0 = torch's default); 1 leaves the other cores to a trainer "
+                          "on the same CPU")
     request_timeout: float = opt(10.0, "seconds a client may take to send its request")
     parent_pid: int = opt(0, "exit when this process dies (train.py's own local server); 0 = never")
 
@@ -276,7 +282,8 @@ def worker_loop(store: JobStore, jobs: queue.Queue, cfg: ServerConfig, stop: thr
         try:
             job, image = store.load_job(job_id)
             new, boxes = outpaint(pipe, image, job["boxes"], job["description"], seed=job["seed"] % 2 ** 32,
-                                  steps=cfg.steps, zoom_out=job["zoom_out"], segmenter=segmenter)
+                                  steps=cfg.steps, zoom_out=job["zoom_out"], segmenter=segmenter,
+                                  work_size=cfg.work_size or None)
             store.finish(job, new, boxes)
         except Exception as e:   # a failed job is reported, never lost, and never kills the worker
             try:
@@ -435,6 +442,9 @@ class DataServer(ThreadingHTTPServer):
 
 
 def serve(cfg: ServerConfig) -> None:
+    if cfg.threads:
+        import torch
+        torch.set_num_threads(cfg.threads)
     store = JobStore(cfg.state_dir)
     jobs: queue.Queue = queue.Queue()
     for job_id in store.pending:        # recovered after a crash: finish what was accepted

@@ -1,6 +1,6 @@
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from data import shapes_sample
 from outpaint import keep_mask, load_pipeline, outpaint, zoom_boxes
@@ -80,3 +80,30 @@ def test_segmenter_refines_the_mask_inside_boxes(pipe):
     assert refined.sum() < box_only.sum()               # background inside the boxes is regenerated too
     with pytest.raises(ValueError):
         load_segmenter("nope")
+
+
+def test_palette_matte_regenerates_the_box_around_a_shape_and_keeps_the_shape(pipe):
+    """No cue to the answer: with the matte, pixels inside the box but outside the object change; the object's own
+    pixels are kept exactly, in the next generation too (the matte of a synthesized image is as clean)."""
+    from outpaint import load_segmenter
+    seg = load_segmenter("palette")
+    img, row = next((im, r) for im, r in (shapes_sample("rec", i, objects=(1, 1)) for i in range(50))
+                    if "square" not in r["meta"]["expression"])
+    x1, y1, x2, y2 = row["solution"]
+    obj = np.asarray(seg(img))[y1:y2, x1:x2] > 0
+    assert 0.3 < obj.mean() < 1.0                                   # a circle or triangle, not its box
+    gen1, _ = outpaint(pipe, img, [row["solution"]], "a beach", seed=1, steps=2, segmenter=seg)
+    gen2, _ = outpaint(pipe, gen1, [row["solution"]], "a forest", seed=2, steps=2, segmenter=seg)
+    for before, after in ((img, gen1), (gen1, gen2)):
+        a, b = np.asarray(before)[y1:y2, x1:x2], np.asarray(after)[y1:y2, x1:x2]
+        assert np.array_equal(a[obj], b[obj])
+        ring = ~(np.asarray(Image.fromarray(obj.astype(np.uint8) * 255).filter(ImageFilter.MaxFilter(3))) > 0)
+        assert (a[ring] != b[ring]).any(-1).mean() > 0.5           # the box's background is new
+    assert (np.asarray(seg(gen2))[y1:y2, x1:x2] > 0).sum() == obj.sum()
+
+
+def test_a_box_the_matte_misses_keeps_its_pixels():
+    seg = Image.new("L", (40, 40), 0)
+    seg.paste(255, (2, 2, 8, 8))                          # covers the first box, not the second
+    m = np.asarray(keep_mask((40, 40), [[2, 2, 8, 8], [20, 20, 30, 30]], dilate=1, segment=seg)) > 0
+    assert m[20:30, 20:30].all() and not m[0, 0]
