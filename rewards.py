@@ -376,6 +376,18 @@ def diversity_reward(score: float | None, v_smoothed: float) -> float:
     return 0.0 if score is None else 1.0 - abs(score - v_smoothed)
 
 
+def score_tracking(scores: list[list[float | None]], v_smoothed: list[float]) -> dict:
+    """How well the predicted <score>s follow their groups' smoothed diversity V~(q): the Pearson correlation over
+    every parsed score of the step (None when either side is constant), their spread, and the share that parse."""
+    pairs = [(v, v_smoothed[b]) for b, g in enumerate(scores) for v in g if v is not None]
+    n = sum(len(g) for g in scores)
+    out = {"score_parsed": len(pairs) / n if n else 0.0, "score_std": float(np.std([v for v, _ in pairs])) if pairs else 0.0}
+    x, y = np.array(pairs).T if pairs else (np.zeros(0), np.zeros(0))
+    ok = len(pairs) > 1 and x.std() > 0 and y.std() > 0
+    out["score_diversity_corr"] = float(np.corrcoef(x, y)[0, 1]) if ok else None
+    return out
+
+
 def select_description(texts: list[str], r_div: list[float]) -> str | None:
     """Eq. 8: the <description> of argmax_i R_div(o_i) (first index on ties); None if that one has none."""
     if not texts:
@@ -504,5 +516,6 @@ def score_groups(texts: list[list[str]], samples: list[Sample], input_sizes: lis
         for b, g in enumerate(texts):
             div[b] = torch.tensor([diversity_reward(parse_score(t), v_smoothed[b]) for t in g])
             descriptions[b] = select_description(g, div[b].tolist())
-        stats.update(diversity_smoothed=float(np.mean(v_smoothed)), diversity_global=v_global)
+        stats.update(diversity_smoothed=float(np.mean(v_smoothed)), diversity_global=v_global,
+                     **score_tracking([[parse_score(t) for t in g] for g in texts], v_smoothed))
     return GroupRewards(accuracy=acc, format=fmt, diversity=div, descriptions=descriptions, stats=stats)

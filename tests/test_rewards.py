@@ -286,3 +286,11 @@ def test_score_groups_composes_eq7_and_selects_descriptions():
     assert torch.equal(rw.total, rw.accuracy + rw.format + rw.diversity)
     plain = score_groups(texts, [s, s], [(100, 100), (100, 100)], algo="grpo")
     assert plain.diversity.abs().sum() == 0 and plain.descriptions == [None, None] and plain.format.sum() == 0
+
+
+def test_score_tracking_correlates_predicted_scores_with_group_diversity():
+    from rewards import score_tracking
+    t = score_tracking([[0.9, 0.8, None], [0.1, 0.2, 0.1]], [1.0, 0.0])
+    assert t["score_diversity_corr"] > 0.9 and t["score_parsed"] == pytest.approx(5 / 6) and t["score_std"] > 0.3
+    assert score_tracking([[0.5, 0.5], [0.5, 0.5]], [1.0, 0.0])["score_diversity_corr"] is None   # constant score
+    assert score_tracking([[None]], [0.3]) == {"score_parsed": 0.0, "score_std": 0.0, "score_diversity_corr": None}
