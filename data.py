@@ -148,8 +148,13 @@ def build_prompt(sample: Sample, algo: str = "grpo") -> str:
     return sample.problem + MATH_SUFFIX
 
 
-DESCRIPTIONS = ("a sunny beach", "a snowy forest", "a busy city street", "a wooden kitchen table",
-                "a grassy park", "a dark night sky", "a desert with dunes", "a cozy living room")
+# Descriptions of the warm start's Syn-GRPO targets: eight backgrounds of exactly 9 tokens each in the tiny model's
+# vocabulary, and scores written with two decimals (always 4 tokens). The tiny model (RoPE base 10) finds the image
+# from the answer only at a fixed distance: with descriptions of 7 to 15 tokens, or "0.5" next to "0.25", the
+# answer moves and 600 warm-start steps left greedy IoU at 0.19, where equal lengths give 0.90 after 1,200 steps
+# (README, "Syn-GRPO on a CPU").
+DESCRIPTIONS = ("a sunny beach", "a grassy park", "a green field", "a red brick wall", "a sandy desert",
+                "a frozen lake", "a snowy road", "a white room")
 
 
 def gold_completion(sample: Sample, input_size, algo: str = "grpo", index: int = 0) -> str:
@@ -166,8 +171,9 @@ def gold_completion(sample: Sample, input_size, algo: str = "grpo", index: int =
         items = [{"bbox_2d": r(o["bbox"]), "label": o["label"]} for o in sample.objects]
         answer = json.dumps(items) if items else "None"
     extra = ""
-    if algo == "syn-grpo":   # a neutral diversity guess and a varied description, so both tags are learned
-        extra = f" <score>0.5</score> <description>{DESCRIPTIONS[index % len(DESCRIPTIONS)]}</description>"
+    if algo == "syn-grpo":   # scores spread over [0, 1) and varied descriptions: GRPO then has choices to shape
+        score = (index * 37) % 100 / 100
+        extra = f" <score>{score:.2f}</score> <description>{DESCRIPTIONS[index % len(DESCRIPTIONS)]}</description>"
     return f"<think>{think}</think>{extra} <answer>{answer}</answer>"
 
 

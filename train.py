@@ -44,6 +44,7 @@ from data import GRID, PROMPTS, TASKS, DataPool, gold_completion, load_image, ma
 from rollout import (TINY_MODELS, Completion, HFRollout, MicroBatch, Prompt, Sampling, VLLMRollout,
                      completion_logprobs, encode_prompt, engine_gap, load_policy, make_batch, resolve_model,
                      vision_token_ids)
+from outpaint import SEGMENTERS
 from server import DataServerClient, make_job, parse_result
 
 
@@ -59,7 +60,8 @@ class Config:
     data: str = opt("", "the task's JSONL file ('' = the built-in shapes dataset)")
     image_root: str = opt("", "image paths in --data are relative to this folder ('' = the file's folder)")
     strict: bool = opt(False, "stop at the first bad data row instead of skipping it")
-    shapes_n: int = opt(512, "size of the shapes training set when --data is empty")
+    shapes_n: int | None = opt(None, "size of the shapes training set when --data is empty (default: 512; 128 for "
+                                     "syn-grpo on CPU, so that slots come back and their images are synthesized again)")
     shapes_objects: str | None = opt(None, "shapes per image as MIN-MAX in that set (default: 1-1 for rec, else 1-2)")
     out_dir: str = opt("runs/default", "where metrics, checkpoints and the final model go")
     resume: str = opt("", "a run dir to continue from its last checkpoint (its own config is used)")
@@ -74,7 +76,7 @@ class Config:
     max_grad_norm: float = opt(1.0, "gradient clipping norm")
     warmup_steps: int = opt(0, "linear learning-rate warm-up steps")
     sft_steps: int | None = opt(None, "SFT warm-start steps before GRPO (default: 600 for the random-weight tiny "
-                                      "models, else 0)")
+                                      "models, 1200 in syn-grpo's four-tag format; else 0)")
     sft_lr: float | None = opt(None, "SFT learning rate (default: 1e-5 on GPU, 1e-3 on CPU)")
     # GRPO objective
     beta: float = opt(0.0, "coefficient of KL(pi || pi_ref), k3 estimator; 0 = no reference model")
@@ -96,7 +98,15 @@ class Config:
     server_url: str = opt("", "data server URL(s), comma-separated ('' = train.py starts a local one)")
     server_token: str = opt("", "bearer token of the data server(s)")
     pipeline: str = opt("tiny", "outpainting pipeline of the local data server: tiny, sdxl or a pipeline dir")
-    pipeline_steps: int = opt(8, "denoising steps of the local data server")
+    pipeline_steps: int | None = opt(None, "denoising steps of the local data server (default: 30 for sdxl, "
+                                           "diffusers' SDXL recipe; 2 for the random-weight tiny pipeline)")
+    pipeline_size: int | None = opt(None, "side in pixels the local server's pipeline runs at (default: 64 for the "
+                                          "tiny pipeline, which draws noise at any size; else the image's size)")
+    max_pending_jobs: int | None = opt(None, "jobs in flight at most; a step submits no more while this many are "
+                                             "unfinished (default: 0 = no limit on GPU; 2 x batch size on CPU)")
+    segmenter: str | None = opt(None, "foreground matte of the local data server's keep-mask: '' (the boxes alone), "
+                                      "palette, color or ben2 (default: palette for the built-in shapes data, else '')",
+                                choices=SEGMENTERS)
     synchronous_synthesis: bool = opt(False, "wait for each step's images before training on (the paper's "
                                              "synchronous baseline of Table 5)")
     descriptions: str = opt("", "a file of fixed descriptions, one a line, used instead of the model's")
@@ -132,14 +142,19 @@ def resolve_defaults(cfg: Config) -> Config:
     # start's localisation, IoU 0.46 -> 0.17); 64 new tokens (at 48 GRPO learned to cut boxes short, IoU 0); one
     # shape per REC image (the tiny model learns to localise a lone shape in CPU minutes, not yet to pick the
     # described one of two).
+    syn = cfg.algo == "syn-grpo"
     d = dict(batch_size=20 if gpu else 4, num_generations=6, lr=1e-6 if gpu else 2e-4,
-             sft_steps=600 if random_init else 0, sft_lr=1e-5 if gpu else 1e-3, freeze_vision=not gpu,
-             max_new_tokens=1024 if gpu else (112 if cfg.algo == "syn-grpo" else 64),
+             sft_steps=(1200 if syn else 600) if random_init else 0, sft_lr=1e-5 if gpu else 1e-3,
+             freeze_vision=not gpu, max_new_tokens=1024 if gpu else (112 if syn else 64),
              rollout_backend="vllm" if gpu else "hf", max_steps=0 if gpu else 100,
-             shapes_objects="1-1" if cfg.task == "rec" else "1-2")
+             shapes_objects="1-1" if cfg.task == "rec" else "1-2", shapes_n=128 if syn and not gpu else 512,
+             segmenter="" if cfg.data else "palette", pipeline_steps=2 if cfg.pipeline == "tiny" else 30,
+             pipeline_size=64 if cfg.pipeline == "tiny" else 0)
     for k, v in d.items():
         if getattr(cfg, k) is None:
             setattr(cfg, k, v)
+    if cfg.max_pending_jobs is None:
+        cfg.max_pending_jobs = 0 if gpu else 2 * cfg.batch_size
     return cfg
 
 
@@ -153,6 +168,8 @@ def check_config(cfg: Config) -> None:
         (not objects or not 1 <= int(objects[1]) <= int(objects[2]) <= GRID * GRID,
          f"--shapes-objects {cfg.shapes_objects}: expected MIN-MAX with 1 <= MIN <= MAX <= {GRID * GRID}"),
         (cfg.shapes_n < 1, "--shapes-n must be at least 1"),
+        (cfg.pipeline_steps < 1 or cfg.pipeline_size < 0 or cfg.max_pending_jobs < 0,
+         "--pipeline-steps must be at least 1, --pipeline-size and --max-pending-jobs >= 0"),
         (cfg.batch_size < 1, "--batch-size must be at least 1 (prompts per step)"),
         (cfg.algo != "sft" and cfg.num_generations < 2, "--num-generations must be at least 2: the advantage of Eq. 1 "
                                                         "compares a completion with the rest of its group"),
@@ -560,10 +577,12 @@ class Synthesis:
         return pool, stats
 
     def _submit_and_collect(self, step: int, chosen: list, pool: DataPool) -> dict:
-        ids = []
+        ids, skipped = [], 0
         for b, (sample, desc) in enumerate(chosen):
             desc = self.fixed[(step * len(chosen) + b) % len(self.fixed)] if self.fixed else desc
-            if desc:
+            if desc and self.cfg.max_pending_jobs and len(self.client.pending) >= self.cfg.max_pending_jobs:
+                skipped += 1      # the server is behind: a job queued now would wait behind older ones
+            elif desc:
                 ids.append(self.client.submit(make_job(sample.id, sample.image, sample.gold_boxes(), desc,
                                                        seed=derive_seed(self.cfg.seed, step, b), key=f"{sample.id}@{step}")))
         results = self.client.collect()
@@ -572,8 +591,9 @@ class Synthesis:
             time.sleep(0.05)
             results += self.client.collect()
         absorbed = [absorb_result(r, pool, self.cfg.out_dir, step) for r in results]
-        return {"jobs_submitted": sum(i is not None for i in ids), "jobs_absorbed": sum(a is not None for a in absorbed),
-                "jobs_pending": len(self.client.pending), "jobs_failed": self.client.failed}
+        return {"jobs_submitted": sum(i is not None for i in ids), "jobs_skipped": skipped,
+                "jobs_absorbed": sum(a is not None for a in absorbed), "jobs_pending": len(self.client.pending),
+                "jobs_failed": self.client.failed}
 
     def state_dict(self) -> dict | None:
         return self.client.state_dict() if self.client else None
@@ -638,7 +658,9 @@ def start_local_server(cfg: Config):
     device = "cuda:1" if torch.cuda.device_count() > 1 else ("cuda:0" if torch.cuda.is_available() else "cpu")
     proc = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "server.py"),
                              "--port", "0", "--port-file", port_file, "--state-dir", state, "--pipeline", cfg.pipeline,
-                             "--steps", str(cfg.pipeline_steps), "--device", device, "--parent-pid", str(os.getpid())],
+                             "--steps", str(cfg.pipeline_steps), "--work-size", str(cfg.pipeline_size),
+                             "--segmenter", cfg.segmenter, "--device", device, "--parent-pid", str(os.getpid()),
+                             *(["--threads", "1"] if device == "cpu" else [])],   # one core for it, the rest to training
                             stdout=subprocess.DEVNULL, stderr=open(os.path.join(state, "server.log"), "a"))
     deadline = time.time() + 300
     while not os.path.exists(port_file):

@@ -190,13 +190,18 @@ def test_syn_grpo_synthesized_samples_enter_the_pool_and_are_trained_on(tmp_path
     pool = DataPool.load(os.path.join(out, "pool.json"))
     synth = [s for s in pool.samples.values() if s.generation > 0]
     from PIL import Image
-    for s in synth:                      # labels unchanged and their pixels identical to the source's
+    from outpaint import load_segmenter
+    matte = load_segmenter("palette")     # the local server's keep-mask on the shapes data
+    for s in synth:                      # labels unchanged, the object's pixels identical, the rest of its box new
         src = pool.samples[s.parent_id]
         assert s.solution == src.solution and s.meta["description"] in ("a snowy forest", "a sunny beach")
         x1, y1, x2, y2 = (int(v) for v in s.solution)
         a = np.asarray(Image.open(src.image).convert("RGB"))[y1:y2, x1:x2]
         b = np.asarray(Image.open(s.image).convert("RGB"))[y1:y2, x1:x2]
-        assert np.array_equal(a, b)
+        obj = np.asarray(matte(Image.open(src.image)))[y1:y2, x1:x2] > 0
+        assert obj.any() and np.array_equal(a[obj], b[obj])
+        if not obj.all():
+            assert (a[~obj] != b[~obj]).any(-1).mean() > 0.5
     # eval.py's curves and gallery from this real run
     import eval as E
     assert all(os.path.getsize(f) > 5000 for f in E.plot_command(out))
@@ -298,3 +303,36 @@ def test_every_flag_has_help_and_enumerated_ones_list_their_choices():
     from dataclasses import fields
     from train import Config
     assert all(f.metadata.get("help") for f in fields(Config))
+
+
+@pytest.fixture(scope="module")
+def syn_warm_start(tmp_path_factory):
+    """The embedded Syn-GRPO default's warm start (1,200 SFT steps in the four-tag format) and one step."""
+    import train
+    out = str(tmp_path_factory.mktemp("synsft") / "run")
+    train.main(Config(algo="syn-grpo", synthesize=False, out_dir=out, max_steps=1, save_every=0, seed=0))
+    return os.path.join(out, "final")
+
+
+@pytest.mark.slow
+def test_syn_grpo_learns_on_the_images_it_synthesizes(tmp_path, syn_warm_start):
+    """A shortened embedded Syn-GRPO run (local data server, palette matte, CPU defaults) from its warm start: with
+    128 slots an epoch is 32 steps, so steps 32-39 train on synthesized images, some second-generation. Against the
+    same run without learning (lr 1e-12, the same slots), over the last 20 steps: the diversity reward is learned
+    (measured 0.64 vs 0.55) and localisation holds on the synthesized images (accuracy 0.81 vs 0.83; at this scale
+    the warm start already localises, and accuracy does not rise above it: README, "Syn-GRPO on a CPU")."""
+    import train
+    from data import DataPool
+    runs = {}
+    for name, lr in (("learn", None), ("still", 1e-12)):
+        out = str(tmp_path / name)
+        train.main(Config(model=syn_warm_start, algo="syn-grpo", out_dir=out, sft_steps=0, max_steps=40, seed=0,
+                          lr=lr, save_every=40))
+        runs[name] = metrics(out)
+    last20 = lambda name, key: np.mean([x[key] for x in runs[name][-20:]])
+    assert last20("learn", "reward_diversity") > last20("still", "reward_diversity") + 0.04
+    assert last20("learn", "reward_accuracy") > max(0.6, last20("still", "reward_accuracy") - 0.08)
+    assert last20("learn", "batch_synth_frac") >= 0.25
+    pool = DataPool.load(os.path.join(tmp_path, "learn", "pool.json"))
+    assert max(s.generation for s in pool.samples.values()) >= 2
+    assert all(x["jobs_failed"] == 0 for x in runs["learn"])
