@@ -126,6 +126,11 @@ SYN_TAGS = (
 )
 JSON_ANSWER = " Output the final answer in JSON format."
 MATH_SUFFIX = " Please reason step by step, and put your final answer within \\boxed{}."
+# SynthRL's solver instruction (its math format reward then requires <think> ... </think> before the \boxed{} answer)
+MATH_THINK = (" You FIRST think about the reasoning process as an internal monologue and then provide the final answer. "
+              "The reasoning process MUST BE enclosed within <think> </think> tags. The final answer MUST BE put in "
+              "\\boxed{}.")
+MATH_FORMATS = ("boxed", "think")
 
 PROMPTS = {
     "rec": REC_QUESTION + THINK_ANSWER + JSON_ANSWER,
@@ -133,11 +138,13 @@ PROMPTS = {
     "rec/syn-grpo": REC_QUESTION + SYN_TAGS + JSON_ANSWER,
     "ovd/syn-grpo": OVD_QUESTION + SYN_TAGS,
     "math": "{problem}" + MATH_SUFFIX,
+    "math/think": "{problem}" + MATH_THINK,
 }
 
 
-def build_prompt(sample: Sample, algo: str = "grpo") -> str:
-    """The user text for a sample. rec `problem` already holds VLM-R1's full question."""
+def build_prompt(sample: Sample, algo: str = "grpo", math_format: str = "boxed") -> str:
+    """The user text for a sample. rec `problem` already holds VLM-R1's full question. math_format: boxed (MM-UPT's
+    instruction) or think (SynthRL's)."""
     syn = algo == "syn-grpo"
     if sample.task == "rec":
         tags = SYN_TAGS if syn else THINK_ANSWER
@@ -145,7 +152,7 @@ def build_prompt(sample: Sample, algo: str = "grpo") -> str:
     if sample.task in ("ovd", "isr"):
         q = OVD_QUESTION.format(categories=json.dumps(sample.categories))
         return q + (SYN_TAGS if syn else THINK_ANSWER)
-    return sample.problem + MATH_SUFFIX
+    return sample.problem + (MATH_THINK if math_format == "think" else MATH_SUFFIX)
 
 
 # Descriptions of the warm start's Syn-GRPO targets: eight backgrounds of exactly 9 tokens each in the tiny model's
@@ -157,12 +164,13 @@ DESCRIPTIONS = ("a sunny beach", "a grassy park", "a green field", "a red brick 
                 "a frozen lake", "a snowy road", "a white room")
 
 
-def gold_completion(sample: Sample, input_size, algo: str = "grpo", index: int = 0) -> str:
+def gold_completion(sample: Sample, input_size, algo: str = "grpo", index: int = 0, math_format: str = "boxed") -> str:
     """The target text of supervised fine-tuning (the SFT baseline and the tiny models' warm start), in exactly
     the format the rewards parse; boxes are written in the model-input frame, as the model must answer."""
     r = lambda box: [int(round(v)) for v in to_input_frame(box, (sample.width, sample.height), input_size)]
     if sample.task == "math":
-        return f"Counting gives {sample.answer}. \\boxed{{{sample.answer}}}"
+        answer = f"Counting gives {sample.answer}. \\boxed{{{sample.answer}}}"
+        return f"<think>I count the shapes.</think> {answer}" if math_format == "think" else answer
     if sample.task == "rec":
         think = "I locate the object."
         answer = json.dumps({"bbox_2d": r(sample.solution)})
@@ -378,6 +386,31 @@ def coco_to_samples(coco_json: str, image_root: str, task: str = "ovd", max_boxe
     return out
 
 
+def add_context_objects(samples: list[Sample], coco_json: str) -> int:
+    """COCO-based REC (RefCOCO, RefCOCO+, RefCOCOg): the other annotated objects of each row's image become its
+    `context_objects`, so that outpainting keeps the anchors of a relational expression ("the cup left of the
+    plate") along with the referent. Images are matched by file name; the referent itself (the annotation with IoU
+    > 0.9 against the row's box) is left out; crowd annotations are skipped. Returns the rows that got context."""
+    from rewards import iou
+    with open(coco_json, encoding="utf-8") as f:
+        coco = json.load(f)
+    names = {c["id"]: c["name"] for c in coco.get("categories", [])}
+    image_of = {os.path.basename(im["file_name"]): im["id"] for im in coco.get("images", [])}
+    anns: dict = {}
+    for a in coco.get("annotations", []):
+        x, y, w, h = a["bbox"]
+        if not a.get("iscrowd", 0) and w > 0 and h > 0:
+            anns.setdefault(a["image_id"], []).append({"bbox": [x, y, x + w, y + h], "label": names[a["category_id"]]})
+    n = 0
+    for s in samples:
+        objs = anns.get(image_of.get(os.path.basename(s.image)), [])
+        context = [o for o in objs if s.solution is None or iou(o["bbox"], s.solution) <= 0.9]
+        if context:
+            s.meta = {**s.meta, "context_objects": context}
+            n += 1
+    return n
+
+
 # ----------------------------------------------------------------------------------------------------
 # shapes: coloured shapes on varied backgrounds, deterministic from a seed: the embedded default and the test data.
 
@@ -555,6 +588,18 @@ class DataPool:
         self.lineage[root].append(new.id)
         return new
 
+    def add(self, parent_id: str, new: Sample) -> Sample:
+        """Put `new` (synthesized from `parent_id`) in a slot of its own, after the others; returns it."""
+        parent = self.samples[parent_id]
+        if new.id in self.samples:
+            raise ValueError(f"sample id {new.id!r} already in the pool")
+        new = replace(new, source_id=parent.root, parent_id=parent_id, generation=parent.generation + 1)
+        self.slots.append(new.id)
+        self.samples[new.id] = new
+        self.current[new.id] = new.id
+        self.lineage[new.id] = [new.id]
+        return new
+
     def revert(self, root_id: str) -> Sample:
         """Put the original sample back in its slot (history is kept)."""
         self.current[root_id] = root_id
@@ -565,7 +610,7 @@ class DataPool:
         return {"pool_size": len(cur),
                 "pool_synth_frac": sum(s.generation > 0 for s in cur) / max(1, len(cur)),
                 "pool_mean_generation": sum(s.generation for s in cur) / max(1, len(cur)),
-                "pool_total_synthesized": len(self.samples) - len(self.slots)}
+                "pool_total_synthesized": sum(s.generation > 0 for s in self.samples.values())}
 
     def state_dict(self) -> dict:
         return {"slots": list(self.slots), "current": dict(self.current),
@@ -643,15 +688,22 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls, skip=()) -> None:
         parser.add_argument("--" + f.name.replace("_", "-"), **kw)
 
 
-def parse_config(cls, argv=None, description: str = "", epilog: str = ""):
-    """Parse a command line into the dataclass `cls` (unknown flags and values outside `choices` exit with one line)."""
+def config_parser(cls, description: str = "", epilog: str = "") -> ArgumentParser:
+    """The command line of the dataclass `cls`; an entry point may add flags of its own (actions, not config)."""
     p = ArgumentParser(description=description, epilog=epilog)
     add_config_arguments(p, cls)
-    a = vars(p.parse_args(argv))
-    for f in fields(cls):
-        if isinstance(a[f.name], list):
-            a[f.name] = tuple(a[f.name])
-    return cls(**a)
+    return p
+
+
+def config_from(cls, namespace):
+    """The dataclass `cls` from parsed arguments (flags that are not its fields are left out)."""
+    a = {f.name: getattr(namespace, f.name) for f in fields(cls)}
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in a.items()})
+
+
+def parse_config(cls, argv=None, description: str = "", epilog: str = ""):
+    """Parse a command line into the dataclass `cls` (unknown flags and values outside `choices` exit with one line)."""
+    return config_from(cls, config_parser(cls, description, epilog).parse_args(argv))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -680,8 +732,14 @@ def main(argv=None) -> None:
     co.add_argument("--task", choices=("ovd", "isr"), default="ovd", help="the task of the rows")
     co.add_argument("--max-boxes-per-category", type=int, default=0,
                     help="drop, per image, categories with more boxes than this (VLM-R1's COCO filtered: 10; 0 = keep all)")
+    cx = sub.add_parser("context", help="give COCO-based REC rows the other annotated objects of their image as "
+                        "context_objects (kept by the outpainting keep-mask)", formatter_class=_HelpFormatter)
+    cx.add_argument("file", help="the REC JSONL file (RefCOCO / RefCOCO+ / RefCOCOg rows)")
+    cx.add_argument("--coco", required=True, help="the COCO instances JSON its images come from (instances_train2014.json)")
+    cx.add_argument("--image-root", default="", help="image paths are relative to this folder ('' = the file's)")
+    cx.add_argument("--out", required=True, help="the JSONL file to write")
     a = p.parse_args(argv)
-    for path in [getattr(a, "file", None), getattr(a, "coco_json", None)]:
+    for path in [getattr(a, "file", None), getattr(a, "coco_json", None), getattr(a, "coco", None)]:
         if path is not None and not os.path.isfile(path):
             raise SystemExit(f"data.py {a.cmd}: {path}: no such file")
     if a.cmd == "shapes":
@@ -689,6 +747,11 @@ def main(argv=None) -> None:
             print(make_shapes(a.task, a.n, a.out, a.seed, a.split, tuple(a.objects)))
         except ValueError as e:
             raise SystemExit(f"data.py shapes: {e}")
+    elif a.cmd == "context":
+        samples = read_jsonl(a.file, "rec", a.image_root, strict=False)
+        n = add_context_objects(samples, a.coco)
+        write_jsonl(samples, a.out, image_root=a.image_root or os.path.dirname(os.path.abspath(a.file)))
+        print(f"{a.out}: {n} of {len(samples)} rows have context objects")
     elif a.cmd == "check":
         bad = []
         good = read_jsonl(a.file, a.task, a.image_root, strict=False, log=bad.append)

@@ -25,11 +25,11 @@ from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageFilter
 
 CACHE = os.environ.get("SYN_GRPO_CACHE", os.path.join(os.path.dirname(os.path.abspath(__file__)), ".cache"))
 GPU_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
-GPU_CONTROLNET = "diffusers/controlnet-canny-sdxl-1.0"   # any SDXL ControlNet; the control image is the source
+GPU_CONTROLNET = "diffusers/controlnet-canny-sdxl-1.0"   # a canny ControlNet: its control image is an edge map
 TINY_PIPELINE_VERSION = 2   # bump when the tiny pipeline changes: the cached one carries it in its directory name
 
 
@@ -61,6 +61,17 @@ def keep_mask(size: tuple, boxes: list, dilate: int = 4, segment: Image.Image | 
         else:
             m[y1:y2, x1:x2] |= fg[y1:y2, x1:x2]
     return Image.fromarray(m.astype(np.uint8) * 255)
+
+
+def canny_control(image: Image.Image, gen_mask: Image.Image) -> Image.Image:
+    """The control image of a canny ControlNet: the edge map its checkpoint was trained on (cv2.Canny with the
+    thresholds 100, 200 of diffusers' example for diffusers/controlnet-canny-sdxl-1.0), kept where the source is
+    kept; where the background is regenerated there are no edges, so the new background is free of the old one's
+    layout. gen_mask: 'L', 255 = regenerate."""
+    import cv2
+    edges = cv2.Canny(np.asarray(image.convert("RGB")), 100, 200)
+    edges[np.asarray(gen_mask) > 127] = 0
+    return Image.fromarray(np.repeat(edges[..., None], 3, axis=2))
 
 
 def zoom_boxes(boxes: list, size: tuple, zoom_out: float) -> tuple[list, tuple]:
@@ -140,6 +151,8 @@ def load_pipeline(name: str = "tiny", device: str = "cpu"):
         pipe = StableDiffusionXLControlNetInpaintPipeline.from_pretrained(path)
     elif os.path.isdir(name):
         pipe = StableDiffusionXLControlNetInpaintPipeline.from_pretrained(name)
+    elif name != "sdxl":
+        raise ValueError(f"{name!r} is not tiny, sdxl or a saved pipeline directory")
     else:
         dtype = torch.float16 if device.startswith("cuda") else torch.float32
         controlnet = ControlNetModel.from_pretrained(GPU_CONTROLNET, torch_dtype=dtype)
@@ -214,9 +227,9 @@ def outpaint(pipe, image: Image.Image, boxes: list, description: str, seed: int 
     H = work_size or max(64, (h + 7) // 8 * 8)
     gen_mask = Image.fromarray(255 - np.asarray(keep)).resize((W, H), Image.NEAREST)
     src = image.resize((W, H), Image.LANCZOS)
-    control = Image.fromarray(np.where(np.asarray(gen_mask)[..., None] > 127, 0, np.asarray(src)).astype(np.uint8))
-    out = pipe(prompt=description, image=src, mask_image=gen_mask, control_image=control, height=H, width=W,
-               num_inference_steps=steps, strength=1.0, guidance_scale=5.0,   # outpainting: start from noise
+    out = pipe(prompt=description, image=src, mask_image=gen_mask, control_image=canny_control(src, gen_mask),
+               height=H, width=W, num_inference_steps=steps, strength=1.0,   # outpainting: start from noise
+               guidance_scale=5.0,   # the pipeline's default; diffusers' example for this ControlNet keeps it
                generator=torch.Generator("cpu").manual_seed(seed)).images[0]
     out = out.resize((w, h), Image.LANCZOS)
     out.paste(image, (0, 0), keep)          # kept pixels back, exactly: labels stay valid

@@ -318,17 +318,23 @@ _FORMATS = {
 _TAGS = {"grpo": ("think", "answer"), "syn-grpo": ("think", "score", "description", "answer")}
 
 
-def format_reward(text: str, task: str, algo: str = "grpo") -> float:
-    """1 if the completion is exactly the required tags in order (each once) and the answer parses, else 0."""
+_MATH_THINK = re.compile(r"\s*<think>.*</think>.*\\boxed\{.*\}.*", re.S)   # SynthRL's math format
+
+
+def format_reward(text: str, task: str, algo: str = "grpo", math_format: str = "boxed") -> float:
+    """1 if the completion is exactly the required tags in order (each once) and the answer parses, else 0. Math:
+    a \\boxed{} answer (MM-UPT; boxed), after a <think> block (SynthRL; think)."""
     if not isinstance(text, str) or len(text) > 4 * MAX_PARSE_CHARS:
         return 0.0
     if task == "math":
-        return float(extract_boxed(text) is not None)
+        ok = extract_boxed(text) is not None
+        return float(ok and (math_format != "think" or bool(_MATH_THINK.fullmatch(text))))
     key = "syn-grpo" if algo == "syn-grpo" else "grpo"
-    if not _FORMATS[key].fullmatch(text) or any(text.count(f"<{t}>") != 1 for t in _TAGS[key]):
+    if not _FORMATS[key].fullmatch(text) or any(text.count(f"<{t}>") != 1 or text.count(f"</{t}>") != 1
+                                                 for t in _TAGS[key]):
         return 0.0
-    if key == "syn-grpo" and parse_score(text) is None:
-        return 0.0
+    if key == "syn-grpo" and (parse_score(text) is None or not extract_tag(text, "description").strip()):
+        return 0.0          # a description the data server can use, a score in [0, 1]
     ans = extract_tag(text, "answer")
     ok = parse_box(ans) is not None if task == "rec" else parse_detections(ans) is not None
     return float(ok)
@@ -464,7 +470,7 @@ class RewardParts:
         return self.accuracy + self.format
 
 
-def score_completion(text: str, sample: Sample, input_size, algo: str = "grpo") -> RewardParts:
+def score_completion(text: str, sample: Sample, input_size, algo: str = "grpo", math_format: str = "boxed") -> RewardParts:
     """Accuracy and format reward of one completion; never raises (a reward bug must not kill a run)."""
     try:
         acc = ACCURACY[sample.task](text, sample, input_size)
@@ -472,7 +478,7 @@ def score_completion(text: str, sample: Sample, input_size, algo: str = "grpo") 
     except Exception:
         acc = 0.0
     try:
-        fmt = format_reward(text, sample.task, algo)
+        fmt = format_reward(text, sample.task, algo, math_format)
     except Exception:
         fmt = 0.0
     return RewardParts(accuracy=acc, format=fmt)
@@ -486,17 +492,22 @@ class GroupRewards:
     diversity: torch.Tensor           # (B, G) R_div (Eq. 6), syn-grpo only, else 0
     descriptions: list = field(default_factory=list)   # (B,) Eq. 8's selected <description> (syn-grpo), else None
     stats: dict = field(default_factory=dict)          # diversity V (Eq. 4) and its smoothing; MM-UPT diagnostics
+    weights: tuple = (1.0, 1.0, 1.0)  # of accuracy, format, diversity: 1, 1, 1 in Eq. 7; SynthRL weighs 0.9, 0.1
 
     @property
     def total(self) -> torch.Tensor:  # Eq. 7: r_i = R_acc + R_format + R_div, (B, G)
-        return self.accuracy + self.format + self.diversity
+        wa, wf, wd = self.weights
+        return wa * self.accuracy + wf * self.format + wd * self.diversity
 
 
 def score_groups(texts: list[list[str]], samples: list[Sample], input_sizes: list, algo: str = "grpo",
-                 reward: str = "gold", smooth=None) -> GroupRewards:
+                 reward: str = "gold", smooth=None, with_diversity_reward: bool = True, weights=(1.0, 1.0, 1.0),
+                 math_format: str = "boxed") -> GroupRewards:
     """Every reward of a step. texts: G completions per prompt. reward: "gold" (the labels) or "majority" (MM-UPT).
-    smooth: V(q) of the batch -> (V~(q), V_batch, V_global), the diversity smoother (syn-grpo only)."""
-    parts = [[score_completion(t, s, size, algo) for t in g] for g, s, size in zip(texts, samples, input_sizes)]
+    smooth: V(q) of the batch -> (V~(q), V_batch, V_global), the diversity smoother (syn-grpo only).
+    with_diversity_reward=False: "Syn-GRPO (w/o R_diversity)": R_div is 0, so Eq. 8's argmax picks each prompt's first
+    completion (the G are exchangeable samples: a random one)."""
+    parts = [[score_completion(t, s, size, algo, math_format) for t in g] for g, s, size in zip(texts, samples, input_sizes)]
     acc = torch.tensor([[x.accuracy for x in g] for g in parts])
     fmt = torch.tensor([[x.format for x in g] for g in parts])
     stats = {}
@@ -514,8 +525,10 @@ def score_groups(texts: list[list[str]], samples: list[Sample], input_sizes: lis
     if algo == "syn-grpo":
         v_smoothed, _, v_global = smooth(v)
         for b, g in enumerate(texts):
-            div[b] = torch.tensor([diversity_reward(parse_score(t), v_smoothed[b]) for t in g])
+            if with_diversity_reward:
+                div[b] = torch.tensor([diversity_reward(parse_score(t), v_smoothed[b]) for t in g])
             descriptions[b] = select_description(g, div[b].tolist())
         stats.update(diversity_smoothed=float(np.mean(v_smoothed)), diversity_global=v_global,
                      **score_tracking([[parse_score(t) for t in g] for g in texts], v_smoothed))
-    return GroupRewards(accuracy=acc, format=fmt, diversity=div, descriptions=descriptions, stats=stats)
+    return GroupRewards(accuracy=acc, format=fmt, diversity=div, descriptions=descriptions, stats=stats,
+                        weights=tuple(weights))

@@ -222,11 +222,12 @@ class Sampling:
     seed: int = 0
 
 
-def encode_prompt(processor, sample: Sample, algo: str = "grpo", text: str | None = None, prefill: str = "") -> Prompt:
+def encode_prompt(processor, sample: Sample, algo: str = "grpo", text: str | None = None, prefill: str = "",
+                  math_format: str = "boxed") -> Prompt:
     """The chat prompt for `sample` (or for `text` about its image); `prefill` starts the assistant's reply."""
     image = load_image(sample.image)
     messages = [{"role": "user", "content": [{"type": "image"},
-                                             {"type": "text", "text": text or build_prompt(sample, algo)}]}]
+                                             {"type": "text", "text": text or build_prompt(sample, algo, math_format)}]}]
     chat = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) + prefill
     enc = processor(text=[chat], images=[image], return_tensors="pt")
     _, gh, gw = enc["image_grid_thw"][0].tolist()

@@ -269,10 +269,22 @@ class JobStore:
 # Workers: each with its own pipeline, turning queued jobs into results
 
 
-def worker_loop(store: JobStore, jobs: queue.Queue, cfg: ServerConfig, stop: threading.Event) -> None:
-    from outpaint import load_pipeline, load_segmenter, outpaint
-    pipe = load_pipeline(cfg.pipeline, cfg.device)
-    segmenter = load_segmenter(cfg.segmenter, cfg.device)
+def load_worker_models(cfg: ServerConfig) -> list[tuple]:
+    """(pipeline, segmenter) for each worker, loaded before the server listens: a missing checkpoint or package
+    stops the start with one line, rather than leaving a server whose workers died."""
+    from outpaint import load_pipeline, load_segmenter
+    try:
+        return [(load_pipeline(cfg.pipeline, cfg.device), load_segmenter(cfg.segmenter, cfg.device))
+                for _ in range(cfg.workers)]
+    except ImportError as e:
+        hint = " (BEN2 is not on PyPI: pip install git+https://github.com/PramaLLC/BEN2)" if cfg.segmenter == "ben2" else ""
+        raise SystemExit(f"server.py: cannot load --pipeline {cfg.pipeline} / --segmenter {cfg.segmenter!r}: {e}{hint}")
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"server.py: cannot load --pipeline {cfg.pipeline} / --segmenter {cfg.segmenter!r}: {e}")
+
+
+def worker_loop(store: JobStore, jobs: queue.Queue, cfg: ServerConfig, stop: threading.Event, pipe, segmenter) -> None:
+    from outpaint import outpaint
     while not stop.is_set():
         try:
             job_id = jobs.get(timeout=0.2)
@@ -450,7 +462,8 @@ def serve(cfg: ServerConfig) -> None:
     for job_id in store.pending:        # recovered after a crash: finish what was accepted
         jobs.put(job_id)
     stop = threading.Event()
-    threads = [threading.Thread(target=worker_loop, args=(store, jobs, cfg, stop), daemon=True) for _ in range(cfg.workers)]
+    threads = [threading.Thread(target=worker_loop, args=(store, jobs, cfg, stop, pipe, segmenter), daemon=True)
+               for pipe, segmenter in load_worker_models(cfg)]
     for t in threads:
         t.start()
     httpd = DataServer((cfg.host, cfg.port), Handler)

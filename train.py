@@ -33,14 +33,15 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 import rewards as R
-from data import GRID, PROMPTS, TASKS, DataPool, gold_completion, load_image, make_shapes, opt, parse_config, read_jsonl
+from data import (GRID, MATH_FORMATS, PROMPTS, TASKS, ArgumentParser, DataPool, config_from, config_parser, gold_completion, load_image,
+                  make_shapes, opt, read_jsonl)
 from rollout import (TINY_MODELS, Completion, HFRollout, MicroBatch, Prompt, Sampling, VLLMRollout,
                      completion_logprobs, encode_prompt, engine_gap, load_policy, make_batch, resolve_model,
                      vision_token_ids)
@@ -63,25 +64,32 @@ class Config:
     shapes_n: int | None = opt(None, "size of the shapes training set when --data is empty (default: 512; 128 for "
                                      "syn-grpo on CPU, so that slots come back and their images are synthesized again)")
     shapes_objects: str | None = opt(None, "shapes per image as MIN-MAX in that set (default: 1-1 for rec, else 1-2)")
+    max_samples: int = opt(0, "train on a seeded random subset of this many samples (the paper's Fig. 6 varies it from "
+                              "400 to 2,000); 0 = all")
     out_dir: str = opt("runs/default", "where metrics, checkpoints and the final model go")
     resume: str = opt("", "a run dir to continue from its last checkpoint (its own config is used)")
     seed: int = opt(0, "seed of everything: data order, sampling, synthesis")
+    device: str | None = opt(None, "cuda or cpu; the defaults below follow it (default: cuda when a GPU is visible)",
+                             choices=("cuda", "cpu"))
     # schedule (None = a default that depends on the device, see resolve_defaults)
     max_steps: int | None = opt(None, "GRPO steps; 0 = epochs x pool size / batch size (default: 0 on GPU, 100 on CPU)")
     epochs: int = opt(5, "epochs when --max-steps is 0 (paper: 5)")
     batch_size: int | None = opt(None, "B: prompts per step (paper: 20; CPU default 4)")
     num_generations: int | None = opt(None, "G: completions per prompt (paper: 6)")
     lr: float | None = opt(None, "GRPO learning rate (paper: 1e-6; CPU default 2e-4)")
-    weight_decay: float = opt(0.0, "AdamW weight decay")
+    weight_decay: float | None = opt(None, "AdamW weight decay (default: 0.01 on GPU, verl's; 0 on CPU)")
     max_grad_norm: float = opt(1.0, "gradient clipping norm")
     warmup_steps: int = opt(0, "linear learning-rate warm-up steps")
-    sft_steps: int | None = opt(None, "SFT warm-start steps before GRPO (default: 600 for the random-weight tiny "
-                                      "models, 1200 in syn-grpo's four-tag format; else 0)")
+    sft_steps: int | None = opt(None, "SFT steps: the warm start before GRPO (default: 600 for the random-weight tiny "
+                                      "models, 1200 in syn-grpo's four-tag format; else 0), or with --algo sft the "
+                                      "whole run (0 = --epochs over the data)")
     sft_lr: float | None = opt(None, "SFT learning rate (default: 1e-5 on GPU, 1e-3 on CPU)")
     # GRPO objective
-    beta: float = opt(0.0, "coefficient of KL(pi || pi_ref), k3 estimator; 0 = no reference model")
-    epsilon_low: float = opt(0.2, "clip range below: ratio >= 1 - epsilon_low")
-    epsilon_high: float = opt(0.28, "clip range above: ratio <= 1 + epsilon_high (0.28: DAPO's clip-higher)")
+    beta: float | None = opt(None, "coefficient of KL(pi || pi_ref), k3 estimator (default: 0.01 on GPU, verl's "
+                                   "Qwen2.5-VL GRPO recipe; 0 on CPU = no reference model)")
+    epsilon_low: float = opt(0.2, "clip range below: ratio >= 1 - epsilon_low (verl's clip_ratio 0.2)")
+    epsilon_high: float = opt(0.2, "clip range above: ratio <= 1 + epsilon_high (0.2 as verl; DAPO's Clip-Higher, "
+                                   "0.28, is one of the paper's competing methods)")
     mu: int = opt(1, "optimizer steps per batch of rollouts (the ratio differs from 1 only when mu > 1)")
     loss_type: str = opt("grpo", "token aggregation: grpo (mean per sequence), dapo (mean over the batch's tokens), "
                                  "dr_grpo (sum / (N * max new tokens))", choices=("grpo", "dapo", "dr_grpo"))
@@ -93,23 +101,35 @@ class Config:
     flip_advantage: bool = opt(False, "debugging and tests: negate the advantages (the reward must then fall)")
     reward: str = opt("gold", "gold: the labels; majority: MM-UPT's agreement with the group's majority answer",
                       choices=("gold", "majority"))
+    reward_weights: str = opt("1,1,1", "weights of the accuracy, format and diversity rewards in the total (Eq. 7: "
+                                       "1,1,1; SynthRL's math reward: 0.9,0.1,0)")
+    math_format: str = opt("boxed", "math answers: boxed (MM-UPT: reason step by step, answer in \\boxed{}) or think "
+                                    "(SynthRL: reasoning in <think> </think>, then \\boxed{}; its format reward checks "
+                                    "both)", choices=MATH_FORMATS)
     # Syn-GRPO (§3.3)
     gamma: float = opt(0.7, "EMA weight of the diversity smoothing (paper: 0.7, Table 4)")
     server_url: str = opt("", "data server URL(s), comma-separated ('' = train.py starts a local one)")
     server_token: str = opt("", "bearer token of the data server(s)")
-    pipeline: str = opt("tiny", "outpainting pipeline of the local data server: tiny, sdxl or a pipeline dir")
-    pipeline_steps: int | None = opt(None, "denoising steps of the local data server (default: 30 for sdxl, "
-                                           "diffusers' SDXL recipe; 2 for the random-weight tiny pipeline)")
+    pipeline: str | None = opt(None, "outpainting pipeline of the local data server: tiny, sdxl or a pipeline dir "
+                                     "(default: sdxl, the paper's SDXL + ControlNet, on GPU; tiny on CPU)")
+    pipeline_steps: int | None = opt(None, "denoising steps of the local data server (default: 20 for sdxl, diffusers' "
+                                           "recipe for this pipeline and ControlNet; 2 for the random-weight tiny one)")
     pipeline_size: int | None = opt(None, "side in pixels the local server's pipeline runs at (default: 64 for the "
                                           "tiny pipeline, which draws noise at any size; else the image's size)")
     max_pending_jobs: int | None = opt(None, "jobs in flight at most; a step submits no more while this many are "
                                              "unfinished (default: 0 = no limit on GPU; 2 x batch size on CPU)")
     segmenter: str | None = opt(None, "foreground matte of the local data server's keep-mask: '' (the boxes alone), "
-                                      "palette, color or ben2 (default: palette for the built-in shapes data, else '')",
-                                choices=SEGMENTERS)
+                                      "palette, color or ben2 (default: palette for the built-in shapes data; ben2, the "
+                                      "paper's, with the sdxl pipeline; else '')", choices=SEGMENTERS)
     synchronous_synthesis: bool = opt(False, "wait for each step's images before training on (the paper's "
                                              "synchronous baseline of Table 5)")
-    descriptions: str = opt("", "a file of fixed descriptions, one a line, used instead of the model's")
+    descriptions: str = opt("", "a file of fixed descriptions, one a line, used in turn instead of the model's (and by "
+                                "--offline-synthesis)")
+    offline_synthesis: bool = opt(False, "the paper's 'GRPO + Offline Generation': before step 0 every sample gets one "
+                                         "image synthesized from --descriptions, added to the pool beside its source; "
+                                         "then plain GRPO")
+    diversity_reward: bool = opt(True, "--no-diversity-reward: 'Syn-GRPO (w/o R_diversity)': synthesis on, R_div = 0; "
+                                       "each prompt sends its first completion's description")
     synthesize: bool = opt(True, "--no-synthesize: Syn-GRPO's outputs and rewards, but no data server")
     # sampling
     temperature: float = opt(1.0, "sampling temperature")
@@ -133,23 +153,26 @@ class Config:
 
 
 def resolve_defaults(cfg: Config) -> Config:
-    """Paper defaults on GPU; small, fast ones for the tiny models on CPU (learning is visible in minutes)."""
-    gpu = torch.cuda.is_available()
+    """The paper's settings on GPU (README "GPU defaults and their sources"); small, fast ones for the tiny models
+    on CPU, measured (README "What the tiny model learns on a CPU")."""
+    cfg.device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    gpu = cfg.device == "cuda"
     cfg.model = cfg.model or ("Qwen/Qwen2.5-VL-3B-Instruct" if gpu else "tiny")
     random_init = cfg.model in TINY_MODELS   # built with random weights: needs the supervised warm start
-    # CPU values measured on the tiny model (README, "What the tiny model learns on a CPU"): SFT at lr 1e-3 with
-    # the random vision tower frozen (training it collapses its output); GRPO at lr 2e-4 (1e-3 undid the warm
-    # start's localisation, IoU 0.46 -> 0.17); 64 new tokens (at 48 GRPO learned to cut boxes short, IoU 0); one
-    # shape per REC image (the tiny model learns to localise a lone shape in CPU minutes, not yet to pick the
-    # described one of two).
+    # CPU values measured on the tiny model: SFT at lr 1e-3 with the random vision tower frozen (training it
+    # collapses its output); GRPO at lr 2e-4 (1e-3 undid the warm start's localisation, IoU 0.46 -> 0.17); 64 new
+    # tokens (at 48 GRPO learned to cut boxes short, IoU 0); one shape per REC image (the tiny model learns to
+    # localise a lone shape in CPU minutes, not yet to pick the described one of two).
     syn = cfg.algo == "syn-grpo"
+    cfg.pipeline = cfg.pipeline or ("sdxl" if gpu else "tiny")
     d = dict(batch_size=20 if gpu else 4, num_generations=6, lr=1e-6 if gpu else 2e-4,
              sft_steps=(1200 if syn else 600) if random_init else 0, sft_lr=1e-5 if gpu else 1e-3,
+             beta=0.01 if gpu else 0.0, weight_decay=0.01 if gpu else 0.0,
              freeze_vision=not gpu, max_new_tokens=1024 if gpu else (112 if syn else 64),
              rollout_backend="vllm" if gpu else "hf", max_steps=0 if gpu else 100,
              shapes_objects="1-1" if cfg.task == "rec" else "1-2", shapes_n=128 if syn and not gpu else 512,
-             segmenter="" if cfg.data else "palette", pipeline_steps=2 if cfg.pipeline == "tiny" else 30,
-             pipeline_size=64 if cfg.pipeline == "tiny" else 0)
+             segmenter="palette" if not cfg.data else "ben2" if cfg.pipeline == "sdxl" else "",
+             pipeline_steps=2 if cfg.pipeline == "tiny" else 20, pipeline_size=64 if cfg.pipeline == "tiny" else 0)
     for k, v in d.items():
         if getattr(cfg, k) is None:
             setattr(cfg, k, v)
@@ -158,16 +181,18 @@ def resolve_defaults(cfg: Config) -> Config:
     return cfg
 
 
-def check_config(cfg: Config) -> None:
-    """A config that cannot run as asked stops here with one line, before anything is written."""
+def check_config(cfg: Config, files: bool = True) -> None:
+    """A config that cannot run as asked stops here with one line, before anything is written. files=False skips what
+    depends on this machine (files, a GPU): --print-config describes a run for another machine too."""
     objects = re.fullmatch(r"(\d+)-(\d+)", cfg.shapes_objects or "")
     problems = [
-        (cfg.data and not os.path.isfile(cfg.data), f"--data {cfg.data}: no such file"),
-        (cfg.image_root and not os.path.isdir(cfg.image_root), f"--image-root {cfg.image_root}: no such directory"),
-        (cfg.descriptions and not os.path.isfile(cfg.descriptions), f"--descriptions {cfg.descriptions}: no such file"),
+        (files and cfg.data and not os.path.isfile(cfg.data), f"--data {cfg.data}: no such file"),
+        (files and cfg.image_root and not os.path.isdir(cfg.image_root), f"--image-root {cfg.image_root}: no such directory"),
+        (files and cfg.descriptions and not os.path.isfile(cfg.descriptions), f"--descriptions {cfg.descriptions}: no such file"),
+        (files and cfg.device == "cuda" and not torch.cuda.is_available(), "--device cuda: no CUDA device is visible"),
         (not objects or not 1 <= int(objects[1]) <= int(objects[2]) <= GRID * GRID,
          f"--shapes-objects {cfg.shapes_objects}: expected MIN-MAX with 1 <= MIN <= MAX <= {GRID * GRID}"),
-        (cfg.shapes_n < 1, "--shapes-n must be at least 1"),
+        (cfg.shapes_n < 1 or cfg.max_samples < 0, "--shapes-n must be at least 1, --max-samples >= 0"),
         (cfg.pipeline_steps < 1 or cfg.pipeline_size < 0 or cfg.max_pending_jobs < 0,
          "--pipeline-steps must be at least 1, --pipeline-size and --max-pending-jobs >= 0"),
         (cfg.batch_size < 1, "--batch-size must be at least 1 (prompts per step)"),
@@ -176,23 +201,36 @@ def check_config(cfg: Config) -> None:
         (cfg.max_steps < 0 or cfg.epochs < 1 or cfg.sft_steps < 0, "--max-steps and --sft-steps must be >= 0, "
                                                                    "--epochs >= 1"),
         (cfg.mu < 1 or cfg.micro_batch < 1, "--mu and --micro-batch must be at least 1"),
-        (cfg.lr <= 0 or cfg.sft_lr <= 0, "--lr and --sft-lr must be positive"),
+        (cfg.lr <= 0 or cfg.sft_lr <= 0 or cfg.weight_decay < 0, "--lr and --sft-lr must be positive, --weight-decay >= 0"),
         (cfg.max_new_tokens < 1, "--max-new-tokens must be at least 1"),
         (cfg.temperature <= 0 or not 0 < cfg.top_p <= 1, "--temperature must be > 0 and --top-p in (0, 1]"),
         (min(cfg.beta, cfg.epsilon_low, cfg.epsilon_high, cfg.entropy_coef, cfg.entropy_adv) < 0,
          "--beta, --epsilon-low/high, --entropy-coef and --entropy-adv must be >= 0"),
         (not 0 <= cfg.gamma <= 1, "--gamma must be in [0, 1]"),
+        (not re.fullmatch(r"\s*[0-9.eE+-]+(\s*,\s*[0-9.eE+-]+){0,2}\s*", cfg.reward_weights)
+         or any(not _is_number(v) or float(v) < 0 for v in cfg.reward_weights.split(",")),
+         f"--reward-weights {cfg.reward_weights}: expected 1 to 3 non-negative numbers (accuracy,format,diversity)"),
         (cfg.algo == "syn-grpo" and cfg.task == "math", "--algo syn-grpo regenerates the background around the "
                                                         "labelled boxes: tasks rec, ovd and isr"),
         (cfg.reward == "majority" and cfg.task not in ("rec", "math"), "--reward majority votes on rec boxes or math "
                                                                        "answers: tasks rec and math"),
+        (cfg.offline_synthesis and (cfg.algo != "grpo" or not cfg.descriptions or cfg.task == "math"),
+         "--offline-synthesis is the 'GRPO + Offline Generation' baseline: --algo grpo, --descriptions FILE, a task "
+         "with boxes"),
     ]
     for bad, message in problems:
         if bad:
             raise SystemExit(f"train.py: {message}")
 
 
-def prepare_config(cfg: Config) -> Config:
+def _is_number(v: str) -> bool:
+    try:
+        return math.isfinite(float(v))
+    except ValueError:
+        return False
+
+
+def prepare_config(cfg: Config, files: bool = True) -> Config:
     """The run's config: on --resume the run's own (only --max-steps may change), then defaults, then checks."""
     if cfg.resume:
         path = os.path.join(cfg.resume, "config.json")
@@ -207,13 +245,20 @@ def prepare_config(cfg: Config) -> Config:
         cfg = Config(**{**saved, "resume": cfg.resume, "out_dir": cfg.resume})
         cfg.max_steps = max_steps if max_steps is not None else cfg.max_steps
     cfg = resolve_defaults(cfg)
-    check_config(cfg)
+    check_config(cfg, files=files)
     return cfg
 
 
-def parse_args(argv=None) -> Config:
+def command_line() -> ArgumentParser:
     templates = "\n".join(f"  {k}: {v}" for k, v in PROMPTS.items())
-    return parse_config(Config, argv, description=__doc__, epilog="Prompt templates (data.PROMPTS):\n" + templates)
+    p = config_parser(Config, description=__doc__, epilog="Prompt templates (data.PROMPTS):\n" + templates)
+    p.add_argument("--print-config", action="store_true", help="print the resolved config (the defaults of --device "
+                   "filled in) as JSON and exit, without loading a model")
+    return p
+
+
+def parse_args(argv=None) -> Config:
+    return config_from(Config, command_line().parse_args(argv))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -338,8 +383,11 @@ def mean_over_ranks(row: dict, d: Dist) -> dict:
     import torch.distributed as dist
     rows = [None] * d.world
     dist.all_gather_object(rows, row)
-    return {k: float(np.mean([r[k] for r in rows if k in r])) if isinstance(v, (int, float)) and k != "step" else v
-            for k, v in row.items()}
+    out = {}
+    for k, v in row.items():   # numbers are averaged over the ranks that have one (None: a metric undefined there)
+        nums = [r[k] for r in rows if isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool)]
+        out[k] = float(np.mean(nums)) if k != "step" and nums else v
+    return out
 
 
 def broadcast(obj, d: Dist):
@@ -382,12 +430,29 @@ def rollout(engine, processor, model, pool: DataPool, cfg: Config, step: int, d:
     """G completions for each of this rank's prompts of the step."""
     mine = rank_share(cfg.batch_size, d)      # this rank's slots of the step's B prompts
     slots = batch_slots(step, cfg.batch_size, len(pool), cfg.seed)
-    prompts = [encode_prompt(processor, pool.get(slots[k]), cfg.algo) for k in mine]
+    prompts = [encode_prompt(processor, pool.get(slots[k]), cfg.algo, math_format=cfg.math_format) for k in mine]
     sampling = Sampling(n=cfg.num_generations, temperature=cfg.temperature, top_p=cfg.top_p,
                         max_tokens=cfg.max_new_tokens, seed=derive_seed(cfg.seed, step))
     seeds = [derive_seed(cfg.seed, step, k) for k in mine] if cfg.prompt_seeds else None
     model.eval()
     return Rollout(prompts, engine.generate(prompts, sampling, seeds=seeds))
+
+
+def reward_weights(cfg: Config) -> tuple[float, float, float]:
+    """--reward-weights as (accuracy, format, diversity); a missing trailing weight is 0 (checked in check_config)."""
+    w = [float(v) for v in cfg.reward_weights.split(",")]
+    return tuple(w + [0.0] * (3 - len(w)))
+
+
+def step_smoother(smoother: R.DiversitySmoother, d: Dist):
+    """Diversity smoothing (§3.3.2) over the step's whole batch: V_batch and V_global are taken over every rank's
+    prompts, so every rank holds the same smoother and a run gives the same rewards for any number of processes
+    (each rank holds the same number of prompts, in rank order)."""
+    def smooth(v: list[float]):
+        everyone = [x for part in all_gather(v, d) for x in part]
+        v_smoothed, v_batch, v_global = smoother(everyone)
+        return v_smoothed[d.rank * len(v):(d.rank + 1) * len(v)], v_batch, v_global
+    return smooth
 
 
 @dataclass
@@ -397,10 +462,12 @@ class Scored:
     zero_std: torch.Tensor            # (B,) True where the group's rewards are all equal: no gradient
 
 
-def score(cfg: Config, ro: Rollout, smoother: R.DiversitySmoother) -> Scored:
+def score(cfg: Config, ro: Rollout, smoother: R.DiversitySmoother, d: Dist) -> Scored:
     """Rewards of every completion (Eq. 2-7) and the group advantages (Eq. 1)."""
     rw = R.score_groups([[c.text for c in g] for g in ro.groups], [p.sample for p in ro.prompts],
-                        [p.input_size for p in ro.prompts], algo=cfg.algo, reward=cfg.reward, smooth=smoother)
+                        [p.input_size for p in ro.prompts], algo=cfg.algo, reward=cfg.reward,
+                        smooth=step_smoother(smoother, d), with_diversity_reward=cfg.diversity_reward,
+                        weights=reward_weights(cfg), math_format=cfg.math_format)
     total = rw.total                                                        # (B, G)
     adv = group_advantages(total, cfg.adv_eps)                              # (B, G)
     return Scored(rewards=rw, advantages=-adv if cfg.flip_advantage else adv, zero_std=total.std(1) == 0)
@@ -624,9 +691,10 @@ class NoSynthesis:
         pass
 
 
-def absorb_result(r: dict, pool: DataPool, out_dir: str, step: int):
-    """A finished job into the pool in place of its source (the same labels in the new image); None when it cannot
-    be: failed, unknown source, already absorbed, not the boxes we sent, or a corrupt image."""
+def absorb_result(r: dict, pool: DataPool, out_dir: str, step: int, new_slot: bool = False):
+    """A finished job into the pool in place of its source (the same labels in the new image), or in a slot of its
+    own beside it (new_slot: offline generation); None when it cannot be: failed, unknown source, already absorbed,
+    not the boxes we sent, or a corrupt image."""
     res = parse_result(r)
     if res is None or res.sample_id not in pool.samples:
         return None
@@ -645,7 +713,7 @@ def absorb_result(r: dict, pool: DataPool, out_dir: str, step: int):
     new = parent.with_gold_boxes(res.boxes)
     new.id, new.image = new_id, path
     new.meta.update(description=res.description, step=step, job_id=res.job_id)
-    return pool.replace(parent.id, new)
+    return pool.add(parent.id, new) if new_slot else pool.replace(parent.id, new)
 
 
 def start_local_server(cfg: Config):
@@ -739,10 +807,9 @@ def load_checkpoint(path, model, opt, sched, smoother, synthesis, d: Dist = Dist
     return state["step"], DataPool.from_state_dict(state["pool"])
 
 
-def save_final(cfg, model, processor, d: Dist = Dist()):
-    """An HF checkpoint dir (LoRA merged) that eval.py, train.py --model and vLLM load directly. Sharded runs
-    also check that every rank holds the same full weights and log their digests."""
-    final = os.path.join(cfg.out_dir, "final")
+def save_hf(model, processor, path: str, d: Dist = Dist()) -> list | None:
+    """An HF checkpoint dir (LoRA merged) that eval.py, train.py --model and vLLM load directly. Sharded: the full
+    weights, written by rank 0; returns every rank's weight digest, so that a run can show they hold the same."""
     if is_sharded(model):
         sd = policy_state(model)
         if getattr(model.config.get_text_config(), "tie_word_embeddings", False):
@@ -750,14 +817,20 @@ def save_final(cfg, model, processor, d: Dist = Dist()):
         digest = hashlib.sha256(b"".join(sd[k].detach().cpu().contiguous().numpy().tobytes() for k in sorted(sd))).hexdigest()
         digests = all_gather(digest, d)
         if d.main:
-            model.save_pretrained(final, state_dict=sd)
-            processor.save_pretrained(final)
-            append_jsonl(os.path.join(cfg.out_dir, "metrics.jsonl"), [{"phase": "final", "weights_sha256_by_rank": digests}])
+            model.save_pretrained(path, state_dict=sd)
+            processor.save_pretrained(path)
         torch.distributed.barrier()
-        return
+        return digests
     m = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
-    m.save_pretrained(final)
-    processor.save_pretrained(final)
+    m.save_pretrained(path)
+    processor.save_pretrained(path)
+    return None
+
+
+def save_final(cfg, model, processor, d: Dist = Dist()):
+    digests = save_hf(model, processor, os.path.join(cfg.out_dir, "final"), d)
+    if digests and d.main:
+        append_jsonl(os.path.join(cfg.out_dir, "metrics.jsonl"), [{"phase": "final", "weights_sha256_by_rank": digests}])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -774,6 +847,9 @@ def load_data(cfg: Config) -> DataPool:
     samples = read_jsonl(path, cfg.task, cfg.image_root, strict=cfg.strict)
     if not samples:
         raise SystemExit(f"train.py: no valid samples in {path}")
+    if cfg.max_samples and cfg.max_samples < len(samples):   # a seeded subset, in the file's order
+        keep = sorted(random.Random(derive_seed(cfg.seed, 1)).sample(range(len(samples)), cfg.max_samples))
+        samples = [samples[i] for i in keep]
     return DataPool(samples)
 
 
@@ -789,51 +865,96 @@ def load_model(cfg: Config, d: Dist, device: str, dtype: torch.dtype):
     return model, processor
 
 
-def sft_phase(cfg, model, processor, pool, d: Dist = Dist()):
-    """Supervised warm start on the gold answers (cross-entropy on completion tokens only); ranks split each batch."""
-    if cfg.sft_steps <= 0:
-        return
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.sft_lr)
-    banned = vision_token_ids(processor)
-    eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
-    rng = random.Random(cfg.seed)
+def sft_phase(cfg, model, processor, pool, d: Dist = Dist()) -> int:
+    """Supervised fine-tuning on the gold answers (cross-entropy on completion tokens only): the warm start before RL,
+    or the whole of --algo sft (--sft-steps, or --epochs over the data when 0). 2B samples a step, drawn uniformly;
+    ranks split them, micro-batched, and the loss is normalised by every rank's tokens together, so the gradient is
+    that of one process. Returns the steps trained."""
     labelled = [i for i in range(len(pool)) if pool.get(i).task != "math" or pool.get(i).answer is not None]
-    if not labelled:
+    n = 2 * cfg.batch_size
+    steps = cfg.sft_steps or (math.ceil(cfg.epochs * len(labelled) / n) if cfg.algo == "sft" else 0)
+    if cfg.algo == "sft" and not labelled:   # a run that trains nothing must not save the model as if trained
+        raise SystemExit("train.py: --algo sft needs labelled samples; every row of the data lacks its answer")
+    if steps and not labelled:
         print("sft: no labelled samples (unlabelled math data): skipping the warm start")
-        return
-    bar = tqdm(range(cfg.sft_steps), desc="sft", dynamic_ncols=True, disable=not d.main)
-    for step in bar:
-        idx = [labelled[rng.randrange(len(labelled))] for _ in range(cfg.batch_size * 2)]
+        return 0
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.sft_lr,
+                            weight_decay=0.01) if steps else None   # torch's AdamW default, and verl's
+    banned, eos = vision_token_ids(processor), processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    rng = random.Random(cfg.seed)
+    for step in tqdm(range(steps), desc="sft", dynamic_ncols=True, disable=not d.main):
+        idx = [labelled[rng.randrange(len(labelled))] for _ in range(n)]
         idx = [idx[k] for k in rank_share(len(idx), d)]
-        prompts = [encode_prompt(processor, pool.get(i), cfg.algo) for i in idx]
-        seqs = [(k, processor.tokenizer(gold_completion(p.sample, p.input_size, cfg.algo, idx[k]),
+        prompts = [encode_prompt(processor, pool.get(i), cfg.algo, math_format=cfg.math_format) for i in idx]
+        seqs = [(k, processor.tokenizer(gold_completion(p.sample, p.input_size, cfg.algo, idx[k], cfg.math_format),
                                         add_special_tokens=False)["input_ids"] + [eos]) for k, p in enumerate(prompts)]
-        batch = make_batch(prompts, seqs, processor.tokenizer.pad_token_id)
-        logp, _ = completion_logprobs(model, batch, banned)
-        loss = -(logp * batch.completion_mask).sum() / batch.completion_mask.sum()
+        batches = [make_batch(prompts, seqs[i:i + cfg.micro_batch], processor.tokenizer.pad_token_id)
+                   for i in range(0, len(seqs), cfg.micro_batch)]
+        n_tok, norm = loss_normaliser(batches, replace(cfg, loss_type="dapo"), d)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = 0.0
+        for b in batches:
+            logp, _ = completion_logprobs(model, b, banned)
+            part = -(logp * b.completion_mask).sum() / norm
+            part.backward()
+            loss += part.item() / d.world
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         opt.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-        if d.main and (step % 20 == 0 or step == cfg.sft_steps - 1):
-            append_jsonl(os.path.join(cfg.out_dir, "metrics.jsonl"), [{"phase": "sft", "sft_step": step, "sft_loss": loss.item()}])
+        if step % 20 == 0 or step == steps - 1:   # the mean token loss over every rank's sequences
+            row = {"phase": "sft", "sft_step": step, "sft_loss": sum(all_gather(loss, d))}
+            if d.main:
+                append_jsonl(os.path.join(cfg.out_dir, "metrics.jsonl"), [row])
+    return steps
 
 
-def add_lora_and_reference(cfg: Config, model, d: Dist, device: str, dtype: torch.dtype):
-    """(policy with LoRA adapters if asked, the frozen reference of the KL term or None)."""
-    if cfg.lora_r > 0:
-        from peft import LoraConfig, get_peft_model
-        model = get_peft_model(model, LoraConfig(
-            r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
-            target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"))
-    ref = None
-    if cfg.beta > 0 and d.world > 1:   # a sharded module cannot be deep-copied: load and shard the reference again
-        ref = load_policy(cfg.model, dtype=dtype, device=device)[0].eval().requires_grad_(False)
+def add_lora(cfg: Config, model):
+    """LoRA adapters on the language model's projections, if asked (after the warm start, which trains the model)."""
+    if cfg.lora_r <= 0:
+        return model
+    from peft import LoraConfig, get_peft_model
+    return get_peft_model(model, LoraConfig(
+        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+        target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"))
+
+
+def make_reference(cfg: Config, model, processor, d: Dist, device: str, dtype: torch.dtype, warm_started: bool,
+                   resuming: bool):
+    """The KL term's reference: the model RL starts from, i.e. after any warm start. The warm start is saved as
+    OUT/reference, which a resumed run and every rank under torchrun load. None when beta = 0, and with LoRA (the
+    reference is then the base model with the adapters disabled: the warm-started weights themselves)."""
+    if cfg.beta <= 0 or cfg.lora_r > 0:
+        return None
+    path = os.path.join(cfg.out_dir, "reference")
+    if warm_started:
+        save_hf(model, processor, path, d)
+    if d.world == 1 and not resuming:
+        return copy.deepcopy(model).eval().requires_grad_(False)
+    ref = load_policy(path if os.path.isdir(path) else cfg.model, dtype=dtype, device=device)[0]
+    ref.eval().requires_grad_(False)
+    if d.world > 1:   # a sharded module cannot be deep-copied: load and shard the reference again
         shard_policy(ref)
-    elif cfg.beta > 0:   # with LoRA the reference is the base model (adapters disabled), no second copy
-        ref = None if cfg.lora_r > 0 else copy.deepcopy(model).eval().requires_grad_(False)
-    return model, ref
+    return ref
+
+
+def synthesize_offline(cfg: Config, pool: DataPool, d: Dist) -> DataPool:
+    """'GRPO + Offline Generation' (Table 1): before training, each sample gets one image synthesized by the same data
+    server and outpainting code from a fixed description (--descriptions, in turn), added to the pool beside its
+    source; the run is then plain GRPO on the originals and these images."""
+    synthesis = Synthesis(replace(cfg, max_pending_jobs=0), d)
+    if d.main:
+        jobs = [make_job(s.id, s.image, s.gold_boxes(), synthesis.fixed[i % len(synthesis.fixed)],
+                         seed=derive_seed(cfg.seed, 2, i), key=f"{s.id}@offline")
+                for i, s in enumerate(pool.get(k) for k in range(len(pool)))]
+        results, deadline = [], time.time() + 3600
+        while (jobs or synthesis.client.pending) and time.time() < deadline:
+            while jobs and synthesis.client.submit(jobs[0]):   # None: the server's queue is full, or it is down
+                jobs.pop(0)
+            results += synthesis.client.collect()
+            time.sleep(0.05)
+        added = [absorb_result(r, pool, cfg.out_dir, step=-1, new_slot=True) for r in results]
+        print(f"offline synthesis: {sum(a is not None for a in added)} images added to {len(pool)} samples")
+    synthesis.close()
+    return DataPool.from_state_dict(broadcast(pool.state_dict(), d)) if d.world > 1 else pool
 
 
 def make_engine(cfg: Config, model, processor, d: Dist, device: str):
@@ -866,7 +987,7 @@ def set_up(cfg: Config, d: Dist) -> Run:
             json.dump(asdict(cfg), f, indent=1)
     seed = cfg.seed + SEED_STRIDE * d.rank    # rank 0 = a single-process run; other ranks sample other streams
     random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
-    device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+    device = f"cuda:{torch.cuda.current_device()}" if cfg.device == "cuda" else "cpu"
     dtype = torch.bfloat16 if device != "cpu" else torch.float32
     if device == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -875,12 +996,15 @@ def set_up(cfg: Config, d: Dist) -> Run:
     model, processor = load_model(cfg, d, device, dtype)
     metrics_path, ckpt_path = os.path.join(cfg.out_dir, "metrics.jsonl"), os.path.join(cfg.out_dir, "checkpoint.pt")
     resuming = bool(cfg.resume) and os.path.exists(ckpt_path)
-    pool = load_data(cfg)
+    pool, warm_started = load_data(cfg), False
     if not resuming:
         if d.main:
             open(metrics_path, "w").close()
-        sft_phase(cfg, model, processor, pool, d)
-    model, ref = add_lora_and_reference(cfg, model, d, device, dtype)
+        warm_started = sft_phase(cfg, model, processor, pool, d) > 0
+        if cfg.offline_synthesis:
+            pool = synthesize_offline(cfg, pool, d)
+    model = add_lora(cfg, model)
+    ref = make_reference(cfg, model, processor, d, device, dtype, warm_started, resuming)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
     smoother = R.DiversitySmoother(cfg.gamma)
@@ -916,7 +1040,7 @@ def main(cfg: Config) -> dict:
     if cfg.algo == "sft":
         finish(cfg, run, d)
         return {}
-    engine = make_engine(cfg, run.model, run.processor, d, "cpu" if not torch.cuda.is_available() else "cuda")
+    engine = make_engine(cfg, run.model, run.processor, d, cfg.device)
     banned, pad_id = vision_token_ids(run.processor), run.processor.tokenizer.pad_token_id
     if d.main:
         print(f"training {cfg.algo} on {len(run.pool)} {cfg.task} samples for {run.max_steps} steps on {d.world} "
@@ -931,7 +1055,7 @@ def main(cfg: Config) -> dict:
         with timer("generate"):           # G completions for each of the step's prompts
             ro = rollout(engine, run.processor, run.model, run.pool, cfg, step, d)
         with timer("score"):              # Eq. 1-7: rewards by component, their sum, group advantages
-            scored = score(cfg, ro, run.smoother)
+            scored = score(cfg, ro, run.smoother, d)
         with timer("synthesis"):          # Eq. 8 and the pool update (Syn-GRPO; a no-op otherwise)
             run.pool, synth_stats = run.synthesis.exchange(step, ro, scored.rewards.descriptions, run.pool)
         with timer("update"):             # mu steps of the clipped surrogate (+ KL, entropy terms)
@@ -948,4 +1072,8 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    args = command_line().parse_args()
+    if args.print_config:
+        print(json.dumps(asdict(prepare_config(config_from(Config, args), files=False)), indent=1))
+        sys.exit(0)
+    main(config_from(Config, args))

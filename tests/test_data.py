@@ -207,3 +207,20 @@ def test_cli_bad_input_gets_one_line(tmp_path):
     with pytest.raises(SystemExit, match="shapes per image"):
         main(["shapes", "--objects", "3", "9", "--out", str(tmp_path / "s")])
     assert not (tmp_path / "s").exists()
+
+
+def test_coco_rec_rows_get_the_other_objects_of_their_image_as_context(tmp_path):
+    from data import main
+    Image.new("RGB", (100, 100), "white").save(tmp_path / "COCO_train2014_000000000001.jpg")
+    coco = {"images": [{"id": 1, "file_name": "COCO_train2014_000000000001.jpg", "width": 100, "height": 100}],
+            "categories": [{"id": 1, "name": "cup"}, {"id": 2, "name": "plate"}],
+            "annotations": [{"image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 20], "iscrowd": 0},
+                            {"image_id": 1, "category_id": 2, "bbox": [50, 50, 30, 30], "iscrowd": 0},
+                            {"image_id": 1, "category_id": 2, "bbox": [0, 0, 99, 99], "iscrowd": 1}]}
+    (tmp_path / "instances.json").write_text(json.dumps(coco))
+    (tmp_path / "rec.jsonl").write_text(json.dumps({"image": "COCO_train2014_000000000001.jpg",
+                                                    "problem": "the cup left of the plate", "solution": [10, 10, 30, 30]}) + "\n")
+    main(["context", str(tmp_path / "rec.jsonl"), "--coco", str(tmp_path / "instances.json"), "--out", str(tmp_path / "ctx.jsonl")])
+    (s,) = read_jsonl(str(tmp_path / "ctx.jsonl"), "rec")
+    assert s.meta["context_objects"] == [{"bbox": [50, 50, 80, 80], "label": "plate"}]      # not the referent, not crowd
+    assert s.gold_boxes() == [[10, 10, 30, 30], [50, 50, 80, 80]]                         # both kept when outpainting

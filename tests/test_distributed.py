@@ -98,3 +98,37 @@ def test_two_data_servers_one_killed_mid_run(tmp_path):
     pool = open(os.path.join(out, "pool.json")).read()
     assert all(j in pool for j in accepted_a), "a job accepted by the live server was not delivered"
     assert sum(r["jobs_absorbed"] for r in rows) >= len(accepted_a)
+
+
+@pytest.fixture(scope="module")
+def syn_model(tmp_path_factory):
+    """A short Syn-GRPO warm start (the four-tag format, 150 SFT steps): its completions carry a <score>."""
+    import train
+    out = str(tmp_path_factory.mktemp("synwarm") / "run")
+    train.main(train.Config(algo="syn-grpo", synthesize=False, sft_steps=150, max_steps=1, save_every=0, out_dir=out))
+    return os.path.join(out, "final")
+
+
+@pytest.mark.slow
+def test_syn_grpo_gives_the_same_rewards_on_two_ranks_as_on_one(tmp_path, syn_model):
+    """Diversity smoothing over the whole step (V_batch and V_global over every rank's prompts): with --prompt-seeds
+    the rollouts do not depend on the split, so the diversity reward, the smoothed diversity and every other reward
+    are those of one process, step by step (the smoother's state included, which each rank holds alike). The SFT
+    warm start is normalised over every rank's tokens: its logged losses are one process's too."""
+    args = ["--model", syn_model, "--algo", "syn-grpo", "--no-synthesize", "--batch-size", "4", "--num-generations",
+            "3", "--prompt-seeds", "--max-steps", "3", "--save-every", "0", "--sft-steps", "10", "--sft-lr", "1e-4"]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    r = run_train(*args, "--out-dir", one)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = torchrun(*args, "--out-dir", two)
+    assert r.returncode == 0, r.stderr[-3000:]
+    with open(os.path.join(one, "metrics.jsonl")) as f1, open(os.path.join(two, "metrics.jsonl")) as f2:
+        sft1, sft2 = ([r["sft_loss"] for r in map(json.loads, f) if r.get("phase") == "sft"] for f in (f1, f2))
+    assert len(sft1) == len(sft2) == 2 and sft1 == pytest.approx(sft2, abs=1e-5)
+    m1, m2 = metrics(one), metrics(two)
+    assert [x["step"] for x in m2] == [0, 1, 2]
+    assert any(x["reward_diversity"] > 0 for x in m1)
+    for a, b in zip(m1, m2):
+        for key in ("reward", "reward_accuracy", "reward_diversity", "diversity", "diversity_smoothed",
+                    "diversity_global"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), (a["step"], key)

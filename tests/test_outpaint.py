@@ -107,3 +107,16 @@ def test_a_box_the_matte_misses_keeps_its_pixels():
     seg.paste(255, (2, 2, 8, 8))                          # covers the first box, not the second
     m = np.asarray(keep_mask((40, 40), [[2, 2, 8, 8], [20, 20, 30, 30]], dilate=1, segment=seg)) > 0
     assert m[20:30, 20:30].all() and not m[0, 0]
+
+
+def test_control_image_is_the_canny_edge_map_of_the_kept_region():
+    from outpaint import canny_control
+    img, row = shapes_sample("rec", 3, objects=(1, 1))
+    gen = Image.new("L", img.size, 255)
+    x1, y1, x2, y2 = row["solution"]
+    gen.paste(0, (x1 - 2, y1 - 2, x2 + 2, y2 + 2))            # keep the object, regenerate the rest
+    edges = np.asarray(canny_control(img, gen))[..., 0] > 0
+    assert edges[y1 - 2:y2 + 2, x1 - 2:x2 + 2].any()            # the object's outline is there
+    outside = edges.copy()
+    outside[y1 - 2:y2 + 2, x1 - 2:x2 + 2] = False
+    assert not outside.any()                                     # nothing of the old background's layout

@@ -61,6 +61,9 @@ def test_format_reward_requires_exact_tags_in_order():
     assert format_reward(syn, "rec", "syn-grpo") == 1.0
     assert format_reward(good, "rec", "syn-grpo") == 0.0
     assert format_reward(syn.replace("0.5", "1.5"), "rec", "syn-grpo") == 0.0
+    assert format_reward(syn.replace("</answer>", "</answer></answer>"), "rec", "syn-grpo") == 0.0   # closing twice
+    assert format_reward(good.replace("</think>", "</think></think>"), "rec") == 0.0
+    assert format_reward(syn.replace("a beach", "  "), "rec", "syn-grpo") == 0.0    # an empty description
     assert format_reward("<think>a</think><answer>None</answer>", "ovd") == 1.0
     assert format_reward("so \\boxed{3}", "math") == 1.0
 

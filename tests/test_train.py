@@ -336,3 +336,95 @@ def test_syn_grpo_learns_on_the_images_it_synthesizes(tmp_path, syn_warm_start):
     pool = DataPool.load(os.path.join(tmp_path, "learn", "pool.json"))
     assert max(s.generation for s in pool.samples.values()) >= 2
     assert all(x["jobs_failed"] == 0 for x in runs["learn"])
+
+
+# -- the paper's baselines, each one flag: their semantics pinned ----------------------------------------------------
+
+@pytest.mark.slow
+def test_offline_generation_synthesizes_before_step_0_and_never_during_training(tmp_path):
+    """'GRPO + Offline Generation': every sample gets one image from the fixed descriptions before training, beside
+    its source (originals + synthesized), then plain GRPO: two-tag completions, no job during the steps."""
+    from data import DataPool
+    desc = tmp_path / "descriptions.txt"
+    desc.write_text("a snowy forest\na sunny beach\n")
+    out = str(tmp_path / "off")
+    r = run_train("--offline-synthesis", "--descriptions", str(desc), "--out-dir", out, "--sft-steps", "20",
+                  "--max-steps", "3", "--shapes-n", "8", "--save-every", "0")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = metrics(out)
+    assert all(x["pool_size"] == 16 and x["pool_total_synthesized"] == 8 for x in rows)   # from step 0, and no more
+    assert not any(k.startswith("jobs_") for x in rows for k in x)
+    jobs = [f for f in os.listdir(os.path.join(out, "server", "jobs")) if f.endswith(".json")]
+    assert len(jobs) == 8
+    pool = DataPool.load(os.path.join(out, "pool.json"))
+    synth = [s for s in pool.samples.values() if s.generation == 1]
+    assert len(synth) == 8 and {s.meta["description"] for s in synth} <= {"a snowy forest", "a sunny beach"}
+    assert all(pool.samples[s.parent_id].generation == 0 and s.solution == pool.samples[s.parent_id].solution for s in synth)
+    with open(os.path.join(out, "completions.jsonl")) as f:
+        assert all("<score>" not in c for line in f for c in json.loads(line)["completions"])   # the GRPO format
+
+
+def test_syn_grpo_without_the_diversity_reward_has_none_and_sends_the_first_description():
+    from rewards import DiversitySmoother, score_groups
+    from data import Sample
+    s = Sample(id="r", task="rec", image="", width=100, height=100, problem="q", solution=[10, 10, 50, 50])
+    t = lambda v, d: (f'<think>t</think><score>{v}</score><description>{d}</description>'
+                      f'<answer>{{"bbox_2d": [10, 10, 50, 50]}}</answer>')
+    texts = [[t(0.9, "a beach"), t(0.0, "a forest")]]
+    off = score_groups(texts, [s], [(100, 100)], algo="syn-grpo", smooth=DiversitySmoother(), with_diversity_reward=False)
+    assert off.diversity.abs().sum() == 0 and off.descriptions == ["a beach"]
+    assert torch.equal(off.total, off.accuracy + off.format)
+
+
+@pytest.mark.slow
+def test_sft_trains_any_model_over_its_epochs_and_refuses_to_train_nothing(tmp_path, tiny):
+    """--algo sft on a model that is not one of the tiny names (as on a GPU: --sft-steps 0 = --epochs over the data)
+    changes the weights; data without a single answer stops with one line instead of saving the untrained model."""
+    from safetensors.torch import load_file
+    model, proc = tiny
+    base = str(tmp_path / "base")
+    model.save_pretrained(base)
+    proc.save_pretrained(base)
+    out = str(tmp_path / "sft")
+    r = run_train("--algo", "sft", "--model", base, "--shapes-n", "16", "--epochs", "1", "--out-dir", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    steps = [x for x in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if x.get("phase") == "sft"]
+    assert [x["sft_step"] for x in steps] == [0, 1]                      # 16 samples / 8 a step, one epoch
+    w0, w1 = load_file(os.path.join(base, "model.safetensors")), load_file(os.path.join(out, "final", "model.safetensors"))
+    assert any(not torch.equal(w0[k], w1[k]) for k in w0)
+    from data import make_shapes, read_jsonl, write_jsonl
+    rows = read_jsonl(make_shapes("math", 4, str(tmp_path / "shapes")), "math")
+    for s in rows:
+        s.answer = None
+    write_jsonl(rows, str(tmp_path / "unlabelled.jsonl"))
+    r = run_train("--algo", "sft", "--task", "math", "--model", base, "--data", str(tmp_path / "unlabelled.jsonl"),
+                  "--out-dir", str(tmp_path / "none"))
+    assert r.returncode == 1 and "needs labelled samples" in r.stderr
+    assert not os.path.exists(tmp_path / "none" / "final")
+
+
+@pytest.mark.slow
+def test_the_kl_reference_is_the_warm_started_model_also_after_a_resume(tmp_path):
+    """beta > 0 after a warm start: the reference is the model RL starts from, so the KL of step 0 (mu = 1: measured
+    before the update) is exactly 0, and a resumed run (which reloads OUT/reference) logs the same KL as the
+    uninterrupted one (before the fix: the pre-warm-start model, several nats away)."""
+    args = ["--beta", "0.05", "--sft-steps", "20", "--batch-size", "2", "--num-generations", "3", "--max-new-tokens",
+            "24", "--entropy-coef", "0.05", "--lr", "1e-3"]   # the entropy term moves the policy at every step
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    assert run_train(*args, "--max-steps", "3", "--save-every", "0", "--out-dir", a).returncode == 0
+    assert run_train(*args, "--max-steps", "2", "--save-every", "1", "--out-dir", b).returncode == 0
+    r = run_train("--resume", b, "--max-steps", "3")
+    assert r.returncode == 0, r.stderr[-3000:]
+    ma, mb = metrics(a), metrics(b)
+    assert ma[0]["kl"] == 0.0 and ma[1]["kl"] > 1e-6     # step 0 (before any update) is the reference itself
+    assert [x["kl"] for x in ma] == pytest.approx([x["kl"] for x in mb], abs=1e-7)
+    assert os.path.isdir(os.path.join(b, "reference"))
+
+
+def test_print_config_shows_the_gpu_defaults_without_a_gpu():
+    r = run_train("--print-config", "--device", "cuda", "--data", "/data/not/here.jsonl", timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    cfg = json.loads(r.stdout)
+    assert (cfg["lr"], cfg["batch_size"], cfg["num_generations"], cfg["epochs"]) == (1e-6, 20, 6, 5)   # the paper's
+    assert (cfg["epsilon_low"], cfg["epsilon_high"], cfg["beta"], cfg["weight_decay"]) == (0.2, 0.2, 0.01, 0.01)
+    assert (cfg["rollout_backend"], cfg["pipeline"], cfg["segmenter"], cfg["gamma"]) == ("vllm", "sdxl", "ben2", 0.7)
