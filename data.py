@@ -419,8 +419,19 @@ SHAPES = ("circle", "square", "triangle")
 FURNITURE = {"bed": (150, 110, 200), "sofa": (200, 120, 60), "table": (120, 80, 40), "wardrobe": (90, 90, 90)}
 
 
-def _background(rng: random.Random, w: int, h: int) -> Image.Image:
-    """Pale solid, gradient or noise backgrounds (kept light so every shape colour stands out)."""
+BACKGROUNDS = ("pale", "stripes")   # training draws pale ones; stripes are an out-of-domain family for evaluation
+
+
+def _background(rng: random.Random, w: int, h: int, family: str = "pale") -> Image.Image:
+    """Pale solid, gradient or noise backgrounds (kept light so every shape colour stands out); or, for
+    evaluation out of domain, pale diagonal stripes of two tints (a family neither training nor the tiny
+    synthesizer, which draws speckled textures, ever shows)."""
+    if family == "stripes":
+        a, b = (np.array([rng.randint(200, 250) for _ in range(3)], dtype=np.float32) for _ in range(2))
+        period, slope = rng.choice((8, 12, 16)), rng.choice((-1, 1))
+        yy, xx = np.mgrid[0:h, 0:w]
+        band = (((xx + slope * yy) // (period // 2)) % 2).astype(bool)[..., None]
+        return Image.fromarray(np.where(band, a, b).astype(np.uint8))
     kind = rng.choice(("solid", "gradient", "noise"))
     base = np.array([rng.randint(200, 250) for _ in range(3)], dtype=np.float32)
     if kind == "solid":
@@ -473,8 +484,8 @@ def _place(rng, side, n, kinds):
     return out
 
 
-def _draw_scene(rng: random.Random, items, w, h, colors):
-    img = _background(rng, w, h)
+def _draw_scene(rng: random.Random, items, w, h, colors, background: str = "pale"):
+    img = _background(rng, w, h, background)
     arr = np.array(img)
     boxes = []
     for (kind, x, y, size), color in zip(items, colors):
@@ -484,21 +495,23 @@ def _draw_scene(rng: random.Random, items, w, h, colors):
     return Image.fromarray(arr), boxes
 
 
-def shapes_sample(task: str, index: int, seed: int = 0, objects: tuple = (2, 4)) -> tuple[Image.Image, dict]:
+def shapes_sample(task: str, index: int, seed: int = 0, objects: tuple = (2, 4),
+                  background: str = "pale") -> tuple[Image.Image, dict]:
     """One shapes image and its row (without "image"), deterministic in (task, index, seed); `objects` is the
-    (min, max) number of shapes in an image (fewer = easier: one shape needs no colour/shape binding)."""
+    (min, max) number of shapes in an image (fewer = easier: one shape needs no colour/shape binding);
+    `background` a family of BACKGROUNDS."""
     rng = random.Random(f"shapes/{task}/{seed}/{index}")
     w = h = rng.choice((112, 168, 224))           # model input is 112x112 for the tiny models: frames differ
     if task == "isr":  # top-view "rooms": furniture rectangles on a floor
         kinds = rng.sample(list(FURNITURE), rng.randint(*objects))
         items = _place(rng, w, len(kinds), kinds)
-        img, boxes = _draw_scene(rng, items, w, h, [FURNITURE[k] for k, *_ in items])
+        img, boxes = _draw_scene(rng, items, w, h, [FURNITURE[k] for k, *_ in items], background)
         objs = [{"bbox": b, "label": k} for (k, *_), b in zip(items, boxes)]
         return img, {"categories": sorted(FURNITURE), "objects": objs}
     # distinct (colour, shape) pairs so every referring expression is unique
     pairs = rng.sample([(c, s) for c in COLORS for s in SHAPES], rng.randint(*objects))
     items = _place(rng, w, len(pairs), [s for _, s in pairs])
-    img, boxes = _draw_scene(rng, items, w, h, [COLORS[c] for c, _ in pairs])
+    img, boxes = _draw_scene(rng, items, w, h, [COLORS[c] for c, _ in pairs], background)
     objs = [{"bbox": b, "label": s, "color": c} for (c, s), b in zip(pairs, boxes)]
     if task == "rec":
         t = rng.randrange(len(objs))
@@ -532,18 +545,21 @@ def shapes_sample(task: str, index: int, seed: int = 0, objects: tuple = (2, 4))
     raise ValueError(f"unknown task {task!r}")
 
 
-def make_shapes(task: str, n: int, out_dir: str, seed: int = 0, split: str = "train", objects: tuple = (2, 4)) -> str:
+def make_shapes(task: str, n: int, out_dir: str, seed: int = 0, split: str = "train", objects: tuple = (2, 4),
+                background: str = "pale") -> str:
     """Write n shapes samples (PNG + one JSONL of the task's format) and return the JSONL path. Cached."""
     if not 1 <= objects[0] <= objects[1] <= GRID * GRID:
         raise ValueError(f"shapes per image: need 1 <= min <= max <= {GRID * GRID} (one per grid cell), got {objects}")
+    if background not in BACKGROUNDS:
+        raise ValueError(f"background family {background!r}: expected one of {BACKGROUNDS}")
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
-    tag = f"{task}_{split}_{seed}_{objects[0]}-{objects[1]}"
+    tag = f"{task}_{split}_{seed}_{objects[0]}-{objects[1]}" + ("" if background == "pale" else f"_{background}")
     path = os.path.join(out_dir, f"shapes{SHAPES_VERSION}_{tag}_{n}.jsonl")
     if os.path.exists(path):
         return path
     rows = []
     for i in range(n):
-        img, row = shapes_sample(task, i if split == "train" else 10_000_000 + i, seed, objects)
+        img, row = shapes_sample(task, i if split == "train" else 10_000_000 + i, seed, objects, background)
         name = f"images/v{SHAPES_VERSION}_{tag}_{i:06d}.png"
         img.save(os.path.join(out_dir, name))
         rows.append({"id": f"shapes-{task}-{split}-{seed}-{i}", "image": name, **row})
@@ -720,6 +736,8 @@ def main(argv=None) -> None:
     sp.add_argument("--split", default="train", help="train, or any other name for a disjoint held-out split")
     sp.add_argument("--objects", type=int, nargs=2, default=(2, 4), metavar=("MIN", "MAX"),
                     help=f"number of shapes per image (at most {GRID * GRID}, one per grid cell)")
+    sp.add_argument("--background", choices=BACKGROUNDS, default="pale",
+                    help="pale (training's) or stripes (an out-of-domain family for evaluation)")
     sp.add_argument("--out", required=True, help="folder for the JSONL file and images/")
     cp = sub.add_parser("check", help="validate a JSONL file and report every bad line", formatter_class=_HelpFormatter)
     cp.add_argument("file", help="the JSONL file")
@@ -744,7 +762,7 @@ def main(argv=None) -> None:
             raise SystemExit(f"data.py {a.cmd}: {path}: no such file")
     if a.cmd == "shapes":
         try:
-            print(make_shapes(a.task, a.n, a.out, a.seed, a.split, tuple(a.objects)))
+            print(make_shapes(a.task, a.n, a.out, a.seed, a.split, tuple(a.objects), a.background))
         except ValueError as e:
             raise SystemExit(f"data.py shapes: {e}")
     elif a.cmd == "context":

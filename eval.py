@@ -44,6 +44,9 @@ class Config:
     limit: int = opt(0, "a random subset of this many rows per split (VLM-R1: 2000); 0 = every row")
     seed: int = opt(42, "seed of that subset (VLM-R1: 42)")
     batch_size: int = opt(16, "prompts per generation call")
+    algo: str = opt("grpo", "the output format the model was trained to give: grpo (<think>, <answer>) or syn-grpo "
+                            "(<think>, <score>, <description>, <answer>); the answer is read the same way",
+                    choices=("grpo", "syn-grpo"))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -187,7 +190,7 @@ def evaluate(cfg: Config) -> dict:
             raise SystemExit(f"eval.py: no valid {cfg.task} row in {path}")
         rows = []
         for start in range(0, len(samples), cfg.batch_size):
-            prompts = [encode_prompt(processor, s) for s in samples[start:start + cfg.batch_size]]
+            prompts = [encode_prompt(processor, s, cfg.algo) for s in samples[start:start + cfg.batch_size]]
             groups = engine.generate(prompts, Sampling(greedy=True, max_tokens=cfg.max_new_tokens))
             rows += [{"id": p.sample.id, "completion": g[0].text, "input_size": list(p.input_size)}
                      for p, g in zip(prompts, groups)]

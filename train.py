@@ -84,6 +84,8 @@ class Config:
                                       "models, 1200 in syn-grpo's four-tag format; else 0), or with --algo sft the "
                                       "whole run (0 = --epochs over the data)")
     sft_lr: float | None = opt(None, "SFT learning rate (default: 1e-5 on GPU, 1e-3 on CPU)")
+    sft_format: str | None = opt(None, "output format of the SFT targets (default: that of --algo; grpo for --algo "
+                                       "sft): syn-grpo trains a model for a later Syn-GRPO run", choices=("grpo", "syn-grpo"))
     # GRPO objective
     beta: float | None = opt(None, "coefficient of KL(pi || pi_ref), k3 estimator (default: 0.01 on GPU, verl's "
                                    "Qwen2.5-VL GRPO recipe; 0 on CPU = no reference model)")
@@ -163,7 +165,7 @@ def resolve_defaults(cfg: Config) -> Config:
     # collapses its output); GRPO at lr 2e-4 (1e-3 undid the warm start's localisation, IoU 0.46 -> 0.17); 64 new
     # tokens (at 48 GRPO learned to cut boxes short, IoU 0); one shape per REC image (the tiny model learns to
     # localise a lone shape in CPU minutes, not yet to pick the described one of two).
-    syn = cfg.algo == "syn-grpo"
+    syn = cfg.algo == "syn-grpo" or cfg.sft_format == "syn-grpo"
     cfg.pipeline = cfg.pipeline or ("sdxl" if gpu else "tiny")
     d = dict(batch_size=20 if gpu else 4, num_generations=6, lr=1e-6 if gpu else 2e-4,
              sft_steps=(1200 if syn else 600) if random_init else 0, sft_lr=1e-5 if gpu else 1e-3,
@@ -881,12 +883,13 @@ def sft_phase(cfg, model, processor, pool, d: Dist = Dist()) -> int:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.sft_lr,
                             weight_decay=0.01) if steps else None   # torch's AdamW default, and verl's
     banned, eos = vision_token_ids(processor), processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    fmt = cfg.sft_format or ("grpo" if cfg.algo == "sft" else cfg.algo)
     rng = random.Random(cfg.seed)
     for step in tqdm(range(steps), desc="sft", dynamic_ncols=True, disable=not d.main):
         idx = [labelled[rng.randrange(len(labelled))] for _ in range(n)]
         idx = [idx[k] for k in rank_share(len(idx), d)]
-        prompts = [encode_prompt(processor, pool.get(i), cfg.algo, math_format=cfg.math_format) for i in idx]
-        seqs = [(k, processor.tokenizer(gold_completion(p.sample, p.input_size, cfg.algo, idx[k], cfg.math_format),
+        prompts = [encode_prompt(processor, pool.get(i), fmt, math_format=cfg.math_format) for i in idx]
+        seqs = [(k, processor.tokenizer(gold_completion(p.sample, p.input_size, fmt, idx[k], cfg.math_format),
                                         add_special_tokens=False)["input_ids"] + [eos]) for k, p in enumerate(prompts)]
         batches = [make_batch(prompts, seqs[i:i + cfg.micro_batch], processor.tokenizer.pad_token_id)
                    for i in range(0, len(seqs), cfg.micro_batch)]
