@@ -72,7 +72,7 @@ class ServerConfig:
     max_body_bytes: int = opt(16 << 20, "request body limit in bytes (413 above)")
     max_image_pixels: int = opt(4096 * 4096, "image size limit in pixels, checked before decoding (413 above)")
     max_boxes: int = opt(1000, "boxes per job at most")
-    steps: int = opt(8, "denoising steps of the pipeline")
+    steps: int = opt(8, "denoising steps of the pipeline (with --pipeline sdxl: 20, diffusers' example for its ControlNet)")
     work_size: int = opt(0, "side in pixels the pipeline runs at (multiple of 8); the result is resized to the "
                             "source's size; 0 = the source's size")
     threads: int = opt(0, "torch threads of the workers (0 = torch's default); 1 leaves the other cores to a trainer "
