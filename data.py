@@ -662,9 +662,10 @@ def stable_hash(*parts) -> str:
 # --help is the field's own text, with its choices and default.
 
 
-def opt(default, help: str, choices=None):
-    """A config field with its --help text (and the values it accepts: argparse rejects any other)."""
-    return field(default=default, metadata={"help": help, "choices": choices})
+def opt(default, help: str, choices=None, aliases: tuple = ()):
+    """A config field with its --help text (and the values it accepts: argparse rejects any other); `aliases` are the
+    peers' names for it (TRL's --num-iterations for --mu), accepted as flags and as --config keys."""
+    return field(default=default, metadata={"help": help, "choices": choices, "aliases": aliases})
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -680,6 +681,60 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+class ConfigParser(ArgumentParser):
+    """The command line of a config dataclass, with `--config FILE`: a YAML or JSON mapping of field names (or
+    their aliases, - or _) to values. The file's values replace the defaults and flags given beside it override the
+    file; a run's own config.json is a valid FILE. The file's values are typed and checked as the flags are."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        pre = argparse.ArgumentParser(add_help=False)
+        pre.add_argument("--config", default="")
+        known, _ = pre.parse_known_args(args)
+        if known.config:
+            self.set_defaults(**self.config_file_values(known.config))
+        return super().parse_known_args(args, namespace)
+
+    def config_file_values(self, path: str) -> dict:
+        import yaml
+        try:
+            with open(path) as f:
+                raw = json.load(f) if path.endswith(".json") else yaml.safe_load(f)
+        except (OSError, ValueError, yaml.YAMLError) as e:
+            self.error(f"--config {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        if not isinstance(raw, dict):
+            self.error(f"--config {path}: expected a mapping of field: value, got {type(raw).__name__}")
+        by_name = {s.lstrip("-").replace("-", "_"): a for a in self._actions for s in a.option_strings
+                   if s.startswith("--") and a.dest not in ("help", "config")}
+        out = {}
+        for key, value in raw.items():
+            action = by_name.get(str(key).replace("-", "_"))
+            if action is None:
+                self.error(f"--config {path}: unknown field {key!r}")
+            out[action.dest] = self._typed(action, value, f"--config {path}: {key}")
+        return out
+
+    def _typed(self, action, value, where: str):
+        """A value from the file as the flag would have parsed it (YAML reads 1e-6 as a string: converted here)."""
+        if value is None:
+            return None                      # "resolved later", as in a run's config.json
+        if isinstance(action, argparse.BooleanOptionalAction):
+            if not isinstance(value, bool):
+                self.error(f"{where}: expected true or false, got {value!r}")
+            return value
+        if action.nargs == "+":
+            return tuple(str(v) for v in (value if isinstance(value, list) else [value]))
+        try:
+            if isinstance(value, bool) or (action.type is int and isinstance(value, float)):
+                raise ValueError
+            typed = action.type(value) if action.type else value
+        except (TypeError, ValueError):
+            self.error(f"{where}: invalid {getattr(action.type, '__name__', 'value')} value {value!r}")
+        if action.choices and typed not in action.choices:
+            self.error(f"{where}: {typed!r} is not one of {', '.join(map(str, action.choices))}")
+        return typed
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls, skip=()) -> None:
@@ -701,12 +756,14 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls, skip=()) -> None:
             kw.update(nargs="+", type=str)
         else:
             kw["type"] = t
-        parser.add_argument("--" + f.name.replace("_", "-"), **kw)
+        parser.add_argument("--" + f.name.replace("_", "-"), *f.metadata.get("aliases", ()), dest=f.name, **kw)
 
 
 def config_parser(cls, description: str = "", epilog: str = "") -> ArgumentParser:
     """The command line of the dataclass `cls`; an entry point may add flags of its own (actions, not config)."""
-    p = ArgumentParser(description=description, epilog=epilog)
+    p = ConfigParser(description=description, epilog=epilog)
+    p.add_argument("--config", default="", metavar="FILE", help="a YAML or JSON file of field: value (a run's "
+                   "config.json is one); flags given beside it override it")
     add_config_arguments(p, cls)
     return p
 

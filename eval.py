@@ -44,6 +44,9 @@ class Config:
     limit: int = opt(0, "a random subset of this many rows per split (VLM-R1: 2000); 0 = every row")
     seed: int = opt(42, "seed of that subset (VLM-R1: 42)")
     batch_size: int = opt(16, "prompts per generation call")
+    max_model_len: int = opt(4096, "vLLM's context limit, prompt + completion")
+    vllm_gpu_memory_utilization: float = opt(0.9, "share of the GPU's memory vLLM takes (vLLM's default: nothing "
+                                                  "else shares the GPU during evaluation)")
     algo: str = opt("grpo", "the output format the model was trained to give: grpo (<think>, <answer>) or syn-grpo "
                             "(<think>, <score>, <description>, <answer>); the answer is read the same way",
                     choices=("grpo", "syn-grpo"))
@@ -180,7 +183,8 @@ def markdown_table(task: str, results: dict, name: str = "model") -> str:
 def evaluate(cfg: Config) -> dict:
     """Generate (greedy) on every split, save predictions, score, write results.json and results.md."""
     from rollout import Sampling, encode_prompt, load_engine
-    engine, processor = load_engine(cfg.model, cfg.backend, chunk=cfg.batch_size)
+    engine, processor = load_engine(cfg.model, cfg.backend, chunk=cfg.batch_size, max_model_len=cfg.max_model_len,
+                                    gpu_memory_utilization=cfg.vllm_gpu_memory_utilization)
     os.makedirs(cfg.out_dir, exist_ok=True)
     results = {}
     for path in cfg.data:

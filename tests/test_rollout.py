@@ -145,3 +145,20 @@ def test_building_a_tiny_model_leaves_the_global_rng_alone(tmp_path):
     before = torch.get_rng_state()
     build_tiny(str(tmp_path / "tiny"))
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_engine_settings_differ_between_gpu_and_cpu_only_where_vllm_needs_it():
+    from rollout import engine_kwargs
+    assert engine_kwargs(True, 4096, 64, 0.5, True) == dict(enforce_eager=False, gpu_memory_utilization=0.5,
+                                                            enable_sleep_mode=True)   # CUDA graphs on a GPU
+    assert engine_kwargs(False, 1024, 32, 0.5, True) == dict(enforce_eager=True, max_num_batched_tokens=1024 * 32)
+
+
+def test_sleep_is_a_no_op_on_cpu_and_generation_goes_on(vllm_engine, prompts):
+    """vLLM has no sleep mode on CPU: the trainer's sleep() after each rollout must leave the engine as it was."""
+    assert vllm_engine.sleep_mode is False
+    before = vllm_engine.generate(prompts[:1], Sampling(greedy=True, max_tokens=8))
+    vllm_engine.sleep()
+    assert vllm_engine.asleep is False
+    after = vllm_engine.generate(prompts[:1], Sampling(greedy=True, max_tokens=8))
+    assert [c.token_ids for c in after[0]] == [c.token_ids for c in before[0]]

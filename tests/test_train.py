@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -112,9 +113,12 @@ SMALL = ["--sft-steps", "0", "--batch-size", "2", "--num-generations", "3", "--m
 def test_kill_and_resume_is_bit_exact(tmp_path, sft_model):
     from safetensors.torch import load_file
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    args = ["--model", sft_model, *SMALL, "--max-steps", "6", "--save-every", "2"]
-    r = run_train(*args, "--out-dir", a)
+    args = ["--model", sft_model, *SMALL, "--max-steps", "6", "--save-every", "2", "--save-total-limit", "2"]
+    r = run_train(*args, "--out-dir", a, "--resume", "auto")        # auto, with no checkpoint yet: a fresh run
     assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(n for n in os.listdir(a) if n.startswith("checkpoint-")) == ["checkpoint-4", "checkpoint-6"]
+    w6, wf = load_file(os.path.join(a, "checkpoint-6", "model.safetensors")), load_file(os.path.join(a, "final", "model.safetensors"))
+    assert w6.keys() == wf.keys() and all(torch.equal(w6[k], wf[k]) for k in wf)   # the same HF format as final/
     env = dict(os.environ, PYTHONPATH=ROOT)
     p = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args, "--out-dir", b], env=env, cwd=ROOT,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -126,13 +130,27 @@ def test_kill_and_resume_is_bit_exact(tmp_path, sft_model):
     p.send_signal(signal.SIGKILL)
     p.wait()
     assert not os.path.exists(os.path.join(b, "final")), "the run finished before it could be killed"
-    r = run_train("--resume", b)
+    r = run_train("--resume", "auto", "--out-dir", b)
     assert r.returncode == 0, r.stderr[-2000:]
     wa, wb = load_file(os.path.join(a, "final", "model.safetensors")), load_file(os.path.join(b, "final", "model.safetensors"))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     ma, mb = metrics(a), metrics(b)
     assert [r["step"] for r in mb] == list(range(6))
     assert [r["reward"] for r in ma] == [r["reward"] for r in mb]
+
+
+@pytest.mark.slow
+def test_lora_checkpoints_hold_merged_weights_and_training_goes_on(tmp_path, sft_model):
+    from safetensors.torch import load_file
+    out = str(tmp_path / "lora")
+    r = run_train("--model", sft_model, *SMALL, "--max-steps", "2", "--save-every", "1", "--lora-r", "4",
+                  "--lr", "1e-2", "--out-dir", out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    w1, wf = (load_file(os.path.join(out, d, "model.safetensors")) for d in ("checkpoint-1", "final"))
+    base = load_file(os.path.join(sft_model, "model.safetensors"))
+    assert w1.keys() == wf.keys() == base.keys()           # plain HF names: no lora_ or base_layer keys
+    changed = lambda a, b: any(not torch.equal(a[k], b[k]) for k in a)
+    assert changed(w1, base) and changed(wf, w1)            # merged at step 1; the adapters trained on after it
 
 
 @pytest.mark.slow
@@ -269,6 +287,9 @@ def test_majority_reward_never_reads_the_gold_answer(tmp_path, math_model):
     (["--algo", "syn-grpo", "--task", "math"], "tasks rec, ovd and isr"),
     (["--reward", "majority", "--task", "ovd"], "tasks rec and math"),
     (["--resume", "no/such/run"], "no config.json"),
+    (["--rollout-backend", "vllm", "--max-model-len", "64"], "leaves no room for the prompt"),
+    (["--vllm-gpu-memory-utilization", "0"], "--vllm-gpu-memory-utilization must be in (0, 1]"),
+    (["--save-total-limit", "-1"], "--save-total-limit must be >= 0"),
 ])
 def test_a_bad_command_line_stops_with_one_line_before_writing_anything(tmp_path, capsys, args, message):
     import train
@@ -431,3 +452,16 @@ def test_print_config_shows_the_gpu_defaults_without_a_gpu():
     assert (cfg["lr"], cfg["batch_size"], cfg["num_generations"], cfg["epochs"]) == (1e-6, 20, 6, 5)   # the paper's
     assert (cfg["epsilon_low"], cfg["epsilon_high"], cfg["beta"], cfg["weight_decay"]) == (0.2, 0.2, 0.01, 0.01)
     assert (cfg["rollout_backend"], cfg["pipeline"], cfg["segmenter"], cfg["gamma"]) == ("vllm", "sdxl", "ben2", 0.7)
+    assert (cfg["max_model_len"], cfg["vllm_gpu_memory_utilization"], cfg["vllm_sleep_mode"]) == (4096, 0.5, True)
+
+
+def test_a_runs_config_json_is_a_valid_config_file_and_peers_names_are_accepted(tmp_path):
+    import train
+    cfg = train.prepare_config(Config(algo="syn-grpo", mu=2, lr=3e-4), files=False)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(asdict(cfg)))
+    assert train.parse_args(["--config", str(path)]) == cfg
+    trl = train.parse_args(["--num-iterations", "3", "--learning-rate", "1e-6", "--max-completion-length", "256",
+                            "--save-steps", "10", "--output-dir", "o", "--model-name-or-path", "m", "--epsilon", "0.1"])
+    assert (trl.mu, trl.lr, trl.max_new_tokens, trl.save_every, trl.out_dir, trl.model, trl.epsilon_low) == \
+        (3, 1e-6, 256, 10, "o", "m", 0.1)
