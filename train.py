@@ -834,14 +834,19 @@ def load_checkpoint(path, model, opt, sched, smoother, synthesis, d: Dist = Dist
     return state["step"], DataPool.from_state_dict(state["pool"])
 
 
+def untied(model, sd: dict) -> dict:
+    """The state dict as HF checkpoints store it: lm_head once, as the embeddings, when the two are tied."""
+    if getattr(model.config.get_text_config(), "tie_word_embeddings", False):
+        sd.pop("lm_head.weight", None)
+    return sd
+
+
 def save_hf(model, processor, path: str, d: Dist = Dist(), merge: bool = True) -> list | None:
     """An HF checkpoint dir (LoRA merged) that eval.py, train.py --model and vLLM load directly. Sharded: the full
     weights, written by rank 0; returns every rank's weight digest, so that a run can show they hold the same.
     merge=False (a checkpoint during training): LoRA's merged weights are written and its adapters kept."""
     if is_sharded(model):
-        sd = policy_state(model)
-        if getattr(model.config.get_text_config(), "tie_word_embeddings", False):
-            sd.pop("lm_head.weight", None)   # tied to the embeddings: HF checkpoints store it once
+        sd = untied(model, policy_state(model))
         digest = hashlib.sha256(b"".join(sd[k].detach().cpu().contiguous().numpy().tobytes() for k in sorted(sd))).hexdigest()
         digests = all_gather(digest, d)
         if d.main:
@@ -850,7 +855,7 @@ def save_hf(model, processor, path: str, d: Dist = Dist(), merge: bool = True) -
         torch.distributed.barrier()
         return digests
     if hasattr(model, "merge_and_unload") and not merge:
-        model.get_base_model().save_pretrained(path, state_dict=policy_state(model))
+        model.get_base_model().save_pretrained(path, state_dict=untied(model, policy_state(model)))
     else:
         (model.merge_and_unload() if hasattr(model, "merge_and_unload") else model).save_pretrained(path)
     processor.save_pretrained(path)
