@@ -1,7 +1,7 @@
 """Table 1 of the Syn-GRPO paper in miniature, on a CPU, with the tiny model on shapes REC; and its Fig. 2.
 
     python experiments/paper.py              # 3 seeds, 100 steps a row (49 min on 2 idle cores)
-    python experiments/paper.py --quick      # 1 seed, 40 steps a row (about 10 min)
+    python experiments/paper.py --quick      # 1 seed, 40 steps a row (8 min 38 s)
     python experiments/paper.py --seeds 1 --steps 2 --sft-steps 10 --shapes-n 8 --eval-n 4   # smallest: CI
 
 For each seed, two warm starts of the random-weight tiny model on the same shapes REC data and budget (SFT in the
