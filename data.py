@@ -592,26 +592,26 @@ class DataPool:
     def get(self, slot: int) -> Sample:
         return self.samples[self.current[self.slots[slot]]]
 
-    def replace(self, parent_id: str, new: Sample) -> Sample:
-        """Put `new` (synthesized from `parent_id`) in the parent's slot; returns the stored sample."""
-        parent = self.samples[parent_id]
-        root = parent.root
-        if new.id in self.samples:
-            raise ValueError(f"sample id {new.id!r} already in the pool")
-        new = replace(new, source_id=root, parent_id=parent_id, generation=parent.generation + 1)
-        self.samples[new.id] = new
-        self.current[root] = new.id
-        self.lineage[root].append(new.id)
-        return new
-
-    def add(self, parent_id: str, new: Sample) -> Sample:
-        """Put `new` (synthesized from `parent_id`) in a slot of its own, after the others; returns it."""
+    def _child(self, parent_id: str, new: Sample) -> Sample:
+        """`new` stored as the next generation of `parent_id` (lineage fields set), in no slot yet."""
         parent = self.samples[parent_id]
         if new.id in self.samples:
             raise ValueError(f"sample id {new.id!r} already in the pool")
         new = replace(new, source_id=parent.root, parent_id=parent_id, generation=parent.generation + 1)
-        self.slots.append(new.id)
         self.samples[new.id] = new
+        return new
+
+    def replace(self, parent_id: str, new: Sample) -> Sample:
+        """Put `new` (synthesized from `parent_id`) in the parent's slot; returns the stored sample."""
+        new = self._child(parent_id, new)
+        self.current[new.source_id] = new.id
+        self.lineage[new.source_id].append(new.id)
+        return new
+
+    def add(self, parent_id: str, new: Sample) -> Sample:
+        """Put `new` (synthesized from `parent_id`) in a slot of its own, after the others; returns it."""
+        new = self._child(parent_id, new)
+        self.slots.append(new.id)
         self.current[new.id] = new.id
         self.lineage[new.id] = [new.id]
         return new

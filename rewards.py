@@ -524,11 +524,12 @@ def score_groups(texts: list[list[str]], samples: list[Sample], input_sizes: lis
     div, descriptions = torch.zeros_like(acc), [None] * len(texts)
     if algo == "syn-grpo":
         v_smoothed, _, v_global = smooth(v)
+        scores = [[parse_score(t) for t in g] for g in texts]
         for b, g in enumerate(texts):
             if with_diversity_reward:
-                div[b] = torch.tensor([diversity_reward(parse_score(t), v_smoothed[b]) for t in g])
+                div[b] = torch.tensor([diversity_reward(x, v_smoothed[b]) for x in scores[b]])
             descriptions[b] = select_description(g, div[b].tolist())
         stats.update(diversity_smoothed=float(np.mean(v_smoothed)), diversity_global=v_global,
-                     **score_tracking([[parse_score(t) for t in g] for g in texts], v_smoothed))
+                     **score_tracking(scores, v_smoothed))
     return GroupRewards(accuracy=acc, format=fmt, diversity=div, descriptions=descriptions, stats=stats,
                         weights=tuple(weights))

@@ -845,10 +845,10 @@ def untied(model, sd: dict) -> dict:
     return sd
 
 
-def save_hf(model, processor, path: str, d: Dist = Dist(), merge: bool = True) -> list | None:
-    """An HF checkpoint dir (LoRA merged) that eval.py, train.py --model and vLLM load directly. Sharded: the full
-    weights, written by rank 0; returns every rank's weight digest, so that a run can show they hold the same.
-    merge=False (a checkpoint during training): LoRA's merged weights are written and its adapters kept."""
+def save_hf(model, processor, path: str, d: Dist = Dist()) -> list | None:
+    """An HF checkpoint dir (LoRA merged, the adapters kept training) that eval.py, train.py --model and vLLM load
+    directly. Sharded: the full weights, written by rank 0; returns every rank's weight digest, so that a run can
+    show they hold the same."""
     if is_sharded(model):
         sd = untied(model, policy_state(model))
         digest = hashlib.sha256(b"".join(sd[k].detach().cpu().contiguous().numpy().tobytes() for k in sorted(sd))).hexdigest()
@@ -858,10 +858,10 @@ def save_hf(model, processor, path: str, d: Dist = Dist(), merge: bool = True) -
             processor.save_pretrained(path)
         torch.distributed.barrier()
         return digests
-    if hasattr(model, "merge_and_unload") and not merge:
+    if hasattr(model, "get_base_model"):   # LoRA: the merged weights under their plain HF names
         model.get_base_model().save_pretrained(path, state_dict=untied(model, policy_state(model)))
     else:
-        (model.merge_and_unload() if hasattr(model, "merge_and_unload") else model).save_pretrained(path)
+        model.save_pretrained(path)
     processor.save_pretrained(path)
     return None
 
@@ -939,7 +939,7 @@ def sft_phase(cfg, model, processor, pool, d: Dist = Dist()) -> int:
                                         add_special_tokens=False)["input_ids"] + [eos]) for k, p in enumerate(prompts)]
         batches = [make_batch(prompts, seqs[i:i + cfg.micro_batch], processor.tokenizer.pad_token_id)
                    for i in range(0, len(seqs), cfg.micro_batch)]
-        n_tok, norm = loss_normaliser(batches, replace(cfg, loss_type="dapo"), d)
+        _, norm = loss_normaliser(batches, replace(cfg, loss_type="dapo"), d)
         opt.zero_grad(set_to_none=True)
         loss = 0.0
         for b in batches:
@@ -1117,7 +1117,7 @@ def main(cfg: Config) -> dict:
         if cfg.save_every and ((step + 1) % cfg.save_every == 0 or step + 1 == run.max_steps):
             save_checkpoint(os.path.join(cfg.out_dir, "checkpoint.pt"), run.model, run.opt, run.sched, step + 1,
                             run.pool, run.smoother, cfg, run.synthesis, d)
-            save_hf(run.model, run.processor, os.path.join(cfg.out_dir, f"checkpoint-{step + 1}"), d, merge=False)
+            save_hf(run.model, run.processor, os.path.join(cfg.out_dir, f"checkpoint-{step + 1}"), d)
             rotate_checkpoints(cfg.out_dir, cfg.save_total_limit, d)
     finish(cfg, run, d)
     return row
