@@ -19,6 +19,7 @@ prompts are never truncated (open-r1-multimodal#28).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -76,11 +77,18 @@ TINY_PIXELS = dict(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16)   # a 112x11
 # Tokenizers and tiny models, built offline
 
 
+# Prompts added after the small tokenizer was fixed. Its vocabulary must not move when a prompt is added: the
+# warm-start targets are sized in its tokens (data.DESCRIPTIONS: 9 each, scores 4), and byte-level BPE has no
+# out-of-vocabulary text to learn. Training on SynthRL's math/think prompt too made two descriptions and every
+# score one token longer, and the four-tag warm start then no longer bound its answer to the image.
+LATER_PROMPTS = ("math/think",)
+
+
 def _corpus() -> list[str]:
-    """Text the small tokenizer is trained on: the prompts and answer formats this codebase uses."""
+    """Text the small tokenizer is trained on: the prompts (but LATER_PROMPTS) and answer formats this codebase uses."""
     from data import COLORS, FURNITURE, PROMPTS, SHAPES
     words = list(COLORS) + list(SHAPES) + list(FURNITURE) + ["left of", "right of", "the", "How many", "are in"]
-    lines = [p.replace("{", " ").replace("}", " ") for p in PROMPTS.values()] + words
+    lines = [p.replace("{", " ").replace("}", " ") for k, p in PROMPTS.items() if k not in LATER_PROMPTS] + words
     lines += ['<think>The red circle is on the left.</think> <answer>{"bbox_2d": [12, 34, 56, 78]}</answer>',
               '<score>0.25</score> <description>A sunny beach with palm trees.</description>',
               '[{"bbox_2d": [1, 2, 3, 4], "label": "square"}] None \\boxed{3} 0123456789 . , : ; ! ? ( ) [ ] " \'',
@@ -159,8 +167,9 @@ def build_tiny(out_dir: str, vocab: str = "small", seed: int = 0) -> str:
 
 def resolve_model(name: str) -> str:
     """`tiny`/`tiny-qwen-vocab` -> cached local dir (built on first use); anything else is returned as is."""
-    if name in TINY_MODELS:
-        path = os.path.join(CACHE, "models", f"{name}-v{TINY_VERSION}")
+    if name in TINY_MODELS:   # the small vocabulary's corpus is in the key: a changed corpus is a new model
+        corpus = hashlib.sha256("\n".join(_corpus()).encode()).hexdigest()[:8] if name == "tiny" else "qwen"
+        path = os.path.join(CACHE, "models", f"{name}-v{TINY_VERSION}-{corpus}")
         if not os.path.exists(os.path.join(path, "config.json")):
             build_tiny(path, vocab="qwen" if name == "tiny-qwen-vocab" else "small")
         return path

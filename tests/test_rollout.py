@@ -162,3 +162,14 @@ def test_sleep_is_a_no_op_on_cpu_and_generation_goes_on(vllm_engine, prompts):
     assert vllm_engine.asleep is False
     after = vllm_engine.generate(prompts[:1], Sampling(greedy=True, max_tokens=8))
     assert [c.token_ids for c in after[0]] == [c.token_ids for c in before[0]]
+
+
+def test_the_small_vocabulary_keeps_the_warm_start_targets_of_equal_length():
+    """Built afresh (as on a clean machine): every warm-start description is 9 tokens and every `<score>0.dd</score>`
+    9 with its tags, the lengths data.DESCRIPTIONS and the score format were chosen for (with the tiny model's RoPE base 10 the answer must sit at a
+    fixed distance). A corpus change that moves them would silently undo the four-tag warm start."""
+    from data import DESCRIPTIONS
+    tok = build_tokenizer("small")
+    n = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])
+    assert {n(d) for d in DESCRIPTIONS} == {9}
+    assert {n(f"<score>{i / 100:.2f}</score>") for i in range(100)} == {9}
