@@ -343,8 +343,8 @@ def test_syn_grpo_learns_on_the_images_it_synthesizes(tmp_path, syn_warm_start):
     same run without learning (lr 1e-12, the same slots), over steps 1-39 (step 0 is the same in both): the diversity
     reward is learned (measured 0.63 vs 0.55) and localisation holds (accuracy 0.81 vs 0.83; at this scale the warm
     start already localises, and accuracy does not rise above it: README, "Syn-GRPO on a CPU"). A step's diversity
-    reward varies by ~0.08 around its mean, so the means are taken over every step after the first: the last 20
-    alone left a 0.07 gain within noise on another CPU, where the warm start differs."""
+    reward varies by ~0.08 around its mean, so the means are taken over every step after the first (the last 20
+    alone leave a 0.07 gain within ~2 standard errors)."""
     import train
     from data import DataPool
     runs = {}
