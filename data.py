@@ -2,8 +2,10 @@
 
 What lives here:
   * `Sample`: one training / evaluation example (stable `id`, image path, original size, labels).
-  * Readers for the JSON Lines formats (`rec`, `ovd`/`isr`, `math`; README "Data") and COCO-JSON conversion.
-    Bad rows raise `DataError` naming file and line (`strict=True`) or are reported and skipped.
+  * Readers: our JSON Lines formats (`rec`, `ovd`/`isr`, `math`; README "Data"), and the formats users have
+    (`read_data`): VLM-R1's conversation JSONL, JSON lists, COCO detection JSON, Hugging Face datasets, several
+    sources at once. Bad rows raise `DataError` naming file and line (`strict=True`) or are reported and skipped.
+    `python data.py check FILE --task T` reports every bad row; `python data.py convert` rewrites any format as ours.
   * The prompt templates of every task and algorithm, in one place: `PROMPTS`, `build_prompt`.
   * Box-frame bookkeeping: Qwen2.5-VL reads a resized image and answers in pixels *of the resized input*
     (`smart_resize`, `to_input_frame`, `to_original_frame`).
@@ -19,10 +21,12 @@ from __future__ import annotations
 import argparse
 import copy
 import hashlib
+import io
 import json
 import math
 import os
 import random
+import re
 import sys
 import types
 import typing
@@ -234,13 +238,6 @@ def is_box(b) -> bool:
             and b[2] > b[0] and b[3] > b[1])
 
 
-def _row_id(path: str, lineno: int, row: dict) -> str:
-    if "id" in row and isinstance(row["id"], (str, int)):
-        return str(row["id"])
-    stem = os.path.splitext(os.path.basename(path))[0]
-    return f"{stem}-{lineno}"
-
-
 def image_size(path: str) -> tuple[int, int]:
     with Image.open(path) as im:
         return im.size
@@ -313,34 +310,6 @@ def parse_row(row: dict, task: str, image_root: str, where: str, need_image: boo
     return s
 
 
-def read_jsonl(path: str, task: str, image_root: str = "", strict: bool = True, log=print,
-               need_images: bool = True) -> list[Sample]:
-    """Read a task JSONL file. strict: the first bad line raises; else bad lines are reported and skipped."""
-    root = image_root or os.path.dirname(os.path.abspath(path))
-    samples, seen = [], set()
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-                s = parse_row(row, task, root, where, need_image=need_images)
-                s.id = _row_id(path, lineno, row)
-                if s.id in seen:
-                    raise DataError(f"{where}: duplicate id {s.id!r}")
-                seen.add(s.id)
-                samples.append(s)
-            except DataError as e:
-                if strict:
-                    raise
-                log(f"skipping bad row: {e}")
-    return samples
-
-
 def write_jsonl(samples, path: str, image_root: str = "") -> None:
     """Write samples as JSONL; image paths are made relative to image_root when given. Atomic."""
     tmp = path + ".tmp"
@@ -410,6 +379,227 @@ def add_context_objects(samples: list[Sample], coco_json: str) -> int:
             n += 1
     return n
 
+
+# ----------------------------------------------------------------------------------------------------
+# The formats users have (README "Data"): VLM-R1's conversation JSONL, JSON lists, COCO detection JSON, Hugging Face
+# datasets (save_to_disk dirs, parquet / arrow files, `name@split` from the Hub) and several sources at once.
+# Every row becomes a row of our format and is validated by `parse_row`, so bad rows get the same errors.
+
+IMAGE_CACHE = os.path.join(os.environ.get("SYN_GRPO_CACHE", os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                                         ".cache")), "images")
+HF_SUFFIXES = (".parquet", ".arrow")
+
+
+def _answer_json(text: str):
+    """The JSON of a gold answer as VLM-R1 writes it: bare, in <answer> tags or in a ```json fence; None if none."""
+    text = re.sub(r"</?answer>", "", text).strip()
+    fenced = re.search(r"```(?:json)?\s*(.*?)```", text, flags=re.S)
+    try:
+        return json.loads(fenced.group(1) if fenced else text)
+    except ValueError:
+        return None
+
+
+def _categories_of(question: str, objects: list) -> list:
+    """OVD categories: the JSON list after "the following objects:" in VLM-R1's question, else the answer's labels."""
+    m = re.search(r"following objects:\s*(\[.*?\])", question, flags=re.S)
+    listed = _answer_json(m.group(1)) if m else None
+    if isinstance(listed, list) and listed and all(isinstance(c, str) for c in listed):
+        return listed
+    return sorted({o.get("label") for o in objects if isinstance(o, dict) and isinstance(o.get("label"), str)})
+
+
+def normalise_row(row, task: str, where: str):
+    """A row of a peer's format as a row of ours (unchanged when it already is one):
+    VLM-R1   {"id", "image": str | [str], "conversations": [{"from": "human", "value": "<image>Q"},
+             {"from": "gpt", "value": A}]}: rec A = [x1, y1, x2, y2] (or {"bbox_2d": ...}); ovd/isr A = a ```json
+             list of {"bbox_2d", "label"} (categories from the question's list, else the labels); math A = the answer
+    EasyR1   {"images": [image], "problem", "answer"} (rec/ovd answers as above)."""
+    if not isinstance(row, dict):
+        return row
+    row = dict(row)
+    turns = row.pop("conversations", None)
+    if turns is not None:
+        if (not isinstance(turns, list) or len(turns) < 2 or not all(isinstance(t, dict) for t in turns)
+                or not isinstance(turns[0].get("value"), str) or not isinstance(turns[1].get("value"), str)):
+            raise DataError(f"{where}: 'conversations' must hold a human turn then a gpt turn, each with a 'value' string")
+        row["problem"], row["answer"] = turns[0]["value"], turns[1]["value"]
+    if "image" not in row and "images" in row:
+        row["image"] = row.pop("images")
+    if isinstance(row.get("image"), list):
+        if len(row["image"]) != 1:
+            raise DataError(f"{where}: {len(row['image'])} images; a sample has exactly one")
+        row["image"] = row["image"][0]
+    if isinstance(row.get("problem"), str):
+        row["problem"] = row["problem"].replace("<image>", "").strip()
+    answer = row.get("answer")
+    if task == "rec" and "solution" not in row and isinstance(answer, str):
+        box = _answer_json(answer)
+        box = box[0] if isinstance(box, list) and len(box) == 1 and isinstance(box[0], dict) else box
+        row["solution"] = box.get("bbox_2d") if isinstance(box, dict) else box
+    elif task in ("ovd", "isr") and "objects" not in row and isinstance(answer, str):
+        items = [] if answer.strip() == "None" else _answer_json(answer)
+        if not isinstance(items, list):
+            raise DataError(f"{where}: the answer must be a JSON list of {{'bbox_2d', 'label'}}; got {answer[:80]!r}")
+        row["objects"] = [{"bbox": o.get("bbox_2d"), "label": o.get("label")} if isinstance(o, dict) else o for o in items]
+        row.setdefault("categories", _categories_of(row.get("problem", ""), items))
+    elif task == "math" and isinstance(answer, str):
+        row["answer"] = re.sub(r"</?answer>", "", answer).strip()
+    return row
+
+
+def _image_file(value, image_dir: str):
+    """A dataset's image cell as a path: a path string as is; PIL images and {"bytes", "path"} cells (how `datasets`
+    stores images) are written once to image_dir, named by their content hash."""
+    if isinstance(value, dict) and value.get("bytes"):
+        data = value["bytes"]
+    elif isinstance(value, Image.Image):
+        buf = io.BytesIO()
+        value.save(buf, format="PNG")
+        data = buf.getvalue()
+    else:
+        return value.get("path") if isinstance(value, dict) else value
+    path = os.path.join(image_dir, hashlib.sha1(data).hexdigest()[:20] + ".png")
+    if not os.path.exists(path):
+        os.makedirs(image_dir, exist_ok=True)
+        try:
+            Image.open(io.BytesIO(data)).convert("RGB").save(path + ".tmp.png")
+        except (OSError, ValueError):
+            return ""               # parse_row then reports the row's missing image
+        os.replace(path + ".tmp.png", path)
+    return path
+
+
+def hub_name(source: str) -> bool:
+    """`name@split` (EasyR1's dataset spelling) that is not a local path: a dataset of the Hugging Face Hub."""
+    return "@" in source and not os.path.exists(source)
+
+
+def hf_rows(source: str, image_dir: str) -> list:
+    """The rows of a Hugging Face dataset: a save_to_disk dir, a .parquet / .arrow file, or `name@split` (online)."""
+    import datasets
+    try:
+        if hub_name(source):
+            name, split = source.rsplit("@", 1)
+            ds = datasets.load_dataset(name, split=split)
+        elif os.path.isdir(source):
+            ds = datasets.load_from_disk(source)
+            if isinstance(ds, datasets.DatasetDict):
+                ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
+        elif source.endswith(".parquet"):
+            ds = datasets.Dataset.from_parquet(source)
+        else:
+            ds = datasets.Dataset.from_file(source)
+    except Exception as e:   # datasets raises many types (offline, missing split, not a dataset)
+        hint = " (is this machine offline? save it with save_to_disk where it is online)" if hub_name(source) else ""
+        raise DataError(f"{source}: cannot load the dataset: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                        f"{hint}") from None
+    rows = []
+    for row in ds:
+        for key in ("image", "images"):
+            if isinstance(row.get(key), list):
+                row[key] = [_image_file(v, image_dir) for v in row[key]]
+            elif key in row:
+                row[key] = _image_file(row[key], image_dir)
+        rows.append(row)
+    return rows
+
+
+def source_rows(source: str, image_dir: str = IMAGE_CACHE) -> list[tuple[str, int, object]]:
+    """(where, position, row) for each row of one source: JSONL (position = line number), a JSON list or a dataset
+    (position = index). A line that is not JSON comes as its DataError, for the reader to raise or report."""
+    if source.endswith(HF_SUFFIXES) or os.path.isdir(source) or hub_name(source):
+        return [(f"{source}[{i}]", i, r) for i, r in enumerate(hf_rows(source, image_dir))]
+    if source.endswith(".json"):
+        with open(source, encoding="utf-8") as f:
+            try:
+                obj = json.load(f)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{source}: invalid JSON ({e.msg} at line {e.lineno})") from None
+        if not isinstance(obj, list):
+            raise DataError(f"{source}: expected a JSON list of rows (or, for ovd and isr, COCO detection JSON)")
+        return [(f"{source}[{i}]", i, r) for i, r in enumerate(obj)]
+    out = []
+    with open(source, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if line.strip():
+                where = f"{source}:{lineno}"
+                try:
+                    out.append((where, lineno, json.loads(line)))
+                except json.JSONDecodeError as e:
+                    out.append((where, lineno, DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})")))
+    return out
+
+
+def is_coco(source: str) -> bool:
+    """A COCO detection JSON: an object with "images" and "annotations" (looked for in its first 64 KiB)."""
+    if not source.endswith(".json") or not os.path.isfile(source):
+        return False
+    with open(source, encoding="utf-8") as f:
+        head = f.read(1 << 16)
+    return head.lstrip().startswith("{") and '"annotations"' in head
+
+
+def read_source(source: str, task: str, image_root: str = "", strict: bool = True, log=print,
+                need_images: bool = True, image_dir: str = IMAGE_CACHE, max_boxes_per_category: int = 0) -> list[Sample]:
+    """The samples of one source of any format. A row's id is its own, else <file stem>-<line or index>. strict: the
+    first bad row raises DataError naming file and line; else bad rows are reported through `log` and skipped."""
+    root = image_root or (source if os.path.isdir(source) else os.path.dirname(os.path.abspath(source)))
+    if task in ("ovd", "isr") and is_coco(source):
+        return coco_to_samples(source, root, task, max_boxes_per_category)
+    stem = source_name(source)
+    samples, seen = [], set()
+    for where, position, row in source_rows(source, image_dir):
+        try:
+            if isinstance(row, DataError):
+                raise row
+            row = normalise_row(row, task, where)
+            s = parse_row(row, task, root, where, need_image=need_images)
+            s.id = str(row["id"]) if isinstance(row.get("id"), (str, int)) else f"{stem}-{position}"
+            if s.id in seen:
+                raise DataError(f"{where}: duplicate id {s.id!r}")
+            seen.add(s.id)
+            samples.append(s)
+        except DataError as e:
+            if strict:
+                raise
+            log(f"skipping bad row: {e}")
+    return samples
+
+
+def source_name(source: str) -> str:
+    """A source's short name: its file stem (refcoco_val), or the dataset's name and split (geometry3k-test)."""
+    return os.path.splitext(os.path.basename(source.rstrip("/")))[0].replace("@", "-")
+
+
+def split_list(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def missing_sources(spec: str) -> list[str]:
+    """The local sources of --data that are not there (a Hub `name@split` is looked up only when read)."""
+    return [s for s in split_list(spec) if not hub_name(s) and not os.path.exists(s)]
+
+
+def read_data(spec: str, task: str, image_root: str = "", strict: bool = True, log=print, need_images: bool = True,
+              image_dir: str = IMAGE_CACHE, max_boxes_per_category: int = 0) -> list[Sample]:
+    """--data as users give it: one source, or several comma-separated (VLM-R1's `a.jsonl:b.jsonl`) with one
+    --image-root for all or one each. With several, each id is prefixed by its source's name (VLM-R1's files each
+    number their rows from 1)."""
+    sources, roots = split_list(spec), split_list(image_root) or [""]
+    if len(roots) not in (1, len(sources)):
+        raise DataError(f"--image-root: {len(roots)} folders for {len(sources)} data sources (give one, or one each)")
+    roots = roots * len(sources) if len(roots) == 1 else roots
+    kw = dict(task=task, strict=strict, log=log, need_images=need_images, image_dir=image_dir,
+              max_boxes_per_category=max_boxes_per_category)
+    if len(sources) == 1:
+        return read_source(sources[0], image_root=roots[0], **kw)
+    out = []
+    for source, root in zip(sources, roots):
+        out += [replace(s, id=f"{source_name(source)}/{s.id}") for s in read_source(source, image_root=root, **kw)]
+    if len({s.id for s in out}) != len(out):
+        raise DataError(f"--data {spec}: two sources share a name, so their ids collide; rename one")
+    return out
 
 # ----------------------------------------------------------------------------------------------------
 # shapes: coloured shapes on varied backgrounds, deterministic from a seed: the embedded default and the test data.
@@ -796,10 +986,18 @@ def main(argv=None) -> None:
     sp.add_argument("--background", choices=BACKGROUNDS, default="pale",
                     help="pale (training's) or stripes (an out-of-domain family for evaluation)")
     sp.add_argument("--out", required=True, help="folder for the JSONL file and images/")
-    cp = sub.add_parser("check", help="validate a JSONL file and report every bad line", formatter_class=_HelpFormatter)
-    cp.add_argument("file", help="the JSONL file")
+    cp = sub.add_parser("check", help="validate data of any format and report every bad row", formatter_class=_HelpFormatter)
+    cp.add_argument("file", help="the data: one source or several comma-separated, any format of README \"Data\"")
     cp.add_argument("--task", choices=TASKS, required=True, help="the task whose format the rows must have")
-    cp.add_argument("--image-root", default="", help="image paths are relative to this folder ('' = the file's)")
+    cp.add_argument("--image-root", default="", help="image paths are relative to this folder, or one per source "
+                    "('' = each source's)")
+    cv = sub.add_parser("convert", help="rewrite data of any format as our JSONL (embedded images saved beside it)",
+                        formatter_class=_HelpFormatter)
+    cv.add_argument("file", help="the data: one source or several comma-separated, any format of README \"Data\"")
+    cv.add_argument("--task", choices=TASKS, required=True, help="the task of the rows")
+    cv.add_argument("--image-root", default="", help="image paths are relative to this folder, or one per source "
+                    "('' = each source's)")
+    cv.add_argument("--out", required=True, help="the JSONL file to write (image paths relative to its folder)")
     co = sub.add_parser("coco", help="convert COCO detection JSON to the ovd JSONL format", formatter_class=_HelpFormatter)
     co.add_argument("coco_json", help="COCO instances JSON (bbox as x, y, w, h)")
     co.add_argument("--image-root", required=True, help="the folder of the COCO images")
@@ -814,24 +1012,39 @@ def main(argv=None) -> None:
     cx.add_argument("--image-root", default="", help="image paths are relative to this folder ('' = the file's)")
     cx.add_argument("--out", required=True, help="the JSONL file to write")
     a = p.parse_args(argv)
-    for path in [getattr(a, "file", None), getattr(a, "coco_json", None), getattr(a, "coco", None)]:
-        if path is not None and not os.path.isfile(path):
-            raise SystemExit(f"data.py {a.cmd}: {path}: no such file")
+    missing = missing_sources(a.file) if a.cmd in ("check", "convert") else [
+        path for path in [getattr(a, "file", None), getattr(a, "coco_json", None), getattr(a, "coco", None)]
+        if path is not None and not os.path.isfile(path)]
+    if missing:
+        raise SystemExit(f"data.py {a.cmd}: {', '.join(missing)}: no such file")
+    try:
+        run_command(a)
+    except DataError as e:
+        raise SystemExit(f"data.py {a.cmd}: {e}")
+
+
+def run_command(a) -> None:
     if a.cmd == "shapes":
         try:
             print(make_shapes(a.task, a.n, a.out, a.seed, a.split, tuple(a.objects), a.background))
         except ValueError as e:
             raise SystemExit(f"data.py shapes: {e}")
     elif a.cmd == "context":
-        samples = read_jsonl(a.file, "rec", a.image_root, strict=False)
+        samples = read_data(a.file, "rec", a.image_root, strict=False)
         n = add_context_objects(samples, a.coco)
         write_jsonl(samples, a.out, image_root=a.image_root or os.path.dirname(os.path.abspath(a.file)))
         print(f"{a.out}: {n} of {len(samples)} rows have context objects")
-    elif a.cmd == "check":
+    elif a.cmd in ("check", "convert"):
         bad = []
-        good = read_jsonl(a.file, a.task, a.image_root, strict=False, log=bad.append)
+        out_dir = os.path.dirname(os.path.abspath(a.out)) if a.cmd == "convert" else ""
+        good = read_data(a.file, a.task, a.image_root, strict=False, log=bad.append,
+                         image_dir=os.path.join(out_dir, "images") if out_dir else IMAGE_CACHE)
         for b in bad:
             print(b)
+        if a.cmd == "convert":
+            write_jsonl(good, a.out, image_root=out_dir)
+            print(f"{a.out}: {len(good)} rows written, {len(bad)} bad rows skipped")
+            return
         print(f"{len(good)} valid rows, {len(bad)} bad rows")
         sys.exit(1 if bad else 0)
     else:

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 
 import rewards as R
-from data import (TASKS, ArgumentParser, DataPool, Sample, coco_to_samples, opt, parse_config, parse_row, read_jsonl,
-                  smart_resize)
+from data import (TASKS, ArgumentParser, DataError, DataPool, Sample, missing_sources, opt, parse_config, read_data,
+                  smart_resize, source_name)
 
 QWEN_MIN_PIXELS, QWEN_MAX_PIXELS = 3136, 12845056   # Qwen2.5-VL's processor defaults
 
@@ -35,8 +35,9 @@ QWEN_MIN_PIXELS, QWEN_MAX_PIXELS = 3136, 12845056   # Qwen2.5-VL's processor def
 class Config:
     model: str = opt("tiny", "hub id, checkpoint dir (e.g. runs/default/final), tiny or tiny-qwen-vocab")
     task: str = opt("rec", "rec (accuracy at IoU > 0.5), ovd / isr (mAP, GP, GR), math (accuracy)", choices=TASKS)
-    data: tuple = opt((), "benchmark files: task JSONL, a JSON list of rows (VLM-R1's RefCOCO / LISA files) or a "
-                          "COCO detection JSON (ovd, isr)")
+    data: tuple = opt((), "benchmark splits, each in any format of train.py --data (README \"Data\"): our JSONL, "
+                          "VLM-R1's JSONL or JSON lists (its RefCOCO / LISA files), COCO detection JSON (ovd, isr), a "
+                          "Hugging Face dataset (save_to_disk dir, .parquet, .arrow, name@split)")
     image_root: str = opt("", "image paths in the files are relative to this folder ('' = each file's folder)")
     out_dir: str = opt("runs/eval", "predictions_<split>.jsonl, results.json and results.md go here")
     backend: str = opt("hf", "generation backend", choices=("hf", "vllm"))
@@ -58,28 +59,15 @@ class Config:
 
 def load_split(path: str, task: str, image_root: str = "", limit: int = 0, seed: int = 42,
                max_boxes_per_category: int = 0, need_images: bool = True) -> list[Sample]:
-    """A benchmark file: task JSONL, a JSON list in the same format (VLM-R1 ships RefCOCO val / LISA test as
-    .json lists), or a COCO detection JSON for ovd/isr. Bad rows are reported and skipped. need_images=False
-    (scoring saved predictions): a row whose image is not there is kept if it gives its width and height."""
-    root = image_root or os.path.dirname(os.path.abspath(path))
-    if path.endswith(".json"):
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
-        if isinstance(obj, dict) and "annotations" in obj:
-            samples = coco_to_samples(path, root, task, max_boxes_per_category)
-        else:
-            samples = []
-            for i, row in enumerate(obj):
-                try:
-                    s = parse_row(row, task, root, f"{path}[{i}]", need_image=need_images)
-                except ValueError as e:
-                    print(f"skipping bad row: {e}", file=sys.stderr)
-                    continue
-                s.id = str(row.get("id", f"{os.path.splitext(os.path.basename(path))[0]}-{i}"))
-                samples.append(s)
-    else:
-        samples = read_jsonl(path, task, image_root, strict=False, log=lambda m: print(m, file=sys.stderr),
-                             need_images=need_images)
+    """A benchmark split in any format train.py's --data takes (data.read_data: our JSONL, VLM-R1's JSONL or JSON
+    lists such as its RefCOCO val / LISA test files, COCO detection JSON for ovd/isr, Hugging Face datasets). Bad
+    rows are reported and skipped. need_images=False (scoring saved predictions): a row whose image is not there is
+    kept if it gives its width and height."""
+    try:
+        samples = read_data(path, task, image_root, strict=False, log=lambda m: print(m, file=sys.stderr),
+                            need_images=need_images, max_boxes_per_category=max_boxes_per_category)
+    except DataError as e:
+        raise SystemExit(f"eval.py: {e}")
     if limit and len(samples) > limit:   # VLM-R1: random.seed(42); random.shuffle(data); data[:2000]
         samples = list(samples)
         random.Random(seed).shuffle(samples)
@@ -188,7 +176,7 @@ def evaluate(cfg: Config) -> dict:
     os.makedirs(cfg.out_dir, exist_ok=True)
     results = {}
     for path in cfg.data:
-        split = os.path.splitext(os.path.basename(path))[0]
+        split = source_name(path)
         samples = load_split(path, cfg.task, cfg.image_root, cfg.limit, cfg.seed)
         if not samples:
             raise SystemExit(f"eval.py: no valid {cfg.task} row in {path}")
@@ -231,7 +219,7 @@ class ScoreConfig:
 def score_command(task: str, data: str, predictions: str, image_root: str = "", out_dir: str = "") -> dict:
     """Score saved predictions against a gold file: no model, and no image for rows that carry width and height."""
     for name, path in (("--data", data), ("--predictions", predictions)):
-        if not os.path.isfile(path):
+        if not path or (missing_sources(path) if name == "--data" else not os.path.isfile(path)):
             raise SystemExit(f"eval.py score: {name} {path or '(missing)'}: no such file")
     samples = load_split(data, task, image_root, need_images=False)
     if not samples:
@@ -254,7 +242,7 @@ def score_command(task: str, data: str, predictions: str, image_root: str = "", 
                     preds[sid] = None
     if not preds:
         raise SystemExit(f"eval.py score: no row of {predictions} has the id of a row of {data}")
-    res = {os.path.splitext(os.path.basename(data))[0]: score_split(task, samples, preds)}
+    res = {source_name(data): score_split(task, samples, preds)}
     if out_dir:
         write_results(out_dir, task, res, os.path.basename(predictions))
     else:
@@ -338,7 +326,7 @@ def main(argv=None):
     if not cfg.data:
         raise SystemExit("eval.py: --data is required (one or more benchmark files)")
     for path in cfg.data:
-        if not os.path.isfile(path):
+        if missing_sources(path):
             raise SystemExit(f"eval.py: --data {path}: no such file")
     return evaluate(cfg)
 

@@ -38,8 +38,8 @@ import torch
 from tqdm import tqdm
 
 import rewards as R
-from data import (ArgumentParser, Sample, add_config_arguments, load_image, make_shapes, opt, read_jsonl, stable_hash,
-                  write_jsonl)
+from data import (ArgumentParser, DataError, Sample, add_config_arguments, load_image, make_shapes, missing_sources, opt,
+                  read_data, stable_hash, write_jsonl)
 from rollout import Sampling, encode_prompt, load_engine
 
 STAGES = ("run", "passrate", "select", "synthesize", "verify", "export", "selfq")
@@ -49,7 +49,8 @@ STAGES = ("run", "passrate", "select", "synthesize", "verify", "export", "selfq"
 class SynthConfig:
     stage: str = opt("run", "the stage to run (run = passrate, select, then synthesize + verify rounds, export)",
                      choices=STAGES)
-    data: str = opt("", "seed math JSONL ('' = the built-in shapes counting questions)")
+    data: str = opt("", "seed math data in any format of train.py --data, e.g. EasyR1's name@split or VLM-R1's JSONL "
+                        "('' = the built-in shapes counting questions)")
     image_root: str = opt("", "image paths in --data are relative to this folder ('' = the file's folder)")
     shapes_n: int = opt(64, "number of shapes seeds when --data is empty")
     out_dir: str = opt("runs/synth", "every stage's JSONL files, the summary and the exported training data")
@@ -181,9 +182,12 @@ def out_path(cfg, name: str) -> str:
 
 def load_seeds(cfg) -> list[Sample]:
     if cfg.data:
-        return read_jsonl(cfg.data, "math", cfg.image_root, strict=False, log=lambda m: tqdm.write(m))
+        try:
+            return read_data(cfg.data, "math", cfg.image_root, strict=False, log=lambda m: tqdm.write(m))
+        except DataError as e:
+            raise SystemExit(f"synth.py: {e}")
     path = make_shapes("math", cfg.shapes_n, os.path.join(cfg.out_dir, "shapes"), seed=cfg.seed)
-    return read_jsonl(path, "math")
+    return read_data(path, "math")
 
 
 def chunks(items, n):
@@ -404,8 +408,8 @@ def print_table(stats: dict) -> None:
 
 
 def main(cfg: SynthConfig) -> dict:
-    if cfg.data and not os.path.isfile(cfg.data):
-        raise SystemExit(f"synth.py: --data {cfg.data}: no such file")
+    if cfg.data and missing_sources(cfg.data):
+        raise SystemExit(f"synth.py: --data {cfg.data}: no such file or dataset dir")
     os.makedirs(cfg.out_dir, exist_ok=True)
     with open(out_path(cfg, f"config_{cfg.stage}.json"), "w") as f:
         json.dump(asdict(cfg), f, indent=1)

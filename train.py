@@ -41,8 +41,8 @@ import torch
 from tqdm import tqdm
 
 import rewards as R
-from data import (GRID, MATH_FORMATS, PROMPTS, TASKS, ArgumentParser, DataPool, config_from, config_parser, gold_completion, load_image,
-                  make_shapes, opt, read_jsonl)
+from data import (GRID, MATH_FORMATS, PROMPTS, TASKS, ArgumentParser, DataError, DataPool, config_from, config_parser,
+                  gold_completion, load_image, make_shapes, missing_sources, opt, read_data, split_list)
 from rollout import (TINY_MODELS, Completion, HFRollout, MicroBatch, Prompt, Sampling, VLLMRollout,
                      completion_logprobs, encode_prompt, engine_gap, load_policy, make_batch, resolve_model,
                      vision_token_ids)
@@ -60,8 +60,12 @@ class Config:
                     choices=TASKS)
     model: str = opt("", "hub id, checkpoint dir, tiny or tiny-qwen-vocab ('' = tiny on CPU, Qwen2.5-VL-3B on GPU)",
                      aliases=("--model-name-or-path",))
-    data: str = opt("", "the task's JSONL file ('' = the built-in shapes dataset)")
-    image_root: str = opt("", "image paths in --data are relative to this folder ('' = the file's folder)")
+    data: str = opt("", "training data, one source or several comma-separated, each in any format of README \"Data\": "
+                        "our JSONL, VLM-R1's JSONL (conversations), a JSON list, COCO detection JSON (ovd, isr), a "
+                        "Hugging Face dataset (save_to_disk dir, .parquet, .arrow, or name@split from the Hub) "
+                        "('' = the built-in shapes dataset)")
+    image_root: str = opt("", "image paths in --data are relative to this folder, or one folder per source, "
+                              "comma-separated ('' = each source's folder)")
     strict: bool = opt(False, "stop at the first bad data row instead of skipping it")
     shapes_n: int | None = opt(None, "size of the shapes training set when --data is empty (default: 512; 128 for "
                                      "syn-grpo on CPU, so that slots come back and their images are synthesized again)")
@@ -204,8 +208,10 @@ def check_config(cfg: Config, files: bool = True) -> None:
     depends on this machine (files, a GPU): --print-config describes a run for another machine too."""
     objects = re.fullmatch(r"(\d+)-(\d+)", cfg.shapes_objects or "")
     problems = [
-        (files and cfg.data and not os.path.isfile(cfg.data), f"--data {cfg.data}: no such file"),
-        (files and cfg.image_root and not os.path.isdir(cfg.image_root), f"--image-root {cfg.image_root}: no such directory"),
+        (files and missing_sources(cfg.data), f"--data {cfg.data}: no such file or dataset dir: "
+                                              f"{', '.join(missing_sources(cfg.data))}"),
+        (files and any(not os.path.isdir(r) for r in split_list(cfg.image_root)),
+         f"--image-root {cfg.image_root}: no such directory"),
         (files and cfg.descriptions and not os.path.isfile(cfg.descriptions), f"--descriptions {cfg.descriptions}: no such file"),
         (files and cfg.device == "cuda" and not torch.cuda.is_available(), "--device cuda: no CUDA device is visible"),
         (not objects or not 1 <= int(objects[1]) <= int(objects[2]) <= GRID * GRID,
@@ -892,7 +898,10 @@ def load_data(cfg: Config) -> DataPool:
         lo, hi = (int(v) for v in cfg.shapes_objects.split("-"))
         path = make_shapes(cfg.task, cfg.shapes_n, os.path.join(os.path.dirname(os.path.abspath(cfg.out_dir)), "data"),
                            seed=cfg.seed, objects=(lo, hi))
-    samples = read_jsonl(path, cfg.task, cfg.image_root, strict=cfg.strict)
+    try:
+        samples = read_data(path, cfg.task, cfg.image_root, strict=cfg.strict)
+    except DataError as e:   # --strict's first bad row, or sources that cannot be read together
+        raise SystemExit(f"train.py: {e}")
     if not samples:
         raise SystemExit(f"train.py: no valid samples in {path}")
     if cfg.max_samples and cfg.max_samples < len(samples):   # a seeded subset, in the file's order

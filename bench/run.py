@@ -91,11 +91,11 @@ def grpo_runs(model: str, steps: int, tmp: str) -> dict:
 def rollout_worker(backend: str, model: str, reps: int, max_tokens: int) -> None:
     """(subprocess) completions/s of one backend: 4 prompts x G 6, `reps` timed calls after one warm-up."""
     import torch
-    from data import make_shapes, read_jsonl
+    from data import make_shapes, read_data
     from rollout import Sampling, encode_prompt, load_engine
     torch.manual_seed(0)
     eng, proc = load_engine(model, backend, max_model_len=1024)
-    samples = read_jsonl(make_shapes("rec", 8, os.path.join(ROOT, ".cache", "shapes")), "rec")[:4]
+    samples = read_data(make_shapes("rec", 8, os.path.join(ROOT, ".cache", "shapes")), "rec")[:4]
     prompts = [encode_prompt(proc, s) for s in samples]
     rates, lens = [], []
     for r in range(reps + 1):

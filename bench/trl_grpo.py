@@ -30,12 +30,12 @@ def main(callbacks=()):
     from trl import GRPOConfig, GRPOTrainer
 
     import rewards as R
-    from data import build_prompt, load_image, make_shapes, read_jsonl
+    from data import build_prompt, load_image, make_shapes, read_data
     from rollout import encode_prompt
 
     torch.manual_seed(0)
     processor = AutoProcessor.from_pretrained(a.model)
-    samples = read_jsonl(make_shapes("rec", 512, os.path.join(ROOT, ".cache", "shapes"), objects=(1, 2)), "rec")
+    samples = read_data(make_shapes("rec", 512, os.path.join(ROOT, ".cache", "shapes"), objects=(1, 2)), "rec")
     sizes = [encode_prompt(processor, s).input_size for s in samples]   # the model-input frame, as train.py uses
     ds = Dataset.from_list([{"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": build_prompt(s)}]}],
                              "image": load_image(s.image), "idx": i} for i, s in enumerate(samples)])

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data import (DataError, DataPool, Sample, coco_to_samples, make_shapes, read_jsonl, shapes_sample, smart_resize,
+from data import (DataError, DataPool, Sample, coco_to_samples, make_shapes, read_data, shapes_sample, smart_resize,
                   to_input_frame, to_original_frame, write_jsonl, COLORS, FURNITURE)
 
 
@@ -48,9 +48,9 @@ def test_readers_reject_each_bad_row_with_file_and_line(tmp_path, img, task):
     for bad in BAD[task]:
         path = write(tmp_path, [good, good, bad])
         with pytest.raises(DataError, match=r"d\.jsonl:3: "):
-            read_jsonl(path, task)
+            read_data(path, task)
         logged = []
-        assert len(read_jsonl(path, task, strict=False, log=logged.append)) == 2
+        assert len(read_data(path, task, strict=False, log=logged.append)) == 2
         assert len(logged) == 1 and "d.jsonl:3" in logged[0]
 
 
@@ -58,23 +58,23 @@ def test_corrupt_image_is_a_data_error(tmp_path):
     (tmp_path / "bad.png").write_bytes(b"not a png")
     path = write(tmp_path, [{"image": "bad.png", "problem": "q", "solution": [1, 2, 3, 4]}])
     with pytest.raises(DataError, match="d.jsonl:1: unreadable image"):
-        read_jsonl(path, "rec")
+        read_data(path, "rec")
 
 
 def test_ids_are_stable_and_unique(tmp_path, img):
     row = {"image": img, "problem": "q", "solution": [1, 2, 30, 40]}
     path = write(tmp_path, [row, row, dict(row, id="x")])
-    assert [s.id for s in read_jsonl(path, "rec")] == ["d-1", "d-2", "x"]
+    assert [s.id for s in read_data(path, "rec")] == ["d-1", "d-2", "x"]
     with pytest.raises(DataError, match="duplicate id"):
-        read_jsonl(write(tmp_path, [dict(row, id="x"), dict(row, id="x")]), "rec")
+        read_data(write(tmp_path, [dict(row, id="x"), dict(row, id="x")]), "rec")
 
 
 def test_write_then_read_roundtrip(tmp_path, img):
     path = write(tmp_path, [{"image": img, "categories": ["a", "b"], "objects": [{"bbox": [1, 2, 30, 40], "label": "a"}]}])
-    s = read_jsonl(path, "ovd")
+    s = read_data(path, "ovd")
     out = str(tmp_path / "out.jsonl")
     write_jsonl(s, out, image_root=str(tmp_path))
-    s2 = read_jsonl(out, "ovd")
+    s2 = read_data(out, "ovd")
     assert [(x.categories, x.objects, x.width, x.height) for x in s] == [(x.categories, x.objects, x.width, x.height) for x in s2]
 
 
@@ -162,7 +162,7 @@ def test_shapes_math_answer_counts(tmp_path):
 def test_make_shapes_writes_valid_jsonl(tmp_path):
     for task in ("rec", "ovd", "isr", "math"):
         path = make_shapes(task, 8, str(tmp_path), seed=1)
-        samples = read_jsonl(path, task)
+        samples = read_data(path, task)
         assert len(samples) == 8 and len({s.id for s in samples}) == 8
 
 
@@ -221,7 +221,7 @@ def test_coco_rec_rows_get_the_other_objects_of_their_image_as_context(tmp_path)
     (tmp_path / "rec.jsonl").write_text(json.dumps({"image": "COCO_train2014_000000000001.jpg",
                                                     "problem": "the cup left of the plate", "solution": [10, 10, 30, 30]}) + "\n")
     main(["context", str(tmp_path / "rec.jsonl"), "--coco", str(tmp_path / "instances.json"), "--out", str(tmp_path / "ctx.jsonl")])
-    (s,) = read_jsonl(str(tmp_path / "ctx.jsonl"), "rec")
+    (s,) = read_data(str(tmp_path / "ctx.jsonl"), "rec")
     assert s.meta["context_objects"] == [{"bbox": [50, 50, 80, 80], "label": "plate"}]      # not the referent, not crowd
     assert s.gold_boxes() == [[10, 10, 30, 30], [50, 50, 80, 80]]                         # both kept when outpainting
 
@@ -275,3 +275,105 @@ def test_a_missing_config_file_stops_with_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse_config(_Cfg, ["--config", str(tmp_path / "none.yaml")])
     assert "--config" in capsys.readouterr().err
+
+
+# -- the formats users have: VLM-R1's JSONL, Hugging Face datasets, several sources ---------------------------------
+
+def vlm_r1(img, question, answer, **kw):
+    return {"image": img, "conversations": [{"from": "human", "value": "<image>" + question},
+                                            {"from": "gpt", "value": answer}], **kw}
+
+
+def test_vlm_r1_jsonl_maps_each_task_as_vlm_r1_defines_it(tmp_path, img):
+    rec = write(tmp_path, [vlm_r1(img, "Please provide the bounding box coordinate of the region this sentence "
+                                       "describes: the cat.", "[1.5, 2, 30, 40]", id=7),
+                           vlm_r1([img], "q", '<answer>{"bbox_2d": [3, 4, 5, 6]}</answer>')], "rec.jsonl")
+    a, b = read_data(rec, "rec")
+    assert (a.id, a.problem, a.solution) == ("7", "Please provide the bounding box coordinate of the region this "
+                                                  "sentence describes: the cat.", [1.5, 2.0, 30.0, 40.0])
+    assert (b.id, b.solution) == ("rec-2", [3.0, 4.0, 5.0, 6.0])
+    listed = 'Please carefully check the image and detect the following objects: ["cat", "dog"]. Output ...'
+    ovd = write(tmp_path, [
+        vlm_r1(img, listed, '```json\n[{"bbox_2d": [1, 2, 30, 40], "label": "cat"}]\n```'),
+        vlm_r1(img, "Find things.", '[{"bbox_2d": [1, 2, 30, 40], "label": "bird"}]'),
+        vlm_r1(img, listed, "None")], "ovd.jsonl")
+    listed_cats, unlisted, empty = read_data(ovd, "ovd")
+    assert listed_cats.categories == ["cat", "dog"] and listed_cats.objects == [{"bbox": [1.0, 2.0, 30.0, 40.0], "label": "cat"}]
+    assert unlisted.categories == ["bird"] and empty.objects == [] and empty.categories == ["cat", "dog"]
+    (m,) = read_data(write(tmp_path, [vlm_r1(img, "How many?", "<answer>3</answer>")], "m.jsonl"), "math")
+    assert (m.problem, m.answer) == ("How many?", "3")
+
+
+def test_bad_vlm_r1_rows_get_file_and_line(tmp_path, img):
+    good = vlm_r1(img, "q", "[1, 2, 30, 40]")
+    for bad in ({"image": img, "conversations": [{"from": "human", "value": "q"}]},    # no answer turn
+                vlm_r1(img, "q", "a box"), vlm_r1([img, img], "q", "[1, 2, 30, 40]"),   # no box; two images
+                vlm_r1(img, "q", "[30, 2, 1, 40]")):
+        with pytest.raises(DataError, match=r"d\.jsonl:2: "):
+            read_data(write(tmp_path, [good, bad]), "rec")
+    with pytest.raises(DataError, match=r"d\.jsonl:2: the answer must be a JSON list"):
+        read_data(write(tmp_path, [vlm_r1(img, "detect the following objects: [\"cat\"].", "[]"),
+                                   vlm_r1(img, "q", "cat at left")]), "ovd")
+
+
+def hf_dataset(tmp_path):
+    """EasyR1's columns (images embedded as `datasets` stores them, problem, answer), as a saved dataset dir."""
+    datasets = pytest.importorskip("datasets")
+    images = [Image.new("RGB", (40 + 8 * i, 32), (30 * i, 0, 0)) for i in range(3)]
+    ds = datasets.Dataset.from_dict({"images": [[im] for im in images], "problem": ["<image>How many?"] * 3,
+                                     "answer": ["1", "2", "3"]},
+                                    features=datasets.Features({"images": datasets.Sequence(datasets.Image()),
+                                                                "problem": datasets.Value("string"),
+                                                                "answer": datasets.Value("string")}))
+    return ds
+
+
+def test_hugging_face_datasets_load_from_disk_parquet_and_arrow(tmp_path):
+    ds = hf_dataset(tmp_path)
+    ds.save_to_disk(str(tmp_path / "saved"))
+    ds.to_parquet(str(tmp_path / "geo.parquet"))
+    cache = str(tmp_path / "img")
+    (arrow,) = [str(p) for p in (tmp_path / "saved").glob("*.arrow")]    # save_to_disk's shard: an arrow file
+    sources = [str(tmp_path / "saved"), str(tmp_path / "geo.parquet"), arrow]
+    for source in sources:
+        samples = read_data(source, "math", image_dir=cache)
+        assert [(s.problem, s.answer, s.width) for s in samples] == [("How many?", str(i + 1), 40 + 8 * i) for i in range(3)]
+        assert all(os.path.dirname(s.image) == cache for s in samples)
+    assert len(os.listdir(cache)) == 3            # embedded images are written once, named by their content
+
+
+def test_hub_dataset_offline_is_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DataError, match=r"nobody/nothing@train: cannot load the dataset: .*offline"):
+        read_data("nobody/nothing@train", "math", image_dir=str(tmp_path))
+
+
+def test_several_sources_with_their_image_roots(tmp_path):
+    for d in ("A", "B"):
+        (tmp_path / d).mkdir()
+        Image.new("RGB", (20, 20)).save(tmp_path / d / "x.png")
+    rows = [vlm_r1("x.png", "q", "[1, 2, 10, 12]", id=1)]
+    a, b = write(tmp_path, rows, "a.jsonl"), write(tmp_path, rows, "b.jsonl")
+    samples = read_data(f"{a},{b}", "rec", image_root=f"{tmp_path / 'A'},{tmp_path / 'B'}")
+    assert [s.id for s in samples] == ["a/1", "b/1"]
+    assert [s.image for s in samples] == [str(tmp_path / "A" / "x.png"), str(tmp_path / "B" / "x.png")]
+    with pytest.raises(DataError, match="3 folders for 2 data sources"):
+        read_data(f"{a},{b}", "rec", image_root=f"{tmp_path},{tmp_path},{tmp_path}")
+
+
+def test_data_py_check_and_convert_take_every_format(tmp_path, img, capsys):
+    from data import main
+    src = write(tmp_path, [vlm_r1(img, "q", "[1, 2, 30, 40]"), "{torn"], "v.jsonl")
+    with pytest.raises(SystemExit) as e:
+        main(["check", src, "--task", "rec"])
+    assert e.value.code == 1 and "v.jsonl:2: invalid JSON" in capsys.readouterr().out
+    out = str(tmp_path / "conv" / "ours.jsonl")
+    os.makedirs(os.path.dirname(out))
+    main(["convert", src, "--task", "rec", "--out", out])
+    (s,) = read_data(out, "rec")
+    assert s.solution == [1.0, 2.0, 30.0, 40.0] and os.path.samefile(s.image, tmp_path / img)
+    hf_dataset(tmp_path).save_to_disk(str(tmp_path / "saved"))
+    main(["convert", str(tmp_path / "saved"), "--task", "math", "--out", out])
+    assert len(read_data(out, "math")) == 3 and len(os.listdir(tmp_path / "conv" / "images")) == 3
+    with pytest.raises(SystemExit, match="nope.jsonl: no such file"):
+        main(["check", "nope.jsonl", "--task", "rec"])

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 import eval as E
-from data import DataPool, Sample, make_shapes, read_jsonl
+from data import DataPool, Sample, make_shapes, read_data
 from test_rewards import pycoco_map_multi, random_case
 
 
@@ -50,7 +50,7 @@ def test_math_choice_normalisation():
 
 def test_score_command_on_hostile_predictions(tmp_path, shapes_dir):
     gold = make_shapes("ovd", 6, shapes_dir)
-    samples = read_jsonl(gold, "ovd")
+    samples = read_data(gold, "ovd")
     rows = ['{"id": "%s", "completion": "<answer>[{\\"bbox_2d\\": [1, 2, 3]}]</answer>"}' % samples[0].id,
             json.dumps({"id": samples[1].id, "boxes": [[5, 5, 1, 1], "x", [0, 0, 10, 10]], "labels": ["circle", 3]}),
             json.dumps({"id": samples[2].id, "completion": None}), "not json", json.dumps({"no": "id"}),
@@ -102,7 +102,7 @@ def test_plot_and_gallery(tmp_path, shapes_dir):
     assert {os.path.basename(p) for p in paths} >= {"curve_reward.png", "curve_entropy.png", "curve_diversity.png",
                                                     "curve_diversity_smoothed.png"}
     assert all(os.path.getsize(p) > 5000 for p in paths)
-    samples = read_jsonl(make_shapes("rec", 3, shapes_dir), "rec")
+    samples = read_data(make_shapes("rec", 3, shapes_dir), "rec")
     pool = DataPool(samples)
     for gen in range(2):                       # two synthesized generations of the first sample
         src = pool.get(0)
@@ -121,7 +121,7 @@ def test_score_needs_no_image_when_rows_give_their_size_and_refuses_an_unscorabl
     """Predictions in original pixels are scored without the images when the gold rows carry width and height;
     a gold file with no scorable row, or predictions that match no row, stop with one line instead of n = 0."""
     gold = make_shapes("ovd", 6, shapes_dir)
-    samples = read_jsonl(gold, "ovd")
+    samples = read_data(gold, "ovd")
     pred = tmp_path / "p.jsonl"
     pred.write_text("".join(json.dumps({"id": s.id, "boxes": [o["bbox"] for o in s.objects][:1],
                                         "labels": [o["label"] for o in s.objects][:1]}) + "\n" for s in samples))

@@ -4,14 +4,14 @@ import dataclasses
 import pytest
 import torch
 
-from data import make_shapes, read_jsonl
+from data import make_shapes, read_data
 from rollout import (QWEN_ADDED, QWEN_SPECIAL, HFRollout, Sampling, build_tokenizer, completion_logprobs, encode_prompt,
                      load_policy, make_batch, vision_token_ids)
 
 
 @pytest.fixture(scope="module")
 def prompts(tiny, shapes_dir):
-    samples = read_jsonl(make_shapes("rec", 4, shapes_dir), "rec")
+    samples = read_data(make_shapes("rec", 4, shapes_dir), "rec")
     return [encode_prompt(tiny[1], s) for s in samples]
 
 

@@ -6,7 +6,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 import synth
-from data import read_jsonl
+from data import read_data
 from synth import SynthConfig, parse_new_question, pass_count, read_rows, same_question, verdict
 
 
@@ -65,7 +65,7 @@ def test_synth_run_end_to_end_rows_pass_the_verify_rule_and_resume(tmp_path, mat
     cfg = _cfg(out, math_model)
     stats = synth.main(cfg)
     seeds = {s.id: s for s in synth.load_seeds(cfg)}
-    rows = read_jsonl(os.path.join(out, "synth.jsonl"), "math")      # strict: every row is valid train.py data
+    rows = read_data(os.path.join(out, "synth.jsonl"), "math")      # strict: every row is valid train.py data
     originals = [r for r in rows if not r.parent_id]
     variants = [r for r in rows if r.parent_id]
     assert {r.id for r in originals} == set(seeds)                     # augment mode keeps every seed
@@ -109,7 +109,7 @@ def test_selfq_writes_unlabelled_questions_once(tmp_path, math_model):
         cfg = _cfg(out, math_model, stage="selfq", mode=mode, shapes_n=6, questions_per_image=2)
         synth.main(cfg)
         path = os.path.join(out, f"selfq_{mode}.jsonl")
-        rows = read_jsonl(path, "math")
+        rows = read_data(path, "math")
         rejected = read_rows(path + ".rejected")
         assert len(rows) + len(rejected) == 12 and rows
         assert all(r.answer is None and r.meta["synth_method"] == mode and r.parent_id for r in rows)

@@ -253,9 +253,9 @@ def test_absorb_result_ignores_bad_and_duplicate_results(tmp_path):
 def test_majority_reward_never_reads_the_gold_answer(tmp_path, math_model):
     """MM-UPT on shapes counting: the same run on the data with its answers removed has identical rewards
     and updates; with answers present the pseudo-label accuracy is logged, the format term is off."""
-    from data import make_shapes, read_jsonl, write_jsonl
+    from data import make_shapes, read_data, write_jsonl
     path = make_shapes("math", 32, str(tmp_path / "shapes"))
-    samples = read_jsonl(path, "math")
+    samples = read_data(path, "math")
     for s in samples:
         s.answer = None
     stripped = str(tmp_path / "shapes" / "unlabelled.jsonl")
@@ -417,8 +417,8 @@ def test_sft_trains_any_model_over_its_epochs_and_refuses_to_train_nothing(tmp_p
     assert [x["sft_step"] for x in steps] == [0, 1]                      # 16 samples / 8 a step, one epoch
     w0, w1 = load_file(os.path.join(base, "model.safetensors")), load_file(os.path.join(out, "final", "model.safetensors"))
     assert any(not torch.equal(w0[k], w1[k]) for k in w0)
-    from data import make_shapes, read_jsonl, write_jsonl
-    rows = read_jsonl(make_shapes("math", 4, str(tmp_path / "shapes")), "math")
+    from data import make_shapes, read_data, write_jsonl
+    rows = read_data(make_shapes("math", 4, str(tmp_path / "shapes")), "math")
     for s in rows:
         s.answer = None
     write_jsonl(rows, str(tmp_path / "unlabelled.jsonl"))
