@@ -27,6 +27,7 @@ import math
 import os
 import random
 import re
+import string
 import sys
 import types
 import typing
@@ -146,17 +147,47 @@ PROMPTS = {
 }
 
 
-def build_prompt(sample: Sample, algo: str = "grpo", math_format: str = "boxed") -> str:
+def build_prompt(sample: Sample, algo: str = "grpo", math_format: str = "boxed", template: str = "") -> str:
     """The user text for a sample. rec `problem` already holds VLM-R1's full question. math_format: boxed (MM-UPT's
-    instruction) or think (SynthRL's)."""
+    instruction) or think (SynthRL's). template (--prompt-template): the whole text instead, with {problem} (rec/math:
+    the row's question; ovd/isr: the detection question) and {categories} (ovd/isr: the JSON list) filled in."""
     syn = algo == "syn-grpo"
-    if sample.task == "rec":
-        tags = SYN_TAGS if syn else THINK_ANSWER
-        return sample.problem + tags + JSON_ANSWER
+    question = sample.problem
     if sample.task in ("ovd", "isr"):
-        q = OVD_QUESTION.format(categories=json.dumps(sample.categories))
-        return q + (SYN_TAGS if syn else THINK_ANSWER)
-    return sample.problem + (MATH_THINK if math_format == "think" else MATH_SUFFIX)
+        question = OVD_QUESTION.format(categories=json.dumps(sample.categories))
+    if template:
+        return template.format(problem=question, categories=json.dumps(sample.categories))
+    if sample.task == "rec":
+        return question + (SYN_TAGS if syn else THINK_ANSWER) + JSON_ANSWER
+    if sample.task in ("ovd", "isr"):
+        return question + (SYN_TAGS if syn else THINK_ANSWER)
+    return question + (MATH_THINK if math_format == "think" else MATH_SUFFIX)
+
+
+TEMPLATE_FIELDS = ("problem", "categories")
+
+
+def read_template(path: str, task: str) -> str:
+    """--prompt-template FILE, checked before anything runs: a text with {problem} and / or {categories} (and no other
+    {field}; write {{ and }} for literal braces). '' for no file. Raises DataError saying what is wrong."""
+    if not path:
+        return ""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read().strip()
+    except OSError as e:
+        raise DataError(f"--prompt-template {path}: {e.strerror}") from None
+    try:
+        names = {name for _, name, _, _ in string.Formatter().parse(text) if name is not None}
+    except ValueError as e:
+        raise DataError(f"--prompt-template {path}: {e} (write {{{{ and }}}} for literal braces)") from None
+    unknown = names - set(TEMPLATE_FIELDS)
+    if unknown or not names:
+        what = f"unknown field(s) {{{', '.join(sorted(unknown))}}}" if unknown else "no field"
+        raise DataError(f"--prompt-template {path}: {what}; a template uses {{problem}} and / or {{categories}}")
+    if task not in ("ovd", "isr") and "categories" in names:
+        raise DataError(f"--prompt-template {path}: {{categories}} is filled only for ovd and isr, not {task}")
+    return text
 
 
 # Descriptions of the warm start's Syn-GRPO targets: eight backgrounds of exactly 9 tokens each in the tiny model's
@@ -915,7 +946,11 @@ class ConfigParser(ArgumentParser):
                 self.error(f"{where}: expected true or false, got {value!r}")
             return value
         if action.nargs == "+":
-            return tuple(str(v) for v in (value if isinstance(value, list) else [value]))
+            values = tuple(str(v) for v in (value if isinstance(value, list) else [value]))
+            bad = [v for v in values if action.choices and v not in action.choices]
+            if bad:
+                self.error(f"{where}: {bad[0]!r} is not one of {', '.join(map(str, action.choices))}")
+            return values
         try:
             if isinstance(value, bool) or (action.type is int and isinstance(value, float)):
                 raise ValueError

@@ -26,7 +26,7 @@ import numpy as np
 
 import rewards as R
 from data import (TASKS, ArgumentParser, DataError, DataPool, Sample, missing_sources, opt, parse_config, read_data,
-                  smart_resize, source_name)
+                  read_template, smart_resize, source_name)
 
 QWEN_MIN_PIXELS, QWEN_MAX_PIXELS = 3136, 12845056   # Qwen2.5-VL's processor defaults
 
@@ -48,6 +48,10 @@ class Config:
     max_model_len: int = opt(4096, "vLLM's context limit, prompt + completion")
     vllm_gpu_memory_utilization: float = opt(0.9, "share of the GPU's memory vLLM takes (vLLM's default: nothing "
                                                   "else shares the GPU during evaluation)")
+    prompt_template: str = opt("", "a prompt template file, as train.py's --prompt-template (evaluate with the prompt "
+                                   "the model was trained on)")
+    min_pixels: int = opt(0, "the image processor's pixel floor, as train.py's --min-pixels (0 = the model's own)")
+    max_pixels: int = opt(0, "the image processor's pixel budget, as train.py's --max-pixels (0 = the model's own)")
     algo: str = opt("grpo", "the output format the model was trained to give: grpo (<think>, <answer>) or syn-grpo "
                             "(<think>, <score>, <description>, <answer>); the answer is read the same way",
                     choices=("grpo", "syn-grpo"))
@@ -168,11 +172,37 @@ def markdown_table(task: str, results: dict, name: str = "model") -> str:
 # Commands
 
 
+def predict(engine, processor, samples: list[Sample], algo: str = "grpo", max_new_tokens: int = 256,
+            batch_size: int = 16, math_format: str = "boxed", template: str = "") -> list[dict]:
+    """Greedy completions as prediction rows {id, completion, input_size}: what evaluation saves and scores (train.py
+    validates with it too)."""
+    from rollout import Sampling, encode_prompt
+    rows = []
+    for start in range(0, len(samples), batch_size):
+        prompts = [encode_prompt(processor, s, algo, math_format=math_format, template=template)
+                   for s in samples[start:start + batch_size]]
+        groups = engine.generate(prompts, Sampling(greedy=True, max_tokens=max_new_tokens))
+        rows += [{"id": p.sample.id, "completion": g[0].text, "input_size": list(p.input_size)}
+                 for p, g in zip(prompts, groups)]
+    return rows
+
+
+def score_rows(task: str, samples: list[Sample], rows: list[dict]) -> dict:
+    """The split's metrics from raw prediction rows (parsed as in training)."""
+    by_id = {s.id: s for s in samples}
+    return score_split(task, samples, {r["id"]: parse_prediction(r, by_id[r["id"]]) for r in rows})
+
+
 def evaluate(cfg: Config) -> dict:
     """Generate (greedy) on every split, save predictions, score, write results.json and results.md."""
-    from rollout import Sampling, encode_prompt, load_engine
+    from rollout import load_engine
+    try:
+        template = read_template(cfg.prompt_template, cfg.task)
+    except DataError as e:
+        raise SystemExit(f"eval.py: {e}")
     engine, processor = load_engine(cfg.model, cfg.backend, chunk=cfg.batch_size, max_model_len=cfg.max_model_len,
-                                    gpu_memory_utilization=cfg.vllm_gpu_memory_utilization)
+                                    gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+                                    min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
     os.makedirs(cfg.out_dir, exist_ok=True)
     results = {}
     for path in cfg.data:
@@ -180,16 +210,10 @@ def evaluate(cfg: Config) -> dict:
         samples = load_split(path, cfg.task, cfg.image_root, cfg.limit, cfg.seed)
         if not samples:
             raise SystemExit(f"eval.py: no valid {cfg.task} row in {path}")
-        rows = []
-        for start in range(0, len(samples), cfg.batch_size):
-            prompts = [encode_prompt(processor, s, cfg.algo) for s in samples[start:start + cfg.batch_size]]
-            groups = engine.generate(prompts, Sampling(greedy=True, max_tokens=cfg.max_new_tokens))
-            rows += [{"id": p.sample.id, "completion": g[0].text, "input_size": list(p.input_size)}
-                     for p, g in zip(prompts, groups)]
+        rows = predict(engine, processor, samples, cfg.algo, cfg.max_new_tokens, cfg.batch_size, template=template)
         with open(os.path.join(cfg.out_dir, f"predictions_{split}.jsonl"), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
-        by_id = {s.id: s for s in samples}
-        results[split] = score_split(cfg.task, samples, {r["id"]: parse_prediction(r, by_id[r["id"]]) for r in rows})
+        results[split] = score_rows(cfg.task, samples, rows)
         print(split, results[split])
     write_results(cfg.out_dir, cfg.task, results, cfg.model)
     return results

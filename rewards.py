@@ -16,8 +16,10 @@ original frame before comparing with the gold labels (which are always in the or
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 
@@ -492,21 +494,24 @@ class GroupRewards:
     diversity: torch.Tensor           # (B, G) R_div (Eq. 6), syn-grpo only, else 0
     descriptions: list = field(default_factory=list)   # (B,) Eq. 8's selected <description> (syn-grpo), else None
     stats: dict = field(default_factory=dict)          # diversity V (Eq. 4) and its smoothing; MM-UPT diagnostics
-    weights: tuple = (1.0, 1.0, 1.0)  # of accuracy, format, diversity: 1, 1, 1 in Eq. 7; SynthRL weighs 0.9, 0.1
+    weights: tuple = (1.0, 1.0, 1.0, 1.0)   # of accuracy, format, diversity, custom: 1, 1, 1 in Eq. 7; SynthRL 0.9, 0.1
+    custom: torch.Tensor | None = None      # (B, G) the --reward-function's term, None without one
 
     @property
-    def total(self) -> torch.Tensor:  # Eq. 7: r_i = R_acc + R_format + R_div, (B, G)
-        wa, wf, wd = self.weights
-        return wa * self.accuracy + wf * self.format + wd * self.diversity
+    def total(self) -> torch.Tensor:  # Eq. 7: r_i = R_acc + R_format + R_div (+ a user's term), (B, G)
+        wa, wf, wd, wc = self.weights
+        total = wa * self.accuracy + wf * self.format + wd * self.diversity
+        return total if self.custom is None else total + wc * self.custom
 
 
 def score_groups(texts: list[list[str]], samples: list[Sample], input_sizes: list, algo: str = "grpo",
-                 reward: str = "gold", smooth=None, with_diversity_reward: bool = True, weights=(1.0, 1.0, 1.0),
-                 math_format: str = "boxed") -> GroupRewards:
+                 reward: str = "gold", smooth=None, with_diversity_reward: bool = True, weights=(1.0, 1.0, 1.0, 1.0),
+                 math_format: str = "boxed", custom=None) -> GroupRewards:
     """Every reward of a step. texts: G completions per prompt. reward: "gold" (the labels) or "majority" (MM-UPT).
     smooth: V(q) of the batch -> (V~(q), V_batch, V_global), the diversity smoother (syn-grpo only).
     with_diversity_reward=False: "Syn-GRPO (w/o R_diversity)": R_div is 0, so Eq. 8's argmax picks each prompt's first
-    completion (the G are exchangeable samples: a random one)."""
+    completion (the G are exchangeable samples: a random one). custom: a checked --reward-function
+    (load_reward_function), called once on the step's completions."""
     parts = [[score_completion(t, s, size, algo, math_format) for t in g] for g, s, size in zip(texts, samples, input_sizes)]
     acc = torch.tensor([[x.accuracy for x in g] for g in parts])
     fmt = torch.tensor([[x.format for x in g] for g in parts])
@@ -531,5 +536,53 @@ def score_groups(texts: list[list[str]], samples: list[Sample], input_sizes: lis
             descriptions[b] = select_description(g, div[b].tolist())
         stats.update(diversity_smoothed=float(np.mean(v_smoothed)), diversity_global=v_global,
                      **score_tracking(scores, v_smoothed))
+    extra = None
+    if custom is not None:   # one call on the flat batch, as TRL calls its reward functions
+        flat = custom([t for g in texts for t in g], [s for g, s in zip(texts, samples) for _ in g])
+        extra = torch.tensor(flat, dtype=acc.dtype).reshape(acc.shape)
     return GroupRewards(accuracy=acc, format=fmt, diversity=div, descriptions=descriptions, stats=stats,
-                        weights=tuple(weights))
+                        weights=tuple(weights), custom=extra)
+
+
+# ----------------------------------------------------------------------------------------------------
+# A user's reward (--reward-function path.py:fn), as TRL users write them: fn(completions, samples) -> list[float]
+
+
+class RewardFunctionError(ValueError):
+    """A --reward-function that cannot be used; the message says what is wrong."""
+
+
+def load_reward_function(spec: str, probe: tuple[list[str], list[Sample]]):
+    """The function `fn` of `path.py:fn`, checked at start-up by calling it on `probe` (completions, samples): it
+    must return one finite number per completion. Returns it wrapped so that a later failure is one clear error."""
+    path, _, name = spec.rpartition(":")
+    if not path or not name or not path.endswith(".py"):
+        raise RewardFunctionError(f"--reward-function {spec}: expected path.py:function")
+    if not os.path.isfile(path):
+        raise RewardFunctionError(f"--reward-function {spec}: {path}: no such file")
+    try:
+        module_spec = importlib.util.spec_from_file_location(f"reward_plugin_{name}", path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    except Exception as e:
+        raise RewardFunctionError(f"--reward-function {spec}: importing {path} failed: "
+                                  f"{type(e).__name__}: {e}") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise RewardFunctionError(f"--reward-function {spec}: {path} has no function {name!r}")
+
+    def checked(completions: list[str], samples: list[Sample]) -> list[float]:
+        try:
+            out = fn(completions, samples)
+        except Exception as e:
+            raise RewardFunctionError(f"--reward-function {spec} raised {type(e).__name__}: {e}") from None
+        ok = isinstance(out, (list, tuple)) and len(out) == len(completions) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in out)
+        if not ok:
+            raise RewardFunctionError(f"--reward-function {spec}: expected a list of {len(completions)} finite numbers "
+                                      f"(one per completion), got {str(out)[:100]}")
+        return [float(v) for v in out]
+
+    checked(*probe)
+    checked.__name__ = name
+    return checked

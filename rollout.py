@@ -176,16 +176,31 @@ def resolve_model(name: str) -> str:
     return name
 
 
-def load_processor(name: str):
+def pixel_limits(min_pixels: int = 0, max_pixels: int = 0) -> dict:
+    """--min-pixels / --max-pixels as the image processor's kwargs (0: the checkpoint's own). The processor resizes
+    each image to multiples of 28 within them; the model answers in that frame (data.smart_resize). Every user of
+    the model passes the same to its processor and to vLLM's (mm_processor_kwargs), so boxes stay in one frame."""
+    return {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v}
+
+
+def vllm_pixel_limits(processor) -> dict:
+    """The HF processor's resize limits as vLLM's mm_processor_kwargs, so that the engine sees each image at the size
+    the trainer encodes it (transformers' `size` form: its min_pixels / max_pixels kwargs are deprecated)."""
+    size = processor.image_processor.size
+    return {"size": {"shortest_edge": size["shortest_edge"], "longest_edge": size["longest_edge"]}}
+
+
+def load_processor(name: str, min_pixels: int = 0, max_pixels: int = 0):
     from transformers import AutoProcessor
-    return AutoProcessor.from_pretrained(resolve_model(name))
+    return AutoProcessor.from_pretrained(resolve_model(name), **pixel_limits(min_pixels, max_pixels))
 
 
-def load_policy(name: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+def load_policy(name: str, dtype: torch.dtype = torch.float32, device: str = "cpu", min_pixels: int = 0,
+                max_pixels: int = 0):
     """(model, processor) from `tiny`, `tiny-qwen-vocab`, a hub id or a local checkpoint dir."""
     from transformers import Qwen2_5_VLForConditionalGeneration
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(resolve_model(name), dtype=dtype).to(device)
-    return model, load_processor(name)
+    return model, load_processor(name, min_pixels, max_pixels)
 
 
 def vision_token_ids(processor) -> list[int]:
@@ -232,11 +247,12 @@ class Sampling:
 
 
 def encode_prompt(processor, sample: Sample, algo: str = "grpo", text: str | None = None, prefill: str = "",
-                  math_format: str = "boxed") -> Prompt:
-    """The chat prompt for `sample` (or for `text` about its image); `prefill` starts the assistant's reply."""
+                  math_format: str = "boxed", template: str = "") -> Prompt:
+    """The chat prompt for `sample` (or for `text` about its image); `prefill` starts the assistant's reply;
+    `template` replaces the built-in prompt (data.build_prompt)."""
     image = load_image(sample.image)
-    messages = [{"role": "user", "content": [{"type": "image"},
-                                             {"type": "text", "text": text or build_prompt(sample, algo, math_format)}]}]
+    text = text or build_prompt(sample, algo, math_format, template)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
     chat = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) + prefill
     enc = processor(text=[chat], images=[image], return_tensors="pt")
     _, gh, gw = enc["image_grid_thw"][0].tolist()
@@ -433,7 +449,7 @@ class VLLMRollout:
 
     def __init__(self, model_path: str, processor, dtype: str = "float32", max_model_len: int = 2048,
                  gpu_memory_utilization: float = 0.9, tensor_parallel_size: int = 1, max_num_seqs: int = 64,
-                 sleep_mode: bool = False):
+                 sleep_mode: bool = False, min_pixels: int = 0, max_pixels: int = 0):
         vllm_env()
         from vllm import LLM
         from vllm.platforms import current_platform
@@ -447,6 +463,7 @@ class VLLMRollout:
         self.llm = LLM(model=resolve_model(model_path), dtype=dtype, max_model_len=max_model_len,
                        max_num_seqs=max_num_seqs, limit_mm_per_prompt={"image": 1, "video": 0},
                        tensor_parallel_size=tensor_parallel_size, seed=0,
+                       mm_processor_kwargs=vllm_pixel_limits(processor) if min_pixels or max_pixels else None,
                        # sampled-token log-probs after temperature / logit bias: what the tokens were drawn from
                        logprobs_mode="processed_logprobs", **kw)
 
@@ -507,14 +524,16 @@ class VLLMRollout:
 
 
 def load_engine(name: str, backend: str, max_model_len: int = 4096, chunk: int = 8,
-                gpu_memory_utilization: float = 0.9):
+                gpu_memory_utilization: float = 0.9, min_pixels: int = 0, max_pixels: int = 0):
     """(engine, processor) for generation only (eval.py, synth.py, bench): on the GPU in bf16 when there is one,
     as train.py does. With vLLM the HF weights are never loaded: vLLM reads the checkpoint itself; no trainer
     shares its GPU, so it never sleeps."""
     gpu = torch.cuda.is_available()
     if backend == "vllm":
-        processor = load_processor(name)
+        processor = load_processor(name, min_pixels, max_pixels)
         return VLLMRollout(resolve_model(name), processor, dtype="bfloat16" if gpu else "float32",
-                           max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization), processor
-    model, processor = load_policy(name, dtype=torch.bfloat16 if gpu else torch.float32, device="cuda" if gpu else "cpu")
+                           max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization,
+                           min_pixels=min_pixels, max_pixels=max_pixels), processor
+    model, processor = load_policy(name, dtype=torch.bfloat16 if gpu else torch.float32,
+                                   device="cuda" if gpu else "cpu", min_pixels=min_pixels, max_pixels=max_pixels)
     return HFRollout(model.eval(), processor, chunk=chunk), processor

@@ -63,6 +63,8 @@ class SynthConfig:
     max_model_len: int = opt(0, "vLLM's context limit, prompt + completion (0 = 4096 on GPU, 1024 on CPU)")
     vllm_gpu_memory_utilization: float = opt(0.45, "share of the GPU's memory each vLLM engine takes (two may be "
                                                    "loaded: the target and the synthesizer)")
+    min_pixels: int = opt(0, "the local models' image processor's pixel floor, as train.py's (0 = the model's own)")
+    max_pixels: int = opt(0, "the local models' image processor's pixel budget, as train.py's (0 = the model's own)")
     # SynthRL's defaults (scripts/run_evolve_verifiable.sh and the paper)
     num_rollouts: int = opt(16, "N: rollouts per question for the pass counts (SynthRL: 16)")
     temperature: float = opt(1.0, "sampling temperature of those rollouts (SynthRL: 1.0)")
@@ -211,8 +213,10 @@ class Models:
     def engine(self, name: str):
         if name not in self.engines:
             cfg = self.cfg
+            max_model_len = cfg.max_model_len or (4096 if torch.cuda.is_available() else 1024)
             self.engines[name] = load_engine(name, cfg.backend, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
-                                             max_model_len=cfg.max_model_len or (4096 if torch.cuda.is_available() else 1024))
+                                             max_model_len=max_model_len, min_pixels=cfg.min_pixels,
+                                             max_pixels=cfg.max_pixels)
         return self.engines[name]
 
     def answer(self, samples: list[Sample], n: int, seed: int) -> list[list[str]]:

@@ -38,11 +38,13 @@ from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 import rewards as R
 from data import (GRID, MATH_FORMATS, PROMPTS, TASKS, ArgumentParser, DataError, DataPool, config_from, config_parser,
-                  gold_completion, load_image, make_shapes, missing_sources, opt, read_data, split_list)
+                  gold_completion, load_image, make_shapes, missing_sources, opt, read_data, read_template, source_name,
+                  split_list)
 from rollout import (TINY_MODELS, Completion, HFRollout, MicroBatch, Prompt, Sampling, VLLMRollout,
                      completion_logprobs, encode_prompt, engine_gap, load_policy, make_batch, resolve_model,
                      vision_token_ids)
@@ -112,8 +114,17 @@ class Config:
     flip_advantage: bool = opt(False, "debugging and tests: negate the advantages (the reward must then fall)")
     reward: str = opt("gold", "gold: the labels; majority: MM-UPT's agreement with the group's majority answer",
                       choices=("gold", "majority"))
-    reward_weights: str = opt("1,1,1", "weights of the accuracy, format and diversity rewards in the total (Eq. 7: "
-                                       "1,1,1; SynthRL's math reward: 0.9,0.1,0)")
+    reward_weights: str = opt("1,1,1", "weights of the accuracy, format and diversity rewards and of "
+                                       "--reward-function's term in the total (Eq. 7: 1,1,1; SynthRL's math reward: "
+                                       "0.9,0.1,0). A missing format or diversity weight is 0, a missing custom one "
+                                       "1; 0,1,1,1 replaces the task's accuracy reward by the custom one")
+    reward_function: str = opt("", "path.py:fn, a reward as TRL users write them: fn(completions: list[str], samples: "
+                                   "list[data.Sample]) -> list[float], one per completion; added to the total (weight: "
+                                   "the 4th of --reward-weights), logged as reward_custom. Checked at start-up")
+    prompt_template: str = opt("", "a file whose text replaces the built-in prompt (data.PROMPTS), with {problem} "
+                                   "(rec, math: the row's question; ovd, isr: the detection question) and "
+                                   "{categories} (ovd, isr); the format reward still checks the tags of --algo. "
+                                   "Checked at start-up")
     math_format: str = opt("boxed", "math answers: boxed (MM-UPT: reason step by step, answer in \\boxed{}) or think "
                                     "(SynthRL: reasoning in <think> </think>, then \\boxed{}; its format reward checks "
                                     "both)", choices=MATH_FORMATS)
@@ -163,6 +174,10 @@ class Config:
     # model
     lora_r: int = opt(0, "> 0: train LoRA adapters of this rank on the language model only")
     lora_alpha: int = opt(32, "LoRA alpha")
+    min_pixels: int = opt(0, "the image processor's pixel floor (Qwen2.5-VL: 3136; 0 = the model's own), in the "
+                             "trainer and the vLLM engine alike")
+    max_pixels: int = opt(0, "the image processor's pixel budget (Qwen2.5-VL: 12845056; VLM-R1 trains at 401408 = "
+                             "28*28*512: lower it when memory runs out; 0 = the model's own)")
     freeze_vision: bool | None = opt(None, "freeze the vision tower (default: trained on GPU, frozen on CPU)")
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass (less memory)")
     # logging and checkpoints
@@ -171,6 +186,19 @@ class Config:
                           aliases=("--save-steps",))
     save_total_limit: int = opt(0, "keep only the newest K checkpoint-<step>/ dirs (TRL's name); 0 = keep all")
     log_completions: int = opt(1, "prompts per step whose completions go to completions.jsonl")
+    report_to: tuple = opt(("none",), "trackers beside metrics.jsonl, one or more (TRL's --report-to): tensorboard "
+                                      "(OUT/tensorboard), wandb (WANDB_MODE=offline works without a network)",
+                           choices=("none", "tensorboard", "wandb"))
+    run_name: str = opt("", "the run's name in the trackers ('' = the name of --out-dir)")
+    log_completions_every: int = opt(10, "every N updates the trackers get a table of sample completions and "
+                                         "(Syn-GRPO) the newest synthesized images beside their sources; 0 = never")
+    # validation during training (eval.py's greedy evaluation)
+    eval_data: tuple = opt((), "validation splits, one or more, in any format of --data; their metrics are logged as "
+                               "eval/<split>/<metric> (metrics.jsonl and trackers)")
+    eval_image_root: str = opt("", "image paths of --eval-data are relative to this folder ('' = each file's)")
+    eval_every: int = opt(0, "validate every N updates (EasyR1's val_freq); 0 = at the end only")
+    eval_limit: int = opt(0, "a seeded random subset of this many rows per split (eval.py's --limit, seed 42); 0 = all")
+    eval_before_train: bool = opt(False, "validate once before the first update too (EasyR1's val_before_train)")
 
 
 def resolve_defaults(cfg: Config) -> Config:
@@ -235,9 +263,16 @@ def check_config(cfg: Config, files: bool = True) -> None:
         (min(cfg.beta, cfg.epsilon_low, cfg.epsilon_high, cfg.entropy_coef, cfg.entropy_adv) < 0,
          "--beta, --epsilon-low/high, --entropy-coef and --entropy-adv must be >= 0"),
         (not 0 <= cfg.gamma <= 1, "--gamma must be in [0, 1]"),
-        (not re.fullmatch(r"\s*[0-9.eE+-]+(\s*,\s*[0-9.eE+-]+){0,2}\s*", cfg.reward_weights)
+        (not re.fullmatch(r"\s*[0-9.eE+-]+(\s*,\s*[0-9.eE+-]+){0,3}\s*", cfg.reward_weights)
          or any(not _is_number(v) or float(v) < 0 for v in cfg.reward_weights.split(",")),
-         f"--reward-weights {cfg.reward_weights}: expected 1 to 3 non-negative numbers (accuracy,format,diversity)"),
+         f"--reward-weights {cfg.reward_weights}: expected 1 to 4 non-negative numbers (accuracy,format,diversity,"
+         "custom)"),
+        (cfg.min_pixels < 0 or cfg.max_pixels < 0 or (cfg.max_pixels and cfg.min_pixels > cfg.max_pixels),
+         "--min-pixels and --max-pixels must be >= 0, and min <= max"),
+        (cfg.eval_every < 0 or cfg.eval_limit < 0 or cfg.log_completions_every < 0,
+         "--eval-every, --eval-limit and --log-completions-every must be >= 0"),
+        (files and any(missing_sources(s) for s in cfg.eval_data), f"--eval-data {' '.join(cfg.eval_data)}: no such "
+                                                                  "file or dataset dir"),
         (cfg.algo == "syn-grpo" and cfg.task == "math", "--algo syn-grpo regenerates the background around the "
                                                         "labelled boxes: tasks rec, ovd and isr"),
         (cfg.reward == "majority" and cfg.task not in ("rec", "math"), "--reward majority votes on rec boxes or math "
@@ -249,6 +284,11 @@ def check_config(cfg: Config, files: bool = True) -> None:
     for bad, message in problems:
         if bad:
             raise SystemExit(f"train.py: {message}")
+    if files:
+        try:
+            read_template(cfg.prompt_template, cfg.task)
+        except DataError as e:
+            raise SystemExit(f"train.py: {e}")
 
 
 def _is_number(v: str) -> bool:
@@ -457,11 +497,12 @@ class Rollout:
     groups: list[list[Completion]]    # G completions per prompt
 
 
-def rollout(engine, processor, model, pool: DataPool, cfg: Config, step: int, d: Dist) -> Rollout:
+def rollout(engine, processor, model, pool: DataPool, cfg: Config, step: int, d: Dist, template: str = "") -> Rollout:
     """G completions for each of this rank's prompts of the step."""
     mine = rank_share(cfg.batch_size, d)      # this rank's slots of the step's B prompts
     slots = batch_slots(step, cfg.batch_size, len(pool), cfg.seed)
-    prompts = [encode_prompt(processor, pool.get(slots[k]), cfg.algo, math_format=cfg.math_format) for k in mine]
+    prompts = [encode_prompt(processor, pool.get(slots[k]), cfg.algo, math_format=cfg.math_format, template=template)
+               for k in mine]
     sampling = Sampling(n=cfg.num_generations, temperature=cfg.temperature, top_p=cfg.top_p,
                         max_tokens=cfg.max_new_tokens, seed=derive_seed(cfg.seed, step))
     seeds = [derive_seed(cfg.seed, step, k) for k in mine] if cfg.prompt_seeds else None
@@ -471,10 +512,11 @@ def rollout(engine, processor, model, pool: DataPool, cfg: Config, step: int, d:
     return Rollout(prompts, groups)
 
 
-def reward_weights(cfg: Config) -> tuple[float, float, float]:
-    """--reward-weights as (accuracy, format, diversity); a missing trailing weight is 0 (checked in check_config)."""
+def reward_weights(cfg: Config) -> tuple[float, float, float, float]:
+    """--reward-weights as (accuracy, format, diversity, custom): a missing format or diversity weight is 0 (SynthRL's
+    0.9,0.1), a missing custom one 1 (a --reward-function counts unless weighed otherwise). Checked in check_config."""
     w = [float(v) for v in cfg.reward_weights.split(",")]
-    return tuple(w + [0.0] * (3 - len(w)))
+    return tuple(w + [0.0] * (3 - len(w)) + [1.0] * (4 - max(3, len(w))))
 
 
 def step_smoother(smoother: R.DiversitySmoother, d: Dist):
@@ -495,12 +537,15 @@ class Scored:
     zero_std: torch.Tensor            # (B,) True where the group's rewards are all equal: no gradient
 
 
-def score(cfg: Config, ro: Rollout, smoother: R.DiversitySmoother, d: Dist) -> Scored:
-    """Rewards of every completion (Eq. 2-7) and the group advantages (Eq. 1)."""
-    rw = R.score_groups([[c.text for c in g] for g in ro.groups], [p.sample for p in ro.prompts],
-                        [p.input_size for p in ro.prompts], algo=cfg.algo, reward=cfg.reward,
-                        smooth=step_smoother(smoother, d), with_diversity_reward=cfg.diversity_reward,
-                        weights=reward_weights(cfg), math_format=cfg.math_format)
+def score(cfg: Config, ro: Rollout, smoother: R.DiversitySmoother, d: Dist, custom=None) -> Scored:
+    """Rewards of every completion (Eq. 2-7, plus a --reward-function's term) and the group advantages (Eq. 1)."""
+    try:
+        rw = R.score_groups([[c.text for c in g] for g in ro.groups], [p.sample for p in ro.prompts],
+                            [p.input_size for p in ro.prompts], algo=cfg.algo, reward=cfg.reward,
+                            smooth=step_smoother(smoother, d), with_diversity_reward=cfg.diversity_reward,
+                            weights=reward_weights(cfg), math_format=cfg.math_format, custom=custom)
+    except R.RewardFunctionError as e:   # passed the start-up check, failed on this step's completions
+        raise SystemExit(f"train.py: {e} (the newest checkpoint is in {cfg.out_dir})")
     total = rw.total                                                        # (B, G)
     adv = group_advantages(total, cfg.adv_eps)                              # (B, G)
     return Scored(rewards=rw, advantages=-adv if cfg.flip_advantage else adv, zero_std=total.std(1) == 0)
@@ -618,10 +663,13 @@ def step_metrics(step: int, ro: Rollout, scored: Scored, update: dict, synthesis
     """One line of metrics.jsonl (README "Training outputs" lists the keys)."""
     rw = scored.rewards
     lens = [len(c.token_ids) for g in ro.groups for c in g]
+    custom = {} if rw.custom is None else {"reward_custom": rw.custom.mean().item()}
     return {"step": step, "reward": rw.total.mean().item(), "reward_accuracy": rw.accuracy.mean().item(),
-            "reward_format": rw.format.mean().item(), "reward_diversity": rw.diversity.mean().item(), **rw.stats,
-            **update, "frac_reward_zero_std": scored.zero_std.float().mean().item(),
-            "completion_len": float(np.mean(lens)), "lr": lr, **pool.stats(), **synthesis,
+            "reward_format": rw.format.mean().item(), "reward_diversity": rw.diversity.mean().item(), **custom,
+            **rw.stats, **update, "frac_reward_zero_std": scored.zero_std.float().mean().item(),
+            "completion_len": float(np.mean(lens)), "lr": lr,
+            "completions_clipped": float(np.mean([not c.finished for g in ro.groups for c in g])),
+            **pool.stats(), **synthesis,
             "batch_synth_frac": float(np.mean([p.sample.generation > 0 for p in ro.prompts])), **timer.row()}
 
 
@@ -631,7 +679,7 @@ def log_step(row: dict, ro: Rollout, scored: Scored, cfg: Config, d: Dist) -> di
     if d.main:
         append_jsonl(os.path.join(cfg.out_dir, "metrics.jsonl"), [row])
         append_jsonl(os.path.join(cfg.out_dir, "completions.jsonl"), [
-            {"step": row["step"], "id": p.sample.id, "completions": [c.text for c in g],
+            {"step": row["step"], "id": p.sample.id, "prompt": p.text, "completions": [c.text for c in g],
              "description": scored.rewards.descriptions[b]}
             for b, (p, g) in enumerate(zip(ro.prompts[:cfg.log_completions], ro.groups))])
     return row
@@ -641,6 +689,111 @@ def append_jsonl(path: str, rows: list[dict]) -> None:
     if rows:
         with open(path, "a") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Trackers (--report-to tensorboard wandb): every metrics.jsonl key each step under TRL's name, a table of sample
+# completions and, for Syn-GRPO, the newest synthesized images beside their sources. Their x axis is the number of
+# policy updates done (TRL's global_step): metrics.jsonl's step + 1; eval rows' eval_step.
+
+TRL_NAMES = {"reward_accuracy": "rewards/accuracy/mean", "reward_format": "rewards/format/mean",
+             "reward_diversity": "rewards/diversity/mean", "reward_custom": "rewards/custom/mean",
+             "completion_len": "completions/mean_length", "completions_clipped": "completions/clipped_ratio",
+             "clip_frac": "clip_ratio/region_mean", "lr": "learning_rate"}
+SYN_KEYS = ("diversity", "score_", "pool_", "jobs_", "batch_synth_frac")
+
+
+def tracker_name(key: str) -> str:
+    """metrics.jsonl key -> tracker name (README "Trackers"): TRL's where TRL has the metric (reward, kl, entropy,
+    frac_reward_zero_std, loss keep theirs), timing/<phase>, syn/<key> for Syn-GRPO's own, eval/<split>/<metric>."""
+    if key in TRL_NAMES:
+        return TRL_NAMES[key]
+    if key.startswith("time_"):
+        return "timing/" + key[len("time_"):]
+    if key.startswith(SYN_KEYS):
+        return "syn/" + key
+    return key
+
+
+class Trackers:
+    """The trackers of --report-to, on rank 0 (none: every method does nothing). A resumed run continues the same
+    tensorboard dir (events after the resumed step are purged) and the same wandb run (its id is kept in OUT)."""
+
+    def __init__(self, cfg: Config, d: Dist, start: int):
+        self.tb, self.wandb, self.every = None, None, cfg.log_completions_every
+        names = set(cfg.report_to) - {"none"}
+        if not d.main or not names:
+            return
+        run_name = cfg.run_name or os.path.basename(os.path.abspath(cfg.out_dir))
+        if "tensorboard" in names:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(os.path.join(cfg.out_dir, "tensorboard"), purge_step=start or None)
+        if "wandb" in names:
+            import wandb
+            id_file = os.path.join(cfg.out_dir, "wandb_run_id")
+            run_id = open(id_file).read().strip() if os.path.exists(id_file) else None   # None: wandb makes one
+            self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "syn-grpo"), name=run_name, id=run_id,
+                                    resume="allow", dir=cfg.out_dir, config=asdict(cfg))
+            with open(id_file, "w") as f:
+                f.write(self.wandb.id)
+
+    def scalars(self, row: dict, step: int) -> None:
+        values = {tracker_name(k): v for k, v in row.items()
+                  if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "eval_step")}
+        if self.tb:
+            for k, v in values.items():
+                self.tb.add_scalar(k, v, step)
+        if self.wandb:
+            self.wandb.log(values, step=step)
+
+    def log_step(self, row: dict, ro: Rollout, scored: Scored, pool: DataPool) -> None:
+        """A step's metrics; every --log-completions-every updates also the first prompts' completions with their
+        rewards, and the newest synthesized images beside their sources, gold boxes drawn."""
+        step = row["step"] + 1
+        self.scalars(row, step)
+        if not (self.tb or self.wandb) or not self.every or step % self.every:
+            return
+        rows = [[step, p.sample.id, c.text, scored.rewards.total[b, j].item(), scored.advantages[b, j].item()]
+                for b, (p, g) in enumerate(zip(ro.prompts[:2], ro.groups)) for j, c in enumerate(g)]
+        pairs = newest_synthesized(pool)
+        if self.tb:
+            table = "| id | completion | reward | advantage |\n|---|---|---|---|\n" + "\n".join(
+                f"| {i} | {t.replace('|', '/').replace(chr(10), ' ')} | {r:.3f} | {a:.3f} |" for _, i, t, r, a in rows)
+            self.tb.add_text("completions", table, step)
+            for k, (image, caption) in enumerate(pairs):
+                self.tb.add_image(f"synthesized/{k}", np.asarray(image), step, dataformats="HWC")
+        if self.wandb:
+            import wandb
+            log = {"completions": wandb.Table(columns=["step", "id", "completion", "reward", "advantage"], data=rows)}
+            if pairs:
+                log["synthesized"] = [wandb.Image(image, caption=caption) for image, caption in pairs]
+            self.wandb.log(log, step=step)
+
+    def close(self) -> None:
+        if self.tb:
+            self.tb.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
+def newest_synthesized(pool: DataPool, n: int = 4) -> list:
+    """The n newest synthesized samples of the pool, each as (source | synthesized image with gold boxes, caption)."""
+    newest = sorted((s for s in pool.samples.values() if s.generation > 0), key=lambda s: s.meta.get("step", 0))[-n:]
+    out = []
+    for s in reversed(newest):
+        pair = []
+        for sample in (pool.samples[s.parent_id], s):
+            image = load_image(sample.image)
+            draw = ImageDraw.Draw(image)
+            for box in sample.gold_boxes():
+                draw.rectangle(box, outline=(0, 255, 0), width=2)
+            pair.append(image.resize((160, round(160 * image.height / image.width))))
+        canvas = Image.new("RGB", (pair[0].width + pair[1].width + 4, max(p.height for p in pair)), "white")
+        canvas.paste(pair[0], (0, 0))
+        canvas.paste(pair[1], (pair[0].width + 4, 0))
+        out.append((canvas, f"{s.id} (generation {s.generation}, step {s.meta.get('step')}): "
+                            f"{s.meta.get('description', '')}"))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -912,7 +1065,8 @@ def load_data(cfg: Config) -> DataPool:
 
 def load_model(cfg: Config, d: Dist, device: str, dtype: torch.dtype):
     """The policy: vision tower frozen or not, gradient checkpointing, FSDP2 under torchrun."""
-    model, processor = load_policy(cfg.model, dtype=dtype, device=device)
+    model, processor = load_policy(cfg.model, dtype=dtype, device=device, min_pixels=cfg.min_pixels,
+                                   max_pixels=cfg.max_pixels)
     if cfg.freeze_vision:
         model.model.visual.requires_grad_(False)
     if cfg.gradient_checkpointing:
@@ -939,11 +1093,13 @@ def sft_phase(cfg, model, processor, pool, d: Dist = Dist()) -> int:
                             weight_decay=0.01) if steps else None   # torch's AdamW default, and verl's
     banned, eos = vision_token_ids(processor), processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
     fmt = cfg.sft_format or ("grpo" if cfg.algo == "sft" else cfg.algo)
+    template = read_template(cfg.prompt_template, cfg.task)
     rng = random.Random(cfg.seed)
     for step in tqdm(range(steps), desc="sft", dynamic_ncols=True, disable=not d.main):
         idx = [labelled[rng.randrange(len(labelled))] for _ in range(n)]
         idx = [idx[k] for k in rank_share(len(idx), d)]
-        prompts = [encode_prompt(processor, pool.get(i), fmt, math_format=cfg.math_format) for i in idx]
+        prompts = [encode_prompt(processor, pool.get(i), fmt, math_format=cfg.math_format, template=template)
+                   for i in idx]
         seqs = [(k, processor.tokenizer(gold_completion(p.sample, p.input_size, fmt, idx[k], cfg.math_format),
                                         add_special_tokens=False)["input_ids"] + [eos]) for k, p in enumerate(prompts)]
         batches = [make_batch(prompts, seqs[i:i + cfg.micro_batch], processor.tokenizer.pad_token_id)
@@ -1020,7 +1176,8 @@ def make_engine(cfg: Config, model, processor, d: Dist, device: str):
         # one engine per rank (each rank generates its own prompts); --vllm-tp K splits each engine over K GPUs
         return VLLMRollout(resolve_model(cfg.model), processor, dtype="bfloat16" if device != "cpu" else "float32",
                            max_model_len=cfg.max_model_len, tensor_parallel_size=cfg.vllm_tp,
-                           gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, sleep_mode=cfg.vllm_sleep_mode)
+                           gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, sleep_mode=cfg.vllm_sleep_mode,
+                           min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
     return HFRollout(model, processor, synced_gpus=d.world > 1)
 
 
@@ -1037,6 +1194,9 @@ class Run:
     synthesis: Synthesis | NoSynthesis
     start: int                        # the step to begin at (after a resume)
     max_steps: int
+    template: str = ""                # --prompt-template's text ('' = the built-in prompts)
+    custom_reward: object = None      # --reward-function, checked (rewards.load_reward_function)
+    eval_splits: dict = None          # --eval-data: split name -> samples
 
 
 def set_up(cfg: Config, d: Dist) -> Run:
@@ -1056,6 +1216,7 @@ def set_up(cfg: Config, d: Dist) -> Run:
     metrics_path, ckpt_path = os.path.join(cfg.out_dir, "metrics.jsonl"), os.path.join(cfg.out_dir, "checkpoint.pt")
     resuming = bool(cfg.resume) and os.path.exists(ckpt_path)
     pool, warm_started = load_data(cfg), False
+    custom_reward, eval_splits = load_custom_reward(cfg, pool), load_eval_splits(cfg)   # broken ones stop here
     if not resuming:
         if d.main:
             open(metrics_path, "w").close()
@@ -1073,10 +1234,60 @@ def set_up(cfg: Config, d: Dist) -> Run:
         start, pool = load_checkpoint(ckpt_path, model, opt, sched, smoother, synthesis, d)
         if d.main:
             with open(metrics_path) as f:   # drop lines logged after the checkpoint: they will be logged again
-                keep = [line for line in f if json.loads(line).get("step", -1) < start]
+                keep = [line for line in f if json.loads(line).get("step", -1) < start
+                        and json.loads(line).get("eval_step", -1) <= start]
             open(metrics_path, "w").writelines(keep)
     max_steps = cfg.max_steps or math.ceil(cfg.epochs * len(pool) / cfg.batch_size)
-    return Run(model, processor, ref, opt, sched, pool, smoother, synthesis, start, max_steps)
+    return Run(model, processor, ref, opt, sched, pool, smoother, synthesis, start, max_steps,
+               template=read_template(cfg.prompt_template, cfg.task), custom_reward=custom_reward,
+               eval_splits=eval_splits)
+
+
+def load_custom_reward(cfg: Config, pool: DataPool):
+    """--reward-function, imported and called once on gold answers of the first samples: a broken one stops the
+    run here, before the first step."""
+    if not cfg.reward_function:
+        return None
+    samples = [pool.get(i) for i in range(min(2, len(pool)))]
+    probe = [gold_completion(s, (s.width, s.height), cfg.algo, math_format=cfg.math_format) for s in samples]
+    try:
+        return R.load_reward_function(cfg.reward_function, (probe, samples))
+    except R.RewardFunctionError as e:
+        raise SystemExit(f"train.py: {e}")
+
+
+def load_eval_splits(cfg: Config) -> dict:
+    """--eval-data as eval.py reads benchmark splits: name -> samples (a seeded subset under --eval-limit)."""
+    from eval import load_split
+    splits = {}
+    for source in cfg.eval_data:
+        samples = load_split(source, cfg.task, cfg.eval_image_root, limit=cfg.eval_limit)
+        if not samples:
+            raise SystemExit(f"train.py: --eval-data {source}: no valid {cfg.task} row")
+        splits[source_name(source)] = samples
+    return splits
+
+
+def validate(engine, run: Run, cfg: Config, d: Dist, updates: int) -> dict:
+    """eval.py's greedy evaluation of --eval-data with the current policy, every rank generating its share (padded to
+    equal counts: generation under FSDP is collective); one metrics.jsonl row {"phase": "eval", "eval_step": updates,
+    "eval/<split>/<metric>": value}."""
+    from eval import predict, score_rows
+    push_weights(engine, run.model)
+    run.model.eval()
+    row = {"phase": "eval", "eval_step": updates}
+    for split, samples in run.eval_splits.items():
+        share = samples[d.rank::d.world]
+        width = math.ceil(len(samples) / d.world)
+        padded = share + [samples[0]] * (width - len(share))
+        rows = predict(engine, run.processor, padded, cfg.algo, cfg.max_new_tokens, batch_size=cfg.micro_batch,
+                       math_format=cfg.math_format, template=run.template)[:len(share)]
+        everyone = [r for part in all_gather(rows, d) for r in part]
+        row.update({f"eval/{split}/{k}": v for k, v in score_rows(cfg.task, samples, everyone).items()})
+    engine.sleep()
+    if d.main:
+        append_jsonl(os.path.join(cfg.out_dir, "metrics.jsonl"), [row])
+    return row
 
 
 def finish(cfg: Config, run: Run, d: Dist) -> None:
@@ -1104,6 +1315,9 @@ def main(cfg: Config) -> dict:
     if d.main:
         print(f"training {cfg.algo} on {len(run.pool)} {cfg.task} samples for {run.max_steps} steps on {d.world} "
               f"process(es); metrics: {os.path.join(cfg.out_dir, 'metrics.jsonl')}")
+    trackers = Trackers(cfg, d, run.start)
+    if run.eval_splits and cfg.eval_before_train and run.start == 0:
+        trackers.scalars(validate(engine, run, cfg, d, updates=0), step=0)
     bar = tqdm(range(run.start, run.max_steps), initial=run.start, total=run.max_steps, desc=cfg.algo,
                dynamic_ncols=True, disable=not d.main)
     row = {}
@@ -1112,9 +1326,9 @@ def main(cfg: Config) -> dict:
         with timer("weight_push"):        # the engine samples from the current policy
             push_weights(engine, run.model)
         with timer("generate"):           # G completions for each of the step's prompts
-            ro = rollout(engine, run.processor, run.model, run.pool, cfg, step, d)
+            ro = rollout(engine, run.processor, run.model, run.pool, cfg, step, d, run.template)
         with timer("score"):              # Eq. 1-7: rewards by component, their sum, group advantages
-            scored = score(cfg, ro, run.smoother, d)
+            scored = score(cfg, ro, run.smoother, d, run.custom_reward)
         with timer("synthesis"):          # Eq. 8 and the pool update (Syn-GRPO; a no-op otherwise)
             run.pool, synth_stats = run.synthesis.exchange(step, ro, scored.rewards.descriptions, run.pool)
         with timer("update"):             # mu steps of the clipped surrogate (+ KL, entropy terms)
@@ -1122,12 +1336,17 @@ def main(cfg: Config) -> dict:
                                    cfg, d, banned)
         row = step_metrics(step, ro, scored, update, synth_stats, run.pool, run.sched.get_last_lr()[0], timer)
         row = log_step(row, ro, scored, cfg, d)
+        trackers.log_step(row, ro, scored, run.pool)
         bar.set_postfix(reward=f"{row['reward']:.3f}", acc=f"{row['reward_accuracy']:.3f}")
-        if cfg.save_every and ((step + 1) % cfg.save_every == 0 or step + 1 == run.max_steps):
+        last = step + 1 == run.max_steps
+        if run.eval_splits and (last or cfg.eval_every and (step + 1) % cfg.eval_every == 0):   # --eval-data
+            trackers.scalars(validate(engine, run, cfg, d, updates=step + 1), step=step + 1)
+        if cfg.save_every and (last or (step + 1) % cfg.save_every == 0):
             save_checkpoint(os.path.join(cfg.out_dir, "checkpoint.pt"), run.model, run.opt, run.sched, step + 1,
                             run.pool, run.smoother, cfg, run.synthesis, d)
             save_hf(run.model, run.processor, os.path.join(cfg.out_dir, f"checkpoint-{step + 1}"), d)
             rotate_checkpoints(cfg.out_dir, cfg.save_total_limit, d)
+    trackers.close()
     finish(cfg, run, d)
     return row
 

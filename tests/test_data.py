@@ -377,3 +377,24 @@ def test_data_py_check_and_convert_take_every_format(tmp_path, img, capsys):
     assert len(read_data(out, "math")) == 3 and len(os.listdir(tmp_path / "conv" / "images")) == 3
     with pytest.raises(SystemExit, match="nope.jsonl: no such file"):
         main(["check", "nope.jsonl", "--task", "rec"])
+
+
+# -- --prompt-template ---------------------------------------------------------------------------------------------
+
+def test_a_prompt_template_replaces_the_built_in_prompt_and_bad_ones_say_what_is_wrong(tmp_path):
+    from data import build_prompt, read_template
+    t = tmp_path / "t.txt"
+    t.write_text('Find: {problem} Reply as {{"bbox_2d": ...}}.\n')
+    s = Sample(id="a", task="rec", image="", problem="the cat")
+    assert build_prompt(s, "grpo", template=read_template(str(t), "rec")) == 'Find: the cat Reply as {"bbox_2d": ...}.'
+    t.write_text("Detect {categories} please.")
+    o = Sample(id="b", task="ovd", image="", categories=["cat", "dog"])
+    assert build_prompt(o, template=read_template(str(t), "ovd")) == 'Detect ["cat", "dog"] please.'
+    assert read_template("", "rec") == ""
+    for text, message in (("Find {question}.", r"unknown field\(s\) \{question\}"), ("No field.", "no field"),
+                          ("Find {problem", "expected '}'"), ("Find {categories}", "only for ovd and isr")):
+        t.write_text(text)
+        with pytest.raises(DataError, match=message):
+            read_template(str(t), "rec")
+    with pytest.raises(DataError, match="No such file"):
+        read_template(str(tmp_path / "none.txt"), "rec")

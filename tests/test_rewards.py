@@ -9,7 +9,8 @@ import pytest
 from data import Sample
 from rewards import (DiversitySmoother, coco_map, diversity, diversity_reward, extract_boxed, extract_tag,
                      format_reward, greedy_match, iou, majority_vote_rewards, math_equal, ovd_accuracy,
-                     parse_box, parse_detections, parse_score, rec_accuracy, score_completion, select_description)
+                     parse_box, parse_detections, parse_score, rec_accuracy, score_completion, score_groups,
+                     select_description)
 
 
 def rec_sample(box=(10, 20, 50, 60), w=200, h=100):
@@ -297,3 +298,43 @@ def test_score_tracking_correlates_predicted_scores_with_group_diversity():
     assert t["score_diversity_corr"] > 0.9 and t["score_parsed"] == pytest.approx(5 / 6) and t["score_std"] > 0.3
     assert score_tracking([[0.5, 0.5], [0.5, 0.5]], [1.0, 0.0])["score_diversity_corr"] is None   # constant score
     assert score_tracking([[None]], [0.3]) == {"score_parsed": 0.0, "score_std": 0.0, "score_diversity_corr": None}
+
+
+# -- a user's reward (--reward-function) ---------------------------------------------------------------------------
+
+def _plugin(tmp_path, body):
+    p = tmp_path / "my_reward.py"
+    p.write_text(body)
+    return str(p)
+
+
+def test_a_custom_reward_joins_eq7_with_its_weight(tmp_path):
+    from rewards import load_reward_function
+    path = _plugin(tmp_path, "def short(completions, samples):\n"
+                             "    return [1.0 if len(c) < 20 else 0.0 for c in completions]\n")
+    s = Sample(id="a", task="rec", image="", width=100, height=100, problem="q", solution=[10, 10, 50, 50])
+    fn = load_reward_function(f"{path}:short", (["x"], [s]))
+    texts = [["<answer>[10, 10, 50, 50]</answer>", "short"]]
+    base = score_groups(texts, [s], [(100, 100)], weights=(1, 1, 1, 0.5))
+    rw = score_groups(texts, [s], [(100, 100)], weights=(1, 1, 1, 0.5), custom=fn)
+    assert rw.custom.tolist() == [[0.0, 1.0]] and base.custom is None
+    assert torch.allclose(rw.total, base.total + 0.5 * rw.custom)
+    replaced = score_groups(texts, [s], [(100, 100)], weights=(0, 1, 1, 1), custom=fn)   # accuracy replaced
+    assert torch.allclose(replaced.total, replaced.format + replaced.custom)
+
+
+@pytest.mark.parametrize("body,spec,message", [
+    ("", "nofile.py:f", "no such file"),
+    ("x = 1\n", "{path}:f", "has no function 'f'"),
+    ("import no_such_module\n", "{path}:f", "importing .* failed: ModuleNotFoundError"),
+    ("def f(completions, samples):\n    return 1.0\n", "{path}:f", "expected a list of 1 finite numbers"),
+    ("def f(completions, samples):\n    return [float('nan')]\n", "{path}:f", "finite numbers"),
+    ("def f(completions):\n    return [1.0]\n", "{path}:f", "raised TypeError"),
+    ("def f(completions, samples):\n    return [1.0]\n", "{path}", "expected path.py:function"),
+])
+def test_a_broken_custom_reward_is_one_clear_error_at_load(tmp_path, body, spec, message):
+    from rewards import RewardFunctionError, load_reward_function
+    path = _plugin(tmp_path, body)
+    s = Sample(id="a", task="rec", image="", problem="q", solution=[1, 1, 2, 2])
+    with pytest.raises(RewardFunctionError, match=message):
+        load_reward_function(spec.format(path=path), (["x"], [s]))

@@ -173,3 +173,42 @@ def test_the_small_vocabulary_keeps_the_warm_start_targets_of_equal_length():
     n = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])
     assert {n(d) for d in DESCRIPTIONS} == {9}
     assert {n(f"<score>{i / 100:.2f}</score>") for i in range(100)} == {9}
+
+
+def test_pixel_limits_set_the_frame_the_boxes_are_read_in(tiny, shapes_dir):
+    """--min-pixels / --max-pixels reach the processor; the prompt's input size follows them (Qwen2.5-VL's resize
+    rule), and a gold answer written in that frame scores IoU 1 there, not in the other setting's frame."""
+    from data import gold_completion, smart_resize
+    from rewards import rec_accuracy
+    from rollout import load_processor
+    sample = next(s for s in read_data(make_shapes("rec", 8, shapes_dir), "rec") if s.width == 224)
+    sizes = {}
+    for limits in (dict(), dict(min_pixels=28 * 28 * 16, max_pixels=28 * 28 * 64)):
+        p = encode_prompt(load_processor("tiny", **limits), sample)
+        h, w = smart_resize(sample.height, sample.width, 28, limits.get("min_pixels", 3136),
+                            limits.get("max_pixels", 12544))
+        assert p.input_size == (w, h) and p.image_grid_thw[0].tolist() == [1, h // 14, w // 14]
+        sizes[len(limits)] = p.input_size
+    assert sizes == {0: (112, 112), 2: (224, 224)}
+    answer = gold_completion(sample, sizes[2])
+    assert rec_accuracy(answer, sample, sizes[2]) == 1.0 and rec_accuracy(answer, sample, sizes[0]) < 0.5
+
+
+@pytest.mark.slow
+def test_the_vllm_engine_sees_images_at_the_trainers_pixel_limits(vllm_engine, shapes_dir):
+    """A second engine with --max-pixels raised: vLLM expands each image into as many tokens as the HF processor
+    (so its boxes are in the trainer's frame); the shared engine, at the default limits, into fewer."""
+    from rollout import VLLMRollout, load_processor
+    sample = next(s for s in read_data(make_shapes("rec", 8, shapes_dir), "rec") if s.width == 224)
+    limits = dict(min_pixels=28 * 28 * 16, max_pixels=28 * 28 * 64)
+    processor = load_processor("tiny", **limits)
+    engine = VLLMRollout("tiny", processor, max_model_len=1024, max_num_seqs=4, **limits)
+    p = encode_prompt(processor, sample)
+
+    def engine_prompt_len(e):
+        req = {"prompt_token_ids": e._vllm_prompt_ids(p), "multi_modal_data": {"image": p.image}}
+        return len(e.llm.generate([req], use_tqdm=False)[0].prompt_token_ids)
+    assert engine_prompt_len(engine) == len(p.input_ids)
+    assert engine_prompt_len(vllm_engine) < len(p.input_ids)
+    out = engine.generate([p], Sampling(n=2, max_tokens=4, seed=1))
+    assert [len(g) for g in out] == [2]

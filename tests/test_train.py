@@ -291,6 +291,11 @@ def test_majority_reward_never_reads_the_gold_answer(tmp_path, math_model):
     (["--rollout-backend", "vllm", "--max-model-len", "64"], "leaves no room for the prompt"),
     (["--vllm-gpu-memory-utilization", "0"], "--vllm-gpu-memory-utilization must be in (0, 1]"),
     (["--save-total-limit", "-1"], "--save-total-limit must be >= 0"),
+    (["--report-to", "mlflow"], "invalid choice: 'mlflow'"),
+    (["--eval-data", "no/such/val.jsonl"], "--eval-data no/such/val.jsonl: no such file"),
+    (["--prompt-template", "no/such/template.txt"], "--prompt-template no/such/template.txt: No such file"),
+    (["--min-pixels", "100", "--max-pixels", "50"], "min <= max"),
+    (["--reward-weights", "1,1,1,1,1"], "expected 1 to 4 non-negative numbers"),
 ])
 def test_a_bad_command_line_stops_with_one_line_before_writing_anything(tmp_path, capsys, args, message):
     import train
@@ -466,3 +471,92 @@ def test_a_runs_config_json_is_a_valid_config_file_and_peers_names_are_accepted(
                             "--save-steps", "10", "--output-dir", "o", "--model-name-or-path", "m", "--epsilon", "0.1"])
     assert (trl.mu, trl.lr, trl.max_new_tokens, trl.save_every, trl.out_dir, trl.model, trl.epsilon_low) == \
         (3, 1e-6, 256, 10, "o", "m", 0.1)
+
+
+# -- what a VLM-R1, EasyR1 or TRL user brings: their data, a config file, a tracker, a reward, a template ----------
+
+def vlm_r1_files(tmp_path, n=8):
+    """Shapes REC rows in VLM-R1's JSONL format, images under their own root."""
+    from data import make_shapes
+    src = make_shapes("rec", n, str(tmp_path / "shapes"), objects=(1, 1))
+    root = os.path.dirname(src)
+    path = tmp_path / "refs_vlmr1.jsonl"
+    with open(src) as f, open(path, "w") as out:
+        for i, row in enumerate(map(json.loads, f)):
+            out.write(json.dumps({"id": i + 1, "image": row["image"], "conversations": [
+                {"from": "human", "value": "<image>" + row["problem"]},
+                {"from": "gpt", "value": json.dumps(row["solution"])}]}) + "\n")
+    return str(path), root
+
+
+@pytest.mark.slow
+def test_a_vlm_r1_user_trains_from_their_files_with_a_config_file_and_trackers(tmp_path, sft_model, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    data, root = vlm_r1_files(tmp_path)
+    (tmp_path / "reward.py").write_text("def short(completions, samples):\n"
+                                        "    return [1.0 if len(c) < 60 else 0.0 for c in completions]\n")
+    (tmp_path / "template.txt").write_text("{problem} Think in <think> </think>, answer in <answer> </answer>, as "
+                                           "JSON. Output the final answer in JSON format.")
+    out = tmp_path / "run"
+    (tmp_path / "run.yaml").write_text("\n".join([
+        f"data: {data}", f"image_root: {root}", f"model_name_or_path: {sft_model}", "sft_steps: 0", "max_steps: 2",
+        "batch_size: 2", "num_generations: 3", "max_completion_length: 24", "save_steps: 2",
+        "report_to: [tensorboard, wandb]", f"output_dir: {out}", f"eval_data: [{data}]", f"eval_image_root: {root}",
+        "eval_every: 1", "eval_limit: 4", "eval_before_train: true", f"reward_function: {tmp_path / 'reward.py'}:short",
+        f"prompt_template: {tmp_path / 'template.txt'}", "log_completions_every: 1"]))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    r = run_train("--config", str(tmp_path / "run.yaml"), "--max-pixels", str(28 * 28 * 16), "--max-steps", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["eval_step"] for r in rows if r.get("phase") == "eval"] == [0, 1, 2]
+    assert all("reward_custom" in r for r in rows if "step" in r)
+    prompts = [json.loads(line)["prompt"] for line in open(out / "completions.jsonl")]
+    assert all("Think in <think> </think>, answer in" in p for p in prompts)        # the template was used
+    # tensorboard, read back: TRL's names, x = updates done
+    ea = EventAccumulator(str(out / "tensorboard"))
+    ea.Reload()
+    steps = lambda tag: [e.step for e in ea.Scalars(tag)]
+    assert steps("reward") == steps("rewards/accuracy/mean") == steps("completions/mean_length") == [1, 2]
+    assert steps("eval/refs_vlmr1/accuracy") == [0, 1, 2] and steps("timing/generate") == [1, 2]
+    assert [e.value for e in ea.Scalars("rewards/custom/mean")] == [r["reward_custom"] for r in rows if "step" in r]
+    assert "completions" in " ".join(ea.Tags()["tensors"])                          # the table of completions
+    # wandb, offline: the run file holds the same names
+    (run_file,) = (out / "wandb").glob("offline-run-*/run-*.wandb")
+    assert all(k.encode() in run_file.read_bytes() for k in ("rewards/accuracy/mean", "eval/refs_vlmr1/accuracy"))
+    # the checkpoint opens in eval.py, on the user's own file
+    import eval as E
+    res = E.main(["--model", str(out / "checkpoint-2"), "--task", "rec", "--data", data, "--image-root", root,
+                  "--out-dir", str(tmp_path / "ev"), "--max-new-tokens", "24", "--max-pixels", str(28 * 28 * 16),
+                  "--prompt-template", str(tmp_path / "template.txt")])
+    assert res["refs_vlmr1"]["n"] == 8 and 0 <= res["refs_vlmr1"]["accuracy"] <= 1
+
+
+def test_a_broken_reward_function_stops_the_run_before_the_first_step(tmp_path):
+    import train
+    (tmp_path / "r.py").write_text("def f(completions, samples):\n    return [0.0]\n")    # one value for any batch
+    out = tmp_path / "run"
+    cfg = train.parse_args(["--reward-function", f"{tmp_path / 'r.py'}:f", "--out-dir", str(out), "--sft-steps", "0",
+                            "--shapes-n", "8"])
+    with pytest.raises(SystemExit, match=r"r\.py:f: expected a list of 2 finite numbers"):
+        train.main(cfg)
+    assert not (out / "metrics.jsonl").exists() or "step" not in (out / "metrics.jsonl").read_text()
+
+
+def test_a_reward_function_failing_mid_run_is_one_clear_error(tmp_path):
+    (tmp_path / "r.py").write_text("def f(completions, samples):\n"           # fine on the start-up probe (gold
+                                   "    assert all('<think>' in c for c in completions), 'no think tag'\n"   # answers),
+                                   "    return [1.0] * len(completions)\n")   # not on a random model's completions
+    r = run_train("--reward-function", f"{tmp_path / 'r.py'}:f", "--out-dir", str(tmp_path / "run"), *SMALL,
+                  "--max-steps", "1", "--shapes-n", "8", timeout=300)
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith(
+        f"train.py: --reward-function {tmp_path / 'r.py'}:f raised AssertionError: no think tag"), r.stderr[-2000:]
+
+
+def test_tracker_names_follow_trl_and_reward_weights_default_the_custom_term_to_one():
+    from train import reward_weights, tracker_name
+    assert [tracker_name(k) for k in ("reward", "reward_accuracy", "completion_len", "clip_frac", "kl", "lr",
+                                      "time_generate", "pool_size", "eval/val/accuracy")] == [
+        "reward", "rewards/accuracy/mean", "completions/mean_length", "clip_ratio/region_mean", "kl",
+        "learning_rate", "timing/generate", "syn/pool_size", "eval/val/accuracy"]
+    w = lambda s: reward_weights(Config(reward_weights=s))
+    assert (w("1,1,1"), w("0.9,0.1"), w("0,1,1,2")) == ((1, 1, 1, 1), (0.9, 0.1, 0, 1), (0, 1, 1, 2))
