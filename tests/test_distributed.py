@@ -33,9 +33,12 @@ def final_row(out):
 @pytest.mark.slow
 def test_torchrun_two_ranks_match_one_process_and_resume(tmp_path, math_model):
     """Same global batch (B=4: two prompts per rank), --prompt-seeds so that the rollouts do not depend on the
-    split; mu=2 and an entropy term make the loss non-zero. Measured: loss equal to 1e-8, weights to 5e-6."""
+    split; mu=2 and an entropy term make the loss non-zero. Measured: loss equal to 1e-8, weights to 5e-6. The
+    validation split has an odd size: one rank pads its share, and the metrics are one process's."""
+    from data import make_shapes
+    val = make_shapes("math", 5, str(tmp_path / "val"), split="val")
     args = ["--model", math_model, "--task", "math", "--sft-steps", "0", "--batch-size", "4", "--num-generations", "3",
-            "--max-new-tokens", "16", "--prompt-seeds", "--mu", "2", "--entropy-coef", "0.01"]
+            "--max-new-tokens", "16", "--prompt-seeds", "--mu", "2", "--entropy-coef", "0.01", "--eval-data", val]
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     r = run_train(*args, "--max-steps", "3", "--save-every", "0", "--out-dir", one)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -48,6 +51,11 @@ def test_torchrun_two_ranks_match_one_process_and_resume(tmp_path, math_model):
     for a, b in zip(m1, m2):
         assert a["reward"] == pytest.approx(b["reward"], abs=1e-6)
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6) and a["loss"] != 0
+    evals = [[r for r in map(json.loads, open(os.path.join(o, "metrics.jsonl"))) if r.get("phase") == "eval"]
+             for o in (one, two)]
+    from data import source_name
+    assert evals[0] == evals[1] and [r["eval_step"] for r in evals[0]] == [3]
+    assert evals[0][0][f"eval/{source_name(val)}/n"] == 5
     w1, w2 = weights(one), weights(two)
     assert w1.keys() == w2.keys()
     assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-4
