@@ -1217,7 +1217,8 @@ def print_plan(plan: dict, remedies: list[dict]) -> None:
     print(f"parameters: {plan['params_total']:,} = {plan['params_vision']:,} vision + {plan['params_language']:,} "
           f"language; trained: {plan['params_trainable']:,}")
     print(f"sequences per GPU: {plan['sequences_per_gpu']}, micro-batch {plan['micro_batch']}, each "
-          f"{plan['prompt_len']} prompt tokens ({plan['image_tokens']} of them the image's) + {plan['completion_len']} completion tokens")
+          f"{plan['prompt_len']} prompt tokens ({plan['image_tokens']} of them the image's) + "
+          f"{plan['completion_len']} completion tokens")
     print("per GPU (GB):")
     for k, v in plan["per_gpu_bytes"].items():
         print(f"  {k:<12}{gb(v)}")
