@@ -453,7 +453,8 @@ def normalise_row(row, task: str, where: str):
     if turns is not None:
         if (not isinstance(turns, list) or len(turns) < 2 or not all(isinstance(t, dict) for t in turns)
                 or not isinstance(turns[0].get("value"), str) or not isinstance(turns[1].get("value"), str)):
-            raise DataError(f"{where}: 'conversations' must hold a human turn then a gpt turn, each with a 'value' string")
+            raise DataError(f"{where}: 'conversations' must hold a human turn then a gpt turn, each with a 'value' "
+                            "string")
         row["problem"], row["answer"] = turns[0]["value"], turns[1]["value"]
     if "image" not in row and "images" in row:
         row["image"] = row.pop("images")
@@ -472,7 +473,8 @@ def normalise_row(row, task: str, where: str):
         items = [] if answer.strip() == "None" else _answer_json(answer)
         if not isinstance(items, list):
             raise DataError(f"{where}: the answer must be a JSON list of {{'bbox_2d', 'label'}}; got {answer[:80]!r}")
-        row["objects"] = [{"bbox": o.get("bbox_2d"), "label": o.get("label")} if isinstance(o, dict) else o for o in items]
+        row["objects"] = [{"bbox": o.get("bbox_2d"), "label": o.get("label")} if isinstance(o, dict) else o
+                          for o in items]
         row.setdefault("categories", _categories_of(row.get("problem", ""), items))
     elif task == "math" and isinstance(answer, str):
         row["answer"] = re.sub(r"</?answer>", "", answer).strip()
@@ -571,8 +573,8 @@ def is_coco(source: str) -> bool:
     return head.lstrip().startswith("{") and '"annotations"' in head
 
 
-def read_source(source: str, task: str, image_root: str = "", strict: bool = True, log=print,
-                need_images: bool = True, image_dir: str = IMAGE_CACHE, max_boxes_per_category: int = 0) -> list[Sample]:
+def read_source(source: str, task: str, image_root: str = "", strict: bool = True, log=print, need_images: bool = True,
+                image_dir: str = IMAGE_CACHE, max_boxes_per_category: int = 0) -> list[Sample]:
     """The samples of one source of any format. A row's id is its own, else <file stem>-<line or index>. strict: the
     first bad row raises DataError naming file and line; else bad rows are reported through `log` and skipped."""
     root = image_root or (source if os.path.isdir(source) else os.path.dirname(os.path.abspath(source)))
