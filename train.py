@@ -34,7 +34,7 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
 import torch
@@ -1393,7 +1393,7 @@ class Run:
     max_steps: int
     template: str = ""                # --prompt-template's text ('' = the built-in prompts)
     custom_reward: object = None      # --reward-function, checked (rewards.load_reward_function)
-    eval_splits: dict = None          # --eval-data: split name -> samples
+    eval_splits: dict = field(default_factory=dict)   # --eval-data: split name -> samples
 
 
 def set_up(cfg: Config, d: Dist) -> Run:

@@ -248,6 +248,13 @@ def test_absorb_result_ignores_bad_and_duplicate_results(tmp_path):
     new = absorb_result(ok, pool, str(tmp_path), 3)
     assert pool.get(0) is new and new.meta["step"] == 3 and new.solution == [1, 1, 9, 9]
     assert absorb_result(ok, pool, str(tmp_path), 4) is None          # the same result twice: absorbed once
+    # what the trackers show of it: the source and the synthesized image side by side, captioned
+    from train import newest_synthesized
+    (pair,) = newest_synthesized(pool)
+    image, caption = pair
+    assert image.size == (324, 160) and image.getpixel((304, 150)) == (255, 0, 0)      # right: the new image
+    assert image.getpixel((140, 150)) == (255, 255, 255)                              # left: its source
+    assert caption.startswith("s~j1") and caption.endswith("step 3): d")
 
 
 @pytest.mark.slow
