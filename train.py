@@ -4,6 +4,7 @@
     python train.py --algo grpo --task rec --model Qwen/Qwen2.5-VL-3B-Instruct --data refcoco_train.jsonl \\
         --image-root /data/coco --rollout-backend vllm   # the paper's setting: B=20, G=6, lr 1e-6, 5 epochs
     python train.py --resume runs/default             # continue a killed run exactly where its checkpoint was
+    python train.py --plan --device cuda --plan-gpus 4   # memory per GPU of a run, without loading its weights
 
 The step is the `for step` loop at the end of `main`, one function per phase, small records between them:
   push_weights        the rollout engine samples from the policy's current weights (vLLM holds a copy)
@@ -13,7 +14,8 @@ The step is the `for step` loop at the end of `main`, one function per phase, sm
   synthesis.exchange  Syn-GRPO: each prompt's selected description (Eq. 8) to the data server, finished images
                       into the pool in place of their sources (`NoSynthesis` for the other algorithms)
   update_policy       mu optimizer steps of the clipped surrogate (+ beta * k3 KL, entropy terms) on MicroBatches
-  log_step            one line of metrics.jsonl (and completions.jsonl)
+  log_step            one line of metrics.jsonl (and completions.jsonl), and the trackers of --report-to
+  validate            every --eval-every updates: eval.py's greedy evaluation of --eval-data
   save_checkpoint     every --save-every steps: everything an exact resume needs
 
 Deliberate choices: the std in Eq. 1 is torch's unbiased std, as VLM-R1 and TRL; old log-probs for the ratio
