@@ -41,10 +41,10 @@ SAMPLES = [Sample(id="r", task="rec", image="", width=640, height=480, problem="
 
 
 @pytest.mark.slow
-@settings(max_examples=10_000, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=4_000, deadline=None, suppress_health_check=list(HealthCheck))   # 10,000 took 65 s of CI
 @given(text=completions(), algo=st.sampled_from(["grpo", "syn-grpo"]))
 def test_rewards_are_finite_and_in_range_on_any_completion(text, algo):
-    for s in SAMPLES:        # 10,000 generated completions, each scored for every task
+    for s in SAMPLES:        # 4,000 generated completions a run, each scored for every task
         p = score_completion(text, s, (336, 252), algo)
         assert math.isfinite(p.accuracy) and 0.0 <= p.accuracy <= 1.0
         assert p.format in (0.0, 1.0)

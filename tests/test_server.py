@@ -347,8 +347,8 @@ LOAD_JOBS = int(os.environ.get("SYN_GRPO_LOAD_JOBS", "50"))   # per client (the 
 @pytest.mark.slow
 def test_load_16_clients_delivered_exactly_once(tmp_path):
     import concurrent.futures as cf
-    p, url = start_server(str(tmp_path / "s"), "--steps", "1", "--queue-size", "32")
-    images = []          # small (64x64) images keep the generations within CI's budget
+    p, url = start_server(str(tmp_path / "s"), "--steps", "1", "--queue-size", "32", "--work-size", "32")
+    images = []          # small (64x64) images, generated at 32 px, keep the 800 generations within CI's budget
     for i in range(8):
         img, row = shapes_sample("ovd", i)
         f = 64 / img.width
