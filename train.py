@@ -241,9 +241,9 @@ def check_config(cfg: Config, files: bool = True) -> None:
     """A config that cannot run as asked stops here with one line, before anything is written. files=False skips what
     depends on this machine (files, a GPU): --print-config describes a run for another machine too."""
     objects = re.fullmatch(r"(\d+)-(\d+)", cfg.shapes_objects or "")
+    missing = missing_sources(cfg.data) if files else []
     problems = [
-        (files and missing_sources(cfg.data), f"--data {cfg.data}: no such file or dataset dir: "
-                                              f"{', '.join(missing_sources(cfg.data))}"),
+        (missing, f"--data {cfg.data}: no such file or dataset dir: {', '.join(missing)}"),
         (files and any(not os.path.isdir(r) for r in split_list(cfg.image_root)),
          f"--image-root {cfg.image_root}: no such directory"),
         (files and cfg.descriptions and not os.path.isfile(cfg.descriptions), f"--descriptions {cfg.descriptions}: no such file"),
@@ -761,7 +761,10 @@ class Trackers:
         if "wandb" in names:
             import wandb
             id_file = os.path.join(cfg.out_dir, "wandb_run_id")
-            run_id = open(id_file).read().strip() if os.path.exists(id_file) else None   # None: wandb makes one
+            run_id = None                                                # None: wandb makes one
+            if os.path.exists(id_file):
+                with open(id_file) as f:
+                    run_id = f.read().strip()
             self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "syn-grpo"), name=run_name, id=run_id,
                                     resume="allow", dir=cfg.out_dir, config=asdict(cfg))
             with open(id_file, "w") as f:
@@ -1275,11 +1278,11 @@ def load_model(cfg: Config, d: Dist, device: str, dtype: torch.dtype):
     return model, processor
 
 
-def sft_phase(cfg, model, processor, pool, d: Dist = Dist()) -> int:
+def sft_phase(cfg, model, processor, pool, d: Dist = Dist(), template: str = "") -> int:
     """Supervised fine-tuning on the gold answers (cross-entropy on completion tokens only): the warm start before RL,
     or the whole of --algo sft (--sft-steps, or --epochs over the data when 0). 2B samples a step, drawn uniformly;
     ranks split them, micro-batched, and the loss is normalised by every rank's tokens together, so the gradient is
-    that of one process. Returns the steps trained."""
+    that of one process. template: --prompt-template's text, as in the rollouts. Returns the steps trained."""
     labelled = [i for i in range(len(pool)) if pool.get(i).task != "math" or pool.get(i).answer is not None]
     n = 2 * cfg.batch_size
     steps = cfg.sft_steps or (math.ceil(cfg.epochs * len(labelled) / n) if cfg.algo == "sft" else 0)
@@ -1292,7 +1295,6 @@ def sft_phase(cfg, model, processor, pool, d: Dist = Dist()) -> int:
                             weight_decay=0.01) if steps else None   # torch's AdamW default, and verl's
     banned, eos = vision_token_ids(processor), processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
     fmt = cfg.sft_format or ("grpo" if cfg.algo == "sft" else cfg.algo)
-    template = read_template(cfg.prompt_template, cfg.task)
     rng = random.Random(cfg.seed)
     for step in tqdm(range(steps), desc="sft", dynamic_ncols=True, disable=not d.main):
         idx = [labelled[rng.randrange(len(labelled))] for _ in range(n)]
@@ -1416,10 +1418,11 @@ def set_up(cfg: Config, d: Dist) -> Run:
     resuming = bool(cfg.resume) and os.path.exists(ckpt_path)
     pool, warm_started = load_data(cfg), False
     custom_reward, eval_splits = load_custom_reward(cfg, pool), load_eval_splits(cfg)   # broken ones stop here
+    template = read_template(cfg.prompt_template, cfg.task)       # checked in check_config
     if not resuming:
         if d.main:
             open(metrics_path, "w").close()
-        warm_started = sft_phase(cfg, model, processor, pool, d) > 0
+        warm_started = sft_phase(cfg, model, processor, pool, d, template) > 0
         if cfg.offline_synthesis:
             pool = synthesize_offline(cfg, pool, d)
     model = add_lora(cfg, model)
@@ -1433,12 +1436,12 @@ def set_up(cfg: Config, d: Dist) -> Run:
         start, pool = load_checkpoint(ckpt_path, model, opt, sched, smoother, synthesis, d)
         if d.main:
             with open(metrics_path) as f:   # drop lines logged after the checkpoint: they will be logged again
-                keep = [line for line in f if json.loads(line).get("step", -1) < start
-                        and json.loads(line).get("eval_step", -1) <= start]
+                rows = [(line, json.loads(line)) for line in f]
+                keep = [line for line, r in rows if r.get("step", -1) < start and r.get("eval_step", -1) <= start]
             open(metrics_path, "w").writelines(keep)
     max_steps = cfg.max_steps or math.ceil(cfg.epochs * len(pool) / cfg.batch_size)
     return Run(model, processor, ref, opt, sched, pool, smoother, synthesis, start, max_steps,
-               template=read_template(cfg.prompt_template, cfg.task), custom_reward=custom_reward,
+               template=template, custom_reward=custom_reward,
                eval_splits=eval_splits)
 
 
