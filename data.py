@@ -1,41 +1,39 @@
-"""Datasets, file formats and the data pool.
+"""Samples, the data formats users have, box frames and the data pool.
 
 What lives here:
   * `Sample`: one training / evaluation example (stable `id`, image path, original size, labels).
-  * Readers: our JSON Lines formats (`rec`, `ovd`/`isr`, `math`; README "Data"), and the formats users have
+  * Readers: our JSON Lines formats (`rec`, `ovd`/`isr`, `math`; docs/data.md), and the formats users have
     (`read_data`): VLM-R1's conversation JSONL, JSON lists, COCO detection JSON, Hugging Face datasets, several
     sources at once. Bad rows raise `DataError` naming file and line (`strict=True`) or are reported and skipped.
     `python data.py check FILE --task T` reports every bad row; `python data.py convert` rewrites any format as ours.
-  * The prompt templates of every task and algorithm, in one place: `PROMPTS`, `build_prompt`.
-  * Box-frame bookkeeping: Qwen2.5-VL reads a resized image and answers in pixels *of the resized input*
-    (`smart_resize`, `to_input_frame`, `to_original_frame`).
-  * `shapes`: a synthetic dataset of coloured shapes for all four tasks, deterministic from a seed
-    (the embedded default and the test fixture). `python data.py shapes --task rec --n 2000 --out DIR`.
-  * `DataPool`: the training set as slots that synthesized samples replace (Syn-GRPO §3.3), with lineage,
-    revert and save/load.
-  * Config dataclasses as command lines: `opt` (a field with its --help text and choices) and `parse_config`,
-    shared by train.py, eval.py, synth.py and server.py.
+  * SFT targets (`gold_completion`) and the check of a user's --prompt-template (`read_template`); the prompts and
+    the answer's tags themselves are prompts.py's.
+  * Box frames: Qwen2.5-VL reads a resized image and answers in pixels *of the resized input* (`smart_resize`,
+    `to_input_frame`); `is_box` and `iou` for boxes in any one frame.
+  * `DataPool`: the training set as slots that synthesized samples replace (Syn-GRPO §3.3), with lineage and
+    save/load.
+  * The command line: `python data.py shapes | check | convert | coco | context` (the dataset itself: shapes.py).
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import hashlib
 import io
 import json
 import math
 import os
-import random
 import re
 import string
 import sys
-import types
-import typing
-from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Optional
 
-import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
+
+from common import CACHE, ArgumentParser, HelpFormatter, atomic_write, split_list
+from prompts import DESCRIPTIONS, TEMPLATE_FIELDS, format_output
+from shapes import BACKGROUNDS, GRID, make_shapes
+
 
 TASKS = ("rec", "ovd", "isr", "math")
 
@@ -107,65 +105,8 @@ class Sample:
 def sample_from_dict(d: dict) -> Sample:
     return Sample(**{k: v for k, v in d.items() if k in Sample.__dataclass_fields__})
 
-
 # ----------------------------------------------------------------------------------------------------
-# Prompts (VLM-R1's REC and OVD questions; Syn-GRPO §3.3.2 adds <score> and <description>; MM-UPT's math suffix).
-# The format reward checks exactly the tags that the chosen algorithm asks for.
-
-REC_QUESTION = "Please provide the bounding box coordinate of the region this sentence describes: {expression}."
-OVD_QUESTION = (
-    "Please carefully check the image and detect the following objects: {categories}. "
-    "Output the bbox coordinates of detected objects in <answer></answer>. The bbox coordinates in JSON format "
-    'should be: [{{"bbox_2d": [x1, y1, x2, y2], "label": "object name"}}]. '
-    'If no targets are detected in the image, simply respond with "None".'
-)
-THINK_ANSWER = (
-    " First output the thinking process in <think> </think> tags and then output the final answer in "
-    "<answer> </answer> tags."
-)
-SYN_TAGS = (
-    " First output the thinking process in <think> </think> tags, then in <score> </score> tags a number "
-    "between 0 and 1 predicting how diverse your answers to this input would be, then in "
-    "<description> </description> tags a description of a new image made from this one (same foreground "
-    "objects, new background), and finally the answer in <answer> </answer> tags."
-)
-JSON_ANSWER = " Output the final answer in JSON format."
-MATH_SUFFIX = " Please reason step by step, and put your final answer within \\boxed{}."
-# SynthRL's solver instruction (its math format reward then requires <think> ... </think> before the \boxed{} answer)
-MATH_THINK = (" You FIRST think about the reasoning process as an internal monologue and then provide the final answer. "
-              "The reasoning process MUST BE enclosed within <think> </think> tags. The final answer MUST BE put in "
-              "\\boxed{}.")
-MATH_FORMATS = ("boxed", "think")
-
-PROMPTS = {
-    "rec": REC_QUESTION + THINK_ANSWER + JSON_ANSWER,
-    "ovd": OVD_QUESTION + THINK_ANSWER,
-    "rec/syn-grpo": REC_QUESTION + SYN_TAGS + JSON_ANSWER,
-    "ovd/syn-grpo": OVD_QUESTION + SYN_TAGS,
-    "math": "{problem}" + MATH_SUFFIX,
-    "math/think": "{problem}" + MATH_THINK,
-}
-
-
-def build_prompt(sample: Sample, algo: str = "grpo", math_format: str = "boxed", template: str = "") -> str:
-    """The user text for a sample. rec `problem` already holds VLM-R1's full question. math_format: boxed (MM-UPT's
-    instruction) or think (SynthRL's). template (--prompt-template): the whole text instead, with {problem} (rec/math:
-    the row's question; ovd/isr: the detection question) and {categories} (ovd/isr: the JSON list) filled in."""
-    syn = algo == "syn-grpo"
-    question = sample.problem
-    if sample.task in ("ovd", "isr"):
-        question = OVD_QUESTION.format(categories=json.dumps(sample.categories))
-    if template:
-        return template.format(problem=question, categories=json.dumps(sample.categories))
-    if sample.task == "rec":
-        return question + (SYN_TAGS if syn else THINK_ANSWER) + JSON_ANSWER
-    if sample.task in ("ovd", "isr"):
-        return question + (SYN_TAGS if syn else THINK_ANSWER)
-    return question + (MATH_THINK if math_format == "think" else MATH_SUFFIX)
-
-
-TEMPLATE_FIELDS = ("problem", "categories")
-
+# A user's prompt template and the SFT targets (the prompts and tags themselves: prompts.py)
 
 def read_template(path: str, task: str) -> str:
     """--prompt-template FILE, checked before anything runs: a text with {problem} and / or {categories} (and no other
@@ -190,15 +131,6 @@ def read_template(path: str, task: str) -> str:
     return text
 
 
-# Descriptions of the warm start's Syn-GRPO targets: eight backgrounds of exactly 9 tokens each in the tiny model's
-# vocabulary, and scores written with two decimals (always 4 tokens). The tiny model (RoPE base 10) finds the image
-# from the answer only at a fixed distance: with descriptions of 7 to 15 tokens, or "0.5" next to "0.25", the
-# answer moves and 600 warm-start steps left greedy IoU at 0.19, where equal lengths give 0.90 after 1,200 steps
-# (README, "Syn-GRPO on a CPU").
-DESCRIPTIONS = ("a sunny beach", "a grassy park", "a green field", "a red brick wall", "a sandy desert",
-                "a frozen lake", "a snowy road", "a white room")
-
-
 def gold_completion(sample: Sample, input_size, algo: str = "grpo", index: int = 0, math_format: str = "boxed") -> str:
     """The target text of supervised fine-tuning (the SFT baseline and the tiny models' warm start), in exactly
     the format the rewards parse; boxes are written in the model-input frame, as the model must answer."""
@@ -213,20 +145,22 @@ def gold_completion(sample: Sample, input_size, algo: str = "grpo", index: int =
         think = "I list the objects."
         items = [{"bbox_2d": r(o["bbox"]), "label": o["label"]} for o in sample.objects]
         answer = json.dumps(items) if items else "None"
-    extra = ""
-    if algo == "syn-grpo":   # scores spread over [0, 1) and varied descriptions: GRPO then has choices to shape
-        score = (index * 37) % 100 / 100
-        extra = f" <score>{score:.2f}</score> <description>{DESCRIPTIONS[index % len(DESCRIPTIONS)]}</description>"
-    return f"<think>{think}</think>{extra} <answer>{answer}</answer>"
+    if algo != "syn-grpo":
+        return format_output("grpo", think=think, answer=answer)
+    # scores spread over [0, 1) and varied descriptions: GRPO then has choices to shape
+    return format_output("syn-grpo", think=think, score=f"{(index * 37) % 100 / 100:.2f}",
+                         description=DESCRIPTIONS[index % len(DESCRIPTIONS)], answer=answer)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Box frames. Qwen2.5-VL's processor resizes every image to multiples of 28 (patch 14 x merge 2) with a pixel
 # budget, and the model answers in absolute pixels of that resized input (QwenLM/Qwen3-VL#721; VLM-R1 #198).
 
+QWEN_MIN_PIXELS, QWEN_MAX_PIXELS = 3136, 12845056   # Qwen2.5-VL's image processor defaults (56*56, 28*28*16384)
 
-def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
-                 max_pixels: int = 28 * 28 * 1280) -> tuple[int, int]:
+
+def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = QWEN_MIN_PIXELS,
+                 max_pixels: int = QWEN_MAX_PIXELS) -> tuple[int, int]:
     """(input_height, input_width) the Qwen2-VL image processor produces; same rule as transformers'."""
     if max(height, width) / max(1, min(height, width)) > 200:
         raise ValueError(f"aspect ratio over 200: {width}x{height}")
@@ -254,19 +188,26 @@ def to_input_frame(box, original_size, input_size) -> list:
     return scale_box(box, original_size, input_size)
 
 
-def to_original_frame(box, input_size, original_size) -> list:
-    return scale_box(box, input_size, original_size)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Readers
-
-
 def is_box(b) -> bool:
     """[x1, y1, x2, y2] of finite numbers (not bools) with x2 > x1 and y2 > y1."""
     return (isinstance(b, (list, tuple)) and len(b) == 4
             and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in b)
             and b[2] > b[0] and b[3] > b[1])
+
+
+def iou(a, b) -> float:
+    """Continuous IoU of two [x1, y1, x2, y2] boxes (0 for degenerate ones)."""
+    iw = min(a[2], b[2]) - max(a[0], b[0])
+    ih = min(a[3], b[3]) - max(a[1], b[1])
+    if iw <= 0 or ih <= 0:
+        return 0.0
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return float(inter / union) if union > 0 else 0.0
+
+
+# ----------------------------------------------------------------------------------------------------
+# Readers
 
 
 def image_size(path: str) -> tuple[int, int]:
@@ -341,16 +282,14 @@ def parse_row(row: dict, task: str, image_root: str, where: str, need_image: boo
     return s
 
 
-def write_jsonl(samples, path: str, image_root: str = "") -> None:
+def write_samples(samples, path: str, image_root: str = "") -> None:
     """Write samples as JSONL; image paths are made relative to image_root when given. Atomic."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_write(path) as f:
         for s in samples:
             row = s.to_row()
             if image_root:
                 row["image"] = os.path.relpath(s.image, image_root)
             f.write(json.dumps(row) + "\n")
-    os.replace(tmp, path)
 
 
 def coco_to_samples(coco_json: str, image_root: str, task: str = "ovd", max_boxes_per_category: int = 0,
@@ -391,7 +330,6 @@ def add_context_objects(samples: list[Sample], coco_json: str) -> int:
     `context_objects`, so that outpainting keeps the anchors of a relational expression ("the cup left of the
     plate") along with the referent. Images are matched by file name; the referent itself (the annotation with IoU
     > 0.9 against the row's box) is left out; crowd annotations are skipped. Returns the rows that got context."""
-    from rewards import iou
     with open(coco_json, encoding="utf-8") as f:
         coco = json.load(f)
     names = {c["id"]: c["name"] for c in coco.get("categories", [])}
@@ -416,8 +354,7 @@ def add_context_objects(samples: list[Sample], coco_json: str) -> int:
 # datasets (save_to_disk dirs, parquet / arrow files, `name@split` from the Hub) and several sources at once.
 # Every row becomes a row of our format and is validated by `parse_row`, so bad rows get the same errors.
 
-IMAGE_CACHE = os.path.join(os.environ.get("SYN_GRPO_CACHE", os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                                         ".cache")), "images")
+IMAGE_CACHE = os.path.join(CACHE, "images")   # images embedded in datasets, written once by content hash
 HF_SUFFIXES = (".parquet", ".arrow")
 
 
@@ -605,10 +542,6 @@ def source_name(source: str) -> str:
     return os.path.splitext(os.path.basename(source.rstrip("/")))[0].replace("@", "-")
 
 
-def split_list(value: str) -> list[str]:
-    return [v.strip() for v in value.split(",") if v.strip()]
-
-
 def missing_sources(spec: str) -> list[str]:
     """The local sources of --data that are not there (a Hub `name@split` is looked up only when read)."""
     return [s for s in split_list(spec) if not hub_name(s) and not os.path.exists(s)]
@@ -634,170 +567,11 @@ def read_data(spec: str, task: str, image_root: str = "", strict: bool = True, l
         raise DataError(f"--data {spec}: two sources share a name, so their ids collide; rename one")
     return out
 
-# ----------------------------------------------------------------------------------------------------
-# shapes: coloured shapes on varied backgrounds, deterministic from a seed: the embedded default and the test data.
-
-COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30)}
-SHAPES = ("circle", "square", "triangle")
-FURNITURE = {"bed": (150, 110, 200), "sofa": (200, 120, 60), "table": (120, 80, 40), "wardrobe": (90, 90, 90)}
-
-
-BACKGROUNDS = ("pale", "stripes")   # training draws pale ones; stripes are an out-of-domain family for evaluation
-
-
-def _background(rng: random.Random, w: int, h: int, family: str = "pale") -> Image.Image:
-    """Pale solid, gradient or noise backgrounds (kept light so every shape colour stands out); or, for
-    evaluation out of domain, pale diagonal stripes of two tints (a family neither training nor the tiny
-    synthesizer, which draws speckled textures, ever shows)."""
-    if family == "stripes":
-        a, b = (np.array([rng.randint(200, 250) for _ in range(3)], dtype=np.float32) for _ in range(2))
-        period, slope = rng.choice((8, 12, 16)), rng.choice((-1, 1))
-        yy, xx = np.mgrid[0:h, 0:w]
-        band = (((xx + slope * yy) // (period // 2)) % 2).astype(bool)[..., None]
-        return Image.fromarray(np.where(band, a, b).astype(np.uint8))
-    kind = rng.choice(("solid", "gradient", "noise"))
-    base = np.array([rng.randint(200, 250) for _ in range(3)], dtype=np.float32)
-    if kind == "solid":
-        arr = np.broadcast_to(base, (h, w, 3)).copy()
-    elif kind == "gradient":
-        other = np.array([rng.randint(200, 250) for _ in range(3)], dtype=np.float32)
-        t = np.linspace(0, 1, w if rng.random() < 0.5 else h, dtype=np.float32)
-        t = t[None, :, None] if t.shape[0] == w else t[:, None, None]
-        arr = np.broadcast_to(base + (other - base) * t, (h, w, 3)).copy()
-    else:
-        nrng = np.random.default_rng(rng.getrandbits(32))
-        arr = base + nrng.integers(-12, 13, size=(h, w, 3)).astype(np.float32)
-    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
-
-
-def _shape_mask(kind: str, w: int, h: int, x: int, y: int, size: int) -> np.ndarray:
-    """Boolean mask of one shape drawn alone; its box is read back from these pixels, so labels are exact."""
-    m = Image.new("L", (w, h), 0)
-    d = ImageDraw.Draw(m)
-    if kind in ("circle",):
-        d.ellipse([x, y, x + size - 1, y + size - 1], fill=255)
-    elif kind == "triangle":
-        d.polygon([(x + size / 2, y), (x, y + size - 1), (x + size - 1, y + size - 1)], fill=255)
-    else:  # square and furniture rectangles
-        d.rectangle([x, y, x + size - 1, y + size - 1], fill=255)
-    return np.asarray(m) > 0
-
-
-def _mask_box(mask: np.ndarray) -> list:
-    """[x1, y1, x2, y2] with x2/y2 one past the last pixel (pixel-edge coordinates, as COCO)."""
-    ys, xs = np.nonzero(mask)
-    return [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
-
-
-SHAPES_VERSION = 6   # bump when the generator changes: cached files carry it in their name
-GRID = 2   # shapes sit centred in the cells of a 2x2 grid, in two sizes: with the tiny models' 112x112 input
-           # (4x4 merged image tokens) each cell is 2x2 tokens, and the boxes take few distinct values. A 4x4 grid
-           # (one token a cell) is beyond what the tiny model learns in CPU minutes: 3,000 SFT steps stayed blind.
-
-
-def _place(rng, side, n, kinds):
-    """n shapes in distinct grid cells of a square image; returns [(kind, x, y, size)]."""
-    cell = side / GRID
-    out = []
-    for kind, c in zip(kinds, rng.sample(range(GRID * GRID), n)):
-        size = int(cell * rng.choice((0.6, 0.8)))
-        x = int(c % GRID * cell + (cell - size) / 2)          # centred in its cell
-        y = int(c // GRID * cell + (cell - size) / 2)
-        out.append((kind, x, y, size))
-    return out
-
-
-def _draw_scene(rng: random.Random, items, w, h, colors, background: str = "pale"):
-    img = _background(rng, w, h, background)
-    arr = np.array(img)
-    boxes = []
-    for (kind, x, y, size), color in zip(items, colors):
-        m = _shape_mask("square" if kind in FURNITURE else kind, w, h, x, y, size)
-        arr[m] = color
-        boxes.append(_mask_box(m))
-    return Image.fromarray(arr), boxes
-
-
-def shapes_sample(task: str, index: int, seed: int = 0, objects: tuple = (2, 4),
-                  background: str = "pale") -> tuple[Image.Image, dict]:
-    """One shapes image and its row (without "image"), deterministic in (task, index, seed); `objects` is the
-    (min, max) number of shapes in an image (fewer = easier: one shape needs no colour/shape binding);
-    `background` a family of BACKGROUNDS."""
-    rng = random.Random(f"shapes/{task}/{seed}/{index}")
-    w = h = rng.choice((112, 168, 224))           # model input is 112x112 for the tiny models: frames differ
-    if task == "isr":  # top-view "rooms": furniture rectangles on a floor
-        kinds = rng.sample(list(FURNITURE), rng.randint(*objects))
-        items = _place(rng, w, len(kinds), kinds)
-        img, boxes = _draw_scene(rng, items, w, h, [FURNITURE[k] for k, *_ in items], background)
-        objs = [{"bbox": b, "label": k} for (k, *_), b in zip(items, boxes)]
-        return img, {"categories": sorted(FURNITURE), "objects": objs}
-    # distinct (colour, shape) pairs so every referring expression is unique
-    pairs = rng.sample([(c, s) for c in COLORS for s in SHAPES], rng.randint(*objects))
-    items = _place(rng, w, len(pairs), [s for _, s in pairs])
-    img, boxes = _draw_scene(rng, items, w, h, [COLORS[c] for c, _ in pairs], background)
-    objs = [{"bbox": b, "label": s, "color": c} for (c, s), b in zip(pairs, boxes)]
-    if task == "rec":
-        t = rng.randrange(len(objs))
-        target = objs[t]
-        expr = f"the {target['color']} {target['label']}"
-        others = [o for j, o in enumerate(objs) if j != t]
-        if others and rng.random() < 0.5:
-            o = rng.choice(others)
-            rel = "left of" if target["bbox"][2] <= o["bbox"][0] else "right of" if o["bbox"][2] <= target["bbox"][0] else None
-            if rel:
-                expr += f" {rel} the {o['color']} {o['label']}"
-        context = [{"bbox": o["bbox"], "label": f"{o['color']} {o['label']}"} for o in others]
-        return img, {"problem": REC_QUESTION.format(expression=expr), "solution": target["bbox"],
-                     "meta": {"expression": expr, "context_objects": context}}
-    if task == "ovd":
-        present = sorted({o["label"] for o in objs})
-        cats = sorted(set(rng.sample(present, rng.randint(1, len(present)))) | ({rng.choice(SHAPES)} if rng.random() < 0.3 else set()))
-        return img, {"categories": cats,
-                     "objects": [{"bbox": o["bbox"], "label": o["label"]} for o in objs if o["label"] in cats]}
-    if task == "math":   # counting: by shape, by colour, or all shapes
-        question = rng.choice(("shape", "color", "total"))
-        if question == "shape":
-            kind = rng.choice(SHAPES)
-            n, q = sum(o["label"] == kind for o in objs), f"How many {kind}s are in the image?"
-        elif question == "color":
-            color = rng.choice(list(COLORS))
-            n, q = sum(o["color"] == color for o in objs), f"How many {color} shapes are in the image?"
-        else:
-            n, q = len(objs), "How many shapes are in the image in total?"
-        return img, {"problem": q, "answer": str(n)}
-    raise ValueError(f"unknown task {task!r}")
-
-
-def make_shapes(task: str, n: int, out_dir: str, seed: int = 0, split: str = "train", objects: tuple = (2, 4),
-                background: str = "pale") -> str:
-    """Write n shapes samples (PNG + one JSONL of the task's format) and return the JSONL path. Cached."""
-    if not 1 <= objects[0] <= objects[1] <= GRID * GRID:
-        raise ValueError(f"shapes per image: need 1 <= min <= max <= {GRID * GRID} (one per grid cell), got {objects}")
-    if background not in BACKGROUNDS:
-        raise ValueError(f"background family {background!r}: expected one of {BACKGROUNDS}")
-    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
-    tag = f"{task}_{split}_{seed}_{objects[0]}-{objects[1]}" + ("" if background == "pale" else f"_{background}")
-    path = os.path.join(out_dir, f"shapes{SHAPES_VERSION}_{tag}_{n}.jsonl")
-    if os.path.exists(path):
-        return path
-    rows = []
-    for i in range(n):
-        img, row = shapes_sample(task, i if split == "train" else 10_000_000 + i, seed, objects, background)
-        name = f"images/v{SHAPES_VERSION}_{tag}_{i:06d}.png"
-        img.save(os.path.join(out_dir, name))
-        rows.append({"id": f"shapes-{task}-{split}-{seed}-{i}", "image": name, **row})
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
-    return path
-
 
 # ----------------------------------------------------------------------------------------------------
 # Data pool (Syn-GRPO §3.3: "synthesize new data to replace the old data"). One slot per original sample; a
 # synthesized sample replaces the current occupant of its source's slot. Every sample ever placed is kept, so
-# any slot can be reverted and the lineage of each slot read back (for eval.py's gallery).
+# the lineage of each slot can be read back (eval.py's gallery).
 
 
 class DataPool:
@@ -839,11 +613,6 @@ class DataPool:
         self.lineage[new.id] = [new.id]
         return new
 
-    def revert(self, root_id: str) -> Sample:
-        """Put the original sample back in its slot (history is kept)."""
-        self.current[root_id] = root_id
-        return self.samples[root_id]
-
     def stats(self) -> dict:
         cur = [self.samples[c] for c in self.current.values()]
         return {"pool_size": len(cur),
@@ -865,145 +634,13 @@ class DataPool:
         return pool
 
     def save(self, path: str) -> None:
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
+        with atomic_write(path) as f:
             json.dump(self.state_dict(), f)
-        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: str) -> "DataPool":
         with open(path, encoding="utf-8") as f:
             return cls.from_state_dict(json.load(f))
-
-
-def stable_hash(*parts) -> str:
-    return hashlib.sha1("/".join(map(str, parts)).encode()).hexdigest()[:12]
-
-
-# ----------------------------------------------------------------------------------------------------
-# Config dataclasses as command lines. Each entry point has one config dataclass; every field is a --flag whose
-# --help is the field's own text, with its choices and default.
-
-
-def opt(default, help: str, choices=None, aliases: tuple = ()):
-    """A config field with its --help text (and the values it accepts: argparse rejects any other); `aliases` are the
-    peers' names for it (TRL's --num-iterations for --mu), accepted as flags and as --config keys."""
-    return field(default=default, metadata={"help": help, "choices": choices, "aliases": aliases})
-
-
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The module docstring as written, and every flag's default after its help."""
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse with one line for a bad command line (not the usage of 60 flags), exit status 2."""
-
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", _HelpFormatter)
-        super().__init__(*args, **kwargs)
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-class ConfigParser(ArgumentParser):
-    """The command line of a config dataclass, with `--config FILE`: a YAML or JSON mapping of field names (or
-    their aliases, - or _) to values. The file's values replace the defaults and flags given beside it override the
-    file; a run's own config.json is a valid FILE. The file's values are typed and checked as the flags are."""
-
-    def parse_known_args(self, args=None, namespace=None):
-        args = sys.argv[1:] if args is None else list(args)
-        pre = argparse.ArgumentParser(add_help=False)
-        pre.add_argument("--config", default="")
-        known, _ = pre.parse_known_args(args)
-        if known.config:
-            self.set_defaults(**self.config_file_values(known.config))
-        return super().parse_known_args(args, namespace)
-
-    def config_file_values(self, path: str) -> dict:
-        import yaml
-        try:
-            with open(path) as f:
-                raw = json.load(f) if path.endswith(".json") else yaml.safe_load(f)
-        except (OSError, ValueError, yaml.YAMLError) as e:
-            self.error(f"--config {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
-        if not isinstance(raw, dict):
-            self.error(f"--config {path}: expected a mapping of field: value, got {type(raw).__name__}")
-        by_name = {s.lstrip("-").replace("-", "_"): a for a in self._actions for s in a.option_strings
-                   if s.startswith("--") and a.dest not in ("help", "config")}
-        out = {}
-        for key, value in raw.items():
-            action = by_name.get(str(key).replace("-", "_"))
-            if action is None:
-                self.error(f"--config {path}: unknown field {key!r}")
-            out[action.dest] = self._typed(action, value, f"--config {path}: {key}")
-        return out
-
-    def _typed(self, action, value, where: str):
-        """A value from the file as the flag would have parsed it (YAML reads 1e-6 as a string: converted here)."""
-        if value is None:
-            return None                      # "resolved later", as in a run's config.json
-        if isinstance(action, argparse.BooleanOptionalAction):
-            if not isinstance(value, bool):
-                self.error(f"{where}: expected true or false, got {value!r}")
-            return value
-        if action.nargs == "+":
-            values = tuple(str(v) for v in (value if isinstance(value, list) else [value]))
-            bad = [v for v in values if action.choices and v not in action.choices]
-            if bad:
-                self.error(f"{where}: {bad[0]!r} is not one of {', '.join(map(str, action.choices))}")
-            return values
-        try:
-            if isinstance(value, bool) or (action.type is int and isinstance(value, float)):
-                raise ValueError
-            typed = action.type(value) if action.type else value
-        except (TypeError, ValueError):
-            self.error(f"{where}: invalid {getattr(action.type, '__name__', 'value')} value {value!r}")
-        if action.choices and typed not in action.choices:
-            self.error(f"{where}: {typed!r} is not one of {', '.join(map(str, action.choices))}")
-        return typed
-
-
-def add_config_arguments(parser: argparse.ArgumentParser, cls, skip=()) -> None:
-    """One --flag per field of the dataclass `cls`: bools get --x / --no-x, `T | None` takes a T, tuples take 1+."""
-    hints = typing.get_type_hints(cls)
-    for f in fields(cls):
-        if f.name in skip:
-            continue
-        t = hints[f.name]
-        if isinstance(t, types.UnionType):                      # `T | None`: None means "resolved later"
-            t = next(a for a in t.__args__ if a is not type(None))
-        default = f.default if f.default is not MISSING else f.default_factory()
-        kw = dict(default=default, help=f.metadata.get("help", ""))
-        if f.metadata.get("choices"):
-            kw["choices"] = f.metadata["choices"]
-        if t is bool:
-            kw["action"] = argparse.BooleanOptionalAction
-        elif typing.get_origin(t) in (tuple, list) or t in (tuple, list):
-            kw.update(nargs="+", type=str)
-        else:
-            kw["type"] = t
-        parser.add_argument("--" + f.name.replace("_", "-"), *f.metadata.get("aliases", ()), dest=f.name, **kw)
-
-
-def config_parser(cls, description: str = "", epilog: str = "") -> ArgumentParser:
-    """The command line of the dataclass `cls`; an entry point may add flags of its own (actions, not config)."""
-    p = ConfigParser(description=description, epilog=epilog)
-    p.add_argument("--config", default="", metavar="FILE", help="a YAML or JSON file of field: value (a run's "
-                   "config.json is one); flags given beside it override it")
-    add_config_arguments(p, cls)
-    return p
-
-
-def config_from(cls, namespace):
-    """The dataclass `cls` from parsed arguments (flags that are not its fields are left out)."""
-    a = {f.name: getattr(namespace, f.name) for f in fields(cls)}
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in a.items()})
-
-
-def parse_config(cls, argv=None, description: str = "", epilog: str = ""):
-    """Parse a command line into the dataclass `cls` (unknown flags and values outside `choices` exit with one line)."""
-    return config_from(cls, config_parser(cls, description, epilog).parse_args(argv))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1013,7 +650,7 @@ def parse_config(cls, argv=None, description: str = "", epilog: str = ""):
 def main(argv=None) -> None:
     p = ArgumentParser(description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
-    sp = sub.add_parser("shapes", help="write the synthetic shapes dataset", formatter_class=_HelpFormatter)
+    sp = sub.add_parser("shapes", help="write the synthetic shapes dataset", formatter_class=HelpFormatter)
     sp.add_argument("--task", choices=TASKS, default="rec", help="the task whose format the rows take")
     sp.add_argument("--n", type=int, default=2000, help="number of images")
     sp.add_argument("--seed", type=int, default=0, help="the dataset is a function of (task, seed, split, index)")
@@ -1023,19 +660,19 @@ def main(argv=None) -> None:
     sp.add_argument("--background", choices=BACKGROUNDS, default="pale",
                     help="pale (training's) or stripes (an out-of-domain family for evaluation)")
     sp.add_argument("--out", required=True, help="folder for the JSONL file and images/")
-    cp = sub.add_parser("check", help="validate data of any format and report every bad row", formatter_class=_HelpFormatter)
+    cp = sub.add_parser("check", help="validate data of any format and report every bad row", formatter_class=HelpFormatter)
     cp.add_argument("file", help="the data: one source or several comma-separated, any format of README \"Data\"")
     cp.add_argument("--task", choices=TASKS, required=True, help="the task whose format the rows must have")
     cp.add_argument("--image-root", default="", help="image paths are relative to this folder, or one per source "
                     "('' = each source's)")
     cv = sub.add_parser("convert", help="rewrite data of any format as our JSONL (embedded images saved beside it)",
-                        formatter_class=_HelpFormatter)
+                        formatter_class=HelpFormatter)
     cv.add_argument("file", help="the data: one source or several comma-separated, any format of README \"Data\"")
     cv.add_argument("--task", choices=TASKS, required=True, help="the task of the rows")
     cv.add_argument("--image-root", default="", help="image paths are relative to this folder, or one per source "
                     "('' = each source's)")
     cv.add_argument("--out", required=True, help="the JSONL file to write (image paths relative to its folder)")
-    co = sub.add_parser("coco", help="convert COCO detection JSON to the ovd JSONL format", formatter_class=_HelpFormatter)
+    co = sub.add_parser("coco", help="convert COCO detection JSON to the ovd JSONL format", formatter_class=HelpFormatter)
     co.add_argument("coco_json", help="COCO instances JSON (bbox as x, y, w, h)")
     co.add_argument("--image-root", required=True, help="the folder of the COCO images")
     co.add_argument("--out", required=True, help="the JSONL file to write")
@@ -1043,7 +680,7 @@ def main(argv=None) -> None:
     co.add_argument("--max-boxes-per-category", type=int, default=0,
                     help="drop, per image, categories with more boxes than this (VLM-R1's COCO filtered: 10; 0 = keep all)")
     cx = sub.add_parser("context", help="give COCO-based REC rows the other annotated objects of their image as "
-                        "context_objects (kept by the outpainting keep-mask)", formatter_class=_HelpFormatter)
+                        "context_objects (kept by the outpainting keep-mask)", formatter_class=HelpFormatter)
     cx.add_argument("file", help="the REC JSONL file (RefCOCO / RefCOCO+ / RefCOCOg rows)")
     cx.add_argument("--coco", required=True, help="the COCO instances JSON its images come from (instances_train2014.json)")
     cx.add_argument("--image-root", default="", help="image paths are relative to this folder ('' = the file's)")
@@ -1069,7 +706,7 @@ def run_command(a) -> None:
     elif a.cmd == "context":
         samples = read_data(a.file, "rec", a.image_root, strict=False)
         n = add_context_objects(samples, a.coco)
-        write_jsonl(samples, a.out, image_root=a.image_root or os.path.dirname(os.path.abspath(a.file)))
+        write_samples(samples, a.out, image_root=a.image_root or os.path.dirname(os.path.abspath(a.file)))
         print(f"{a.out}: {n} of {len(samples)} rows have context objects")
     elif a.cmd in ("check", "convert"):
         bad = []
@@ -1079,13 +716,13 @@ def run_command(a) -> None:
         for b in bad:
             print(b)
         if a.cmd == "convert":
-            write_jsonl(good, a.out, image_root=out_dir)
+            write_samples(good, a.out, image_root=out_dir)
             print(f"{a.out}: {len(good)} rows written, {len(bad)} bad rows skipped")
             return
         print(f"{len(good)} valid rows, {len(bad)} bad rows")
         sys.exit(1 if bad else 0)
     else:
-        write_jsonl(coco_to_samples(a.coco_json, a.image_root, a.task, a.max_boxes_per_category), a.out,
+        write_samples(coco_to_samples(a.coco_json, a.image_root, a.task, a.max_boxes_per_category), a.out,
                     image_root=a.image_root)
         print(a.out)
 

@@ -25,10 +25,10 @@ from dataclasses import dataclass
 import numpy as np
 
 import rewards as R
-from data import (TASKS, ArgumentParser, DataError, DataPool, Sample, missing_sources, opt, parse_config, read_data,
-                  read_template, smart_resize, source_name)
-
-QWEN_MIN_PIXELS, QWEN_MAX_PIXELS = 3136, 12845056   # Qwen2.5-VL's processor defaults
+from common import ArgumentParser, opt, parse_config
+from data import (QWEN_MAX_PIXELS, QWEN_MIN_PIXELS, TASKS, DataError, DataPool, Sample, load_image, missing_sources,
+                  read_data, read_template, smart_resize, source_name)
+from rollout import Sampling, encode_prompt, load_engine
 
 
 @dataclass
@@ -176,7 +176,6 @@ def predict(engine, processor, samples: list[Sample], algo: str = "grpo", max_ne
             batch_size: int = 16, math_format: str = "boxed", template: str = "") -> list[dict]:
     """Greedy completions as prediction rows {id, completion, input_size}: what evaluation saves and scores (train.py
     validates with it too)."""
-    from rollout import Sampling, encode_prompt
     rows = []
     for start in range(0, len(samples), batch_size):
         prompts = [encode_prompt(processor, s, algo, math_format=math_format, template=template)
@@ -195,7 +194,6 @@ def score_rows(task: str, samples: list[Sample], rows: list[dict]) -> dict:
 
 def evaluate(cfg: Config) -> dict:
     """Generate (greedy) on every split, save predictions, score, write results.json and results.md."""
-    from rollout import load_engine
     try:
         template = read_template(cfg.prompt_template, cfg.task)
     except DataError as e:
@@ -310,7 +308,6 @@ def gallery_command(run_dir: str, rows: int = 6) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
-    from data import load_image
     pool = DataPool.load(os.path.join(run_dir, "pool.json"))
     chains = [ids for ids in pool.lineage.values() if len(ids) > 1][:rows] or [ids for ids in pool.lineage.values()][:rows]
     cols = max(len(c) for c in chains)

@@ -18,8 +18,6 @@ noise, but runs the real diffusers code path in about a second on a CPU.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from typing import Callable
 
@@ -27,7 +25,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
-CACHE = os.environ.get("SYN_GRPO_CACHE", os.path.join(os.path.dirname(os.path.abspath(__file__)), ".cache"))
+from common import CACHE, atomic_dir
+from shapes import COLORS, FURNITURE
+
 GPU_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
 GPU_CONTROLNET = "diffusers/controlnet-canny-sdxl-1.0"   # a canny ControlNet: its control image is an edge map
 TINY_PIPELINE_VERSION = 2   # bump when the tiny pipeline changes: the cached one carries it in its directory name
@@ -89,18 +89,12 @@ def zoom_boxes(boxes: list, size: tuple, zoom_out: float) -> tuple[list, tuple]:
 
 def build_tiny_pipeline(out_dir: str, seed: int = 0) -> str:
     """Random-weight StableDiffusionXLControlNetInpaintPipeline with diffusers' test-sized components, saved to
-    out_dir (atomic: tmp + rename)."""
+    out_dir (atomic: common.atomic_dir)."""
     with torch.random.fork_rng(devices=[]):   # built on first use inside a process: leave its RNG as it was
         torch.manual_seed(seed)
         pipe = _random_tiny_pipeline()
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".build-")
-    pipe.save_pretrained(tmp)
-    try:
-        os.rename(tmp, out_dir)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_dir(out_dir) as tmp:
+        pipe.save_pretrained(tmp)
     return out_dir
 
 
@@ -139,6 +133,13 @@ def _random_tiny_pipeline():
     return StableDiffusionXLControlNetInpaintPipeline(
         vae=vae, text_encoder=CLIPTextModel(tcfg), text_encoder_2=CLIPTextModelWithProjection(tcfg), tokenizer=tok,
         tokenizer_2=tok, unet=unet, controlnet=controlnet, scheduler=scheduler, requires_aesthetics_score=False)
+
+
+def default_steps(pipeline: str) -> int:
+    """Denoising steps of a pipeline unless asked otherwise: 2 for the random-weight tiny one (it draws noise at any
+    step count; measured on CPU), 20 for SDXL + ControlNet (diffusers' example for the canny SDXL ControlNet), the
+    same for a saved pipeline dir. The one rule for train.py's local server and server.py alone."""
+    return 2 if pipeline == "tiny" else 20
 
 
 def load_pipeline(name: str = "tiny", device: str = "cpu"):
@@ -184,7 +185,6 @@ def load_segmenter(name: str = "", device: str = "cpu") -> Segmenter | None:
     if not name:
         return None
     if name == "palette":
-        from data import COLORS, FURNITURE
         palette = np.array(list(COLORS.values()) + list(FURNITURE.values()), dtype=np.int16)   # (K, 3)
 
         def palette_matte(img: Image.Image) -> Image.Image:

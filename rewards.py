@@ -1,6 +1,6 @@
 """Rewards: pure functions of (completion text, sample, model-input size) -> float, the group statistics of
-Syn-GRPO and MM-UPT, and their composition into a step's rewards. Nothing here raises on any completion string,
-and nothing here does I/O.
+Syn-GRPO and MM-UPT, and their composition into a step's rewards. Nothing here raises on any completion string;
+the only I/O is `load_reward_function`, which imports a user's --reward-function file.
 
   parsing        extract_tag, parse_box, parse_detections, parse_score, extract_boxed
   accuracy       rec_accuracy (Eq. 2, IoU), ovd_accuracy (Eq. 3, s_ovd * COCO mAP), math_accuracy
@@ -10,6 +10,7 @@ and nothing here does I/O.
   MM-UPT         majority_vote_rewards, majority_rewards (per prompt), pseudo_label_correct
   composition    score_completion -> RewardParts (one completion: accuracy, format);
                  score_groups -> GroupRewards (a step's (B, G) rewards: Eq. 7 total, diversity, descriptions)
+  user reward    load_reward_function (--reward-function path.py:fn, checked on gold answers)
 
 Boxes: the model answers in pixels of its resized input; every accuracy function rescales predictions to the
 original frame before comparing with the gold labels (which are always in the original frame).
@@ -26,7 +27,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from data import Sample, scale_box
+from data import Sample, iou, scale_box
+from prompts import OUTPUT_TAGS
 
 # ----------------------------------------------------------------------------------------------------
 # Parsing
@@ -124,18 +126,7 @@ def extract_boxed(text: str) -> str | None:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Geometry
-
-
-def iou(a, b) -> float:
-    """Continuous IoU of two [x1, y1, x2, y2] boxes (0 for degenerate ones)."""
-    iw = min(a[2], b[2]) - max(a[0], b[0])
-    ih = min(a[3], b[3]) - max(a[1], b[1])
-    if iw <= 0 or ih <= 0:
-        return 0.0
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return float(inter / union) if union > 0 else 0.0
+# Geometry (`iou` of two boxes lives with the box frames in data.py)
 
 
 def iou_matrix_xywh(d: np.ndarray, g: np.ndarray) -> np.ndarray:
@@ -312,12 +303,9 @@ ACCURACY = {"rec": rec_accuracy, "ovd": ovd_accuracy, "isr": ovd_accuracy, "math
 # ----------------------------------------------------------------------------------------------------
 # Format reward
 
-_FORMATS = {
-    "grpo": re.compile(r"\s*<think>.*?</think>\s*<answer>.*?</answer>\s*", re.S),
-    "syn-grpo": re.compile(r"\s*<think>.*?</think>\s*<score>.*?</score>\s*<description>.*?</description>\s*"
-                           r"<answer>.*?</answer>\s*", re.S),
-}
-_TAGS = {"grpo": ("think", "answer"), "syn-grpo": ("think", "score", "description", "answer")}
+# prompts.OUTPUT_TAGS in order, each once, white space around them (e.g. \s*<think>.*?</think>\s*<answer>.*?</answer>\s*)
+_FORMATS = {algo: re.compile(r"\s*" + r"\s*".join(f"<{t}>.*?</{t}>" for t in tags) + r"\s*", re.S)
+            for algo, tags in OUTPUT_TAGS.items()}
 
 
 _MATH_THINK = re.compile(r"\s*<think>.*</think>.*\\boxed\{.*\}.*", re.S)   # SynthRL's math format
@@ -333,7 +321,7 @@ def format_reward(text: str, task: str, algo: str = "grpo", math_format: str = "
         return float(ok and (math_format != "think" or bool(_MATH_THINK.fullmatch(text))))
     key = "syn-grpo" if algo == "syn-grpo" else "grpo"
     if not _FORMATS[key].fullmatch(text) or any(text.count(f"<{t}>") != 1 or text.count(f"</{t}>") != 1
-                                                 for t in _TAGS[key]):
+                                                 for t in OUTPUT_TAGS[key]):
         return 0.0
     if key == "syn-grpo" and (parse_score(text) is None or not extract_tag(text, "description").strip()):
         return 0.0          # a description the data server can use, a score in [0, 1]
@@ -360,23 +348,22 @@ class DiversitySmoother:
     V~(q) = clip(V(q) * Vglobal_k / Vbatch_k, 0, 1). With Vbatch_k = 0 every V(q) is 0 and stays 0."""
 
     def __init__(self, gamma: float = 0.7):
-        self.gamma, self.v_global, self.steps = gamma, None, 0
+        self.gamma, self.v_global = gamma, None
 
     def __call__(self, v: list[float]) -> tuple[list[float], float, float]:
         """v: V(q) of each sample in the batch -> (smoothed V~(q), Vbatch_k, Vglobal_k)."""
         v_batch = float(np.mean(v)) if len(v) else 0.0
         self.v_global = v_batch if self.v_global is None else self.gamma * self.v_global + (1 - self.gamma) * v_batch
-        self.steps += 1
         if v_batch <= 0.0:
             return [0.0 for _ in v], v_batch, self.v_global
         ratio = self.v_global / v_batch
         return [min(1.0, max(0.0, x * ratio)) for x in v], v_batch, self.v_global
 
     def state_dict(self) -> dict:
-        return {"gamma": self.gamma, "v_global": self.v_global, "steps": self.steps}
+        return {"gamma": self.gamma, "v_global": self.v_global}
 
     def load_state_dict(self, s: dict) -> None:
-        self.gamma, self.v_global, self.steps = s["gamma"], s["v_global"], s["steps"]
+        self.gamma, self.v_global = s["gamma"], s["v_global"]   # older checkpoints also hold an unused "steps"
 
 
 def diversity_reward(score: float | None, v_smoothed: float) -> float:

@@ -22,16 +22,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
 
-from data import Sample, build_prompt, load_image
+from common import CACHE, atomic_dir
+from data import Sample, load_image
+from prompts import PROMPTS, build_prompt
+from shapes import COLORS, FURNITURE, SHAPES
 
-CACHE = os.environ.get("SYN_GRPO_CACHE", os.path.join(os.path.dirname(os.path.abspath(__file__)), ".cache"))
 TINY_MODELS = ("tiny", "tiny-qwen-vocab")
 
 # Qwen2.5-VL's added tokens in their official order; with the real vocabulary they take ids 151643..151664.
@@ -78,7 +78,7 @@ TINY_PIXELS = dict(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16)   # a 112x11
 
 
 # Prompts added after the small tokenizer was fixed. Its vocabulary must not move when a prompt is added: the
-# warm-start targets are sized in its tokens (data.DESCRIPTIONS: 9 each, scores 4), and byte-level BPE has no
+# warm-start targets are sized in its tokens (prompts.DESCRIPTIONS: 9 each, scores 4), and byte-level BPE has no
 # out-of-vocabulary text to learn. Training on SynthRL's math/think prompt too made two descriptions and every
 # score one token longer, and the four-tag warm start then no longer bound its answer to the image.
 LATER_PROMPTS = ("math/think",)
@@ -86,7 +86,6 @@ LATER_PROMPTS = ("math/think",)
 
 def _corpus() -> list[str]:
     """Text the small tokenizer is trained on: the prompts (but LATER_PROMPTS) and answer formats this codebase uses."""
-    from data import COLORS, FURNITURE, PROMPTS, SHAPES
     words = list(COLORS) + list(SHAPES) + list(FURNITURE) + ["left of", "right of", "the", "How many", "are in"]
     lines = [p.replace("{", " ").replace("}", " ") for k, p in PROMPTS.items() if k not in LATER_PROMPTS] + words
     lines += ['<think>The red circle is on the left.</think> <answer>{"bbox_2d": [12, 34, 56, 78]}</answer>',
@@ -132,7 +131,7 @@ def build_tokenizer(vocab: str):
 
 
 def build_tiny(out_dir: str, vocab: str = "small", seed: int = 0) -> str:
-    """Write a random-weight tiny Qwen2.5-VL (config, weights, processor) to out_dir; atomic (tmp + rename)."""
+    """Write a random-weight tiny Qwen2.5-VL (config, weights, processor) to out_dir; atomic (common.atomic_dir)."""
     from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
                               Qwen2VLImageProcessor)
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
@@ -153,15 +152,9 @@ def build_tiny(out_dir: str, vocab: str = "small", seed: int = 0) -> str:
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     proc = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**TINY_PIXELS), tokenizer=tok,
                                video_processor=Qwen2VLVideoProcessor(), chat_template=CHAT_TEMPLATE)
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".build-")
-    model.save_pretrained(tmp)
-    proc.save_pretrained(tmp)
-    try:
-        os.rename(tmp, out_dir)
-    except OSError:             # another process finished first: keep theirs
-        shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        proc.save_pretrained(tmp)
     return out_dir
 
 
@@ -249,7 +242,7 @@ class Sampling:
 def encode_prompt(processor, sample: Sample, algo: str = "grpo", text: str | None = None, prefill: str = "",
                   math_format: str = "boxed", template: str = "") -> Prompt:
     """The chat prompt for `sample` (or for `text` about its image); `prefill` starts the assistant's reply;
-    `template` replaces the built-in prompt (data.build_prompt)."""
+    `template` replaces the built-in prompt (prompts.build_prompt)."""
     image = load_image(sample.image)
     text = text or build_prompt(sample, algo, math_format, template)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]

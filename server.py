@@ -1,13 +1,14 @@
-"""The Syn-GRPO data server (paper §3.3.1, "decoupled design ... via Python's HTTPServer") and its client.
+"""The Syn-GRPO data server (paper §3.3.1, "decoupled design ... via Python's HTTPServer").
 
-    python server.py --device cuda:1 --port 8000 [--pipeline tiny|sdxl|DIR] [--workers N] [--state-dir D]
+    python server.py --device cuda:1 --port 8000 --pipeline sdxl --segmenter ben2   # the paper's (20 steps)
+    python server.py [--pipeline tiny|sdxl|DIR] [--steps N] [--workers N] [--state-dir D]
 
 A dumb HTTP boundary around a bounded job queue, top to bottom: `validate_job` (pure checks of a POST body),
 `JobStore` (jobs and results on disk, behind its own lock), `worker_loop` (threads, each with its own outpainting
 pipeline from outpaint.py, turning jobs into results), `API` (the endpoints as plain methods returning (status,
-body)), `ROUTES` (the one route table; 404 vs 405 follows from it), `Handler` (HTTP in and out), then the trainer's
-side: `make_job` / `parse_result` (the wire format) and `DataServerClient`. The trainer submits and later
-collects; it never waits for generation (unless `train.py --synchronous-synthesis`, the paper's Table 5 baseline).
+body)), `ROUTES` (the one route table; 404 vs 405 follows from it), `Handler` (HTTP in and out). The trainer's side
+(the wire format and `DataServerClient`) is synthesis.py's. The trainer submits and later collects; it never waits
+for generation (unless `train.py --synchronous-synthesis`, the paper's Table 5 baseline).
 
 API (JSON bodies; `Authorization: Bearer TOKEN` on every request when --token is set):
   POST /jobs      {"sample_id": str, "image_b64": PNG/JPEG base64 | "image": path under --image-root,
@@ -31,7 +32,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
-import http.client
 import io
 import json
 import os
@@ -39,17 +39,16 @@ import queue
 import sys
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 import uuid
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from PIL import Image
 
-from data import is_box, opt, parse_config
-from outpaint import SEGMENTERS
+from common import atomic_write, opt, parse_config
+from data import is_box
+from outpaint import SEGMENTERS, default_steps, load_pipeline, load_segmenter, outpaint
 
 
 @dataclass
@@ -72,7 +71,8 @@ class ServerConfig:
     max_body_bytes: int = opt(16 << 20, "request body limit in bytes (413 above)")
     max_image_pixels: int = opt(4096 * 4096, "image size limit in pixels, checked before decoding (413 above)")
     max_boxes: int = opt(1000, "boxes per job at most")
-    steps: int = opt(8, "denoising steps of the pipeline (with --pipeline sdxl: 20, diffusers' example for its ControlNet)")
+    steps: int | None = opt(None, "denoising steps of the pipeline (default: 20 for sdxl or a pipeline dir, diffusers' "
+                                  "example for its ControlNet; 2 for the random-weight tiny one)")
     work_size: int = opt(0, "side in pixels the pipeline runs at (multiple of 8); the result is resized to the "
                             "source's size; 0 = the source's size")
     threads: int = opt(0, "torch threads of the workers (0 = torch's default); 1 leaves the other cores to a trainer "
@@ -88,12 +88,8 @@ class BadRequest(Exception):
 
 
 def _write_json(path: str, obj) -> None:
-    tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-    with open(tmp, "w") as f:
+    with atomic_write(path, fsync=True) as f:   # durable before the reply that reports it
         json.dump(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -272,7 +268,6 @@ class JobStore:
 def load_worker_models(cfg: ServerConfig) -> list[tuple]:
     """(pipeline, segmenter) for each worker, loaded before the server listens: a missing checkpoint or package
     stops the start with one line, rather than leaving a server whose workers died."""
-    from outpaint import load_pipeline, load_segmenter
     try:
         return [(load_pipeline(cfg.pipeline, cfg.device), load_segmenter(cfg.segmenter, cfg.device))
                 for _ in range(cfg.workers)]
@@ -284,7 +279,6 @@ def load_worker_models(cfg: ServerConfig) -> list[tuple]:
 
 
 def worker_loop(store: JobStore, jobs: queue.Queue, cfg: ServerConfig, stop: threading.Event, pipe, segmenter) -> None:
-    from outpaint import outpaint
     while not stop.is_set():
         try:
             job_id = jobs.get(timeout=0.2)
@@ -454,6 +448,8 @@ class DataServer(ThreadingHTTPServer):
 
 
 def serve(cfg: ServerConfig) -> None:
+    if cfg.steps is None:
+        cfg.steps = default_steps(cfg.pipeline)
     if cfg.threads:
         import torch
         torch.set_num_threads(cfg.threads)
@@ -470,9 +466,8 @@ def serve(cfg: ServerConfig) -> None:
     httpd.api = API(store, jobs, cfg)
     port = httpd.server_address[1]
     if cfg.port_file:
-        with open(cfg.port_file + ".tmp", "w") as f:
+        with atomic_write(cfg.port_file) as f:
             f.write(str(port))
-        os.replace(cfg.port_file + ".tmp", cfg.port_file)
     print(f"data server on http://{cfg.host}:{port} ({len(store.pending)} recovered jobs, state {cfg.state_dir})", flush=True)
     if cfg.parent_pid:
         threading.Thread(target=_exit_with_parent, args=(cfg.parent_pid, httpd), daemon=True).start()
@@ -493,135 +488,6 @@ def _exit_with_parent(pid: int, httpd) -> None:
             return
 
 
-# ----------------------------------------------------------------------------------------------------
-# The wire format from the trainer's side: a job to submit, a finished result to take in
-
-
-def make_job(sample_id: str, image_path: str, boxes: list, description: str, seed: int, key: str) -> dict:
-    """A POST /jobs body: the source image (base64), every gold box (the keep-mask) and the description. `key` makes
-    a resubmission after a lost reply (or a trainer resume) map to the same job."""
-    with open(image_path, "rb") as f:
-        image_b64 = base64.b64encode(f.read()).decode()
-    return {"sample_id": sample_id, "image_b64": image_b64, "boxes": boxes, "description": description,
-            "seed": seed, "key": key}
-
-
-@dataclass
-class SynthesisResult:
-    """A finished job, as GET /results returns it."""
-    job_id: str
-    sample_id: str
-    boxes: list            # the gold boxes in the new image's frame, in the order they were sent
-    description: str
-    image: bytes           # PNG
-
-
-def parse_result(r: dict) -> SynthesisResult | None:
-    """A done job's record; None for a failed job or a reply off the schema (never an exception)."""
-    if not isinstance(r, dict) or r.get("status") != "done" or not isinstance(r.get("image_b64"), str):
-        return None
-    boxes = r.get("boxes")
-    if not (isinstance(r.get("job_id"), str) and isinstance(r.get("sample_id"), str) and isinstance(boxes, list)
-            and all(is_box(b) for b in boxes)):
-        return None
-    try:
-        image = base64.b64decode(r["image_b64"], validate=True)
-    except (binascii.Error, ValueError):
-        return None
-    return SynthesisResult(job_id=r["job_id"], sample_id=r["sample_id"], boxes=boxes,
-                           description=r.get("description") if isinstance(r.get("description"), str) else "", image=image)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Client (used by train.py): spreads jobs over servers, skips dead ones and retries them with backoff
-
-# What an unreachable, dying or misbehaving server can raise: a refused or reset connection (OSError), a reply cut
-# off by a kill between headers and body (http.client.IncompleteRead, not an OSError), or a reply that is not our
-# JSON schema. Any of these marks the server down for a while; none may stop a training run.
-SERVER_ERRORS = (OSError, ValueError, KeyError, TypeError, http.client.HTTPException)
-
-
-class DataServerClient:
-    def __init__(self, urls: list[str], token: str = "", timeout: float = 5.0, log=print):
-        self.urls, self.token, self.timeout, self.log = [u.rstrip("/") for u in urls], token, timeout, log
-        self.cursor = {u: 0 for u in self.urls}
-        self.down_until = {u: 0.0 for u in self.urls}
-        self.backoff = {u: 1.0 for u in self.urls}
-        self.pending: dict[str, str] = {}       # job id -> url
-        self.turn = 0
-        self.failed = 0
-
-    def _request(self, url: str, path: str, body: dict | None = None) -> dict:
-        data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(url + path, data=data, method="POST" if body is not None else "GET",
-                                     headers={"Content-Type": "application/json",
-                                              **({"Authorization": f"Bearer {self.token}"} if self.token else {})})
-        with urllib.request.urlopen(req, timeout=self.timeout) as r:
-            return json.loads(r.read())
-
-    def _alive(self) -> list[str]:
-        now = time.time()
-        return [u for u in self.urls if self.down_until[u] <= now]
-
-    def _mark_down(self, url: str, err) -> None:
-        self.down_until[url] = time.time() + self.backoff[url]
-        self.log(f"data server {url} unreachable ({err}); retry in {self.backoff[url]:.0f} s")
-        self.backoff[url] = min(60.0, self.backoff[url] * 2)
-
-    def submit(self, job: dict) -> str | None:
-        """Post a job to the next live server; None when none accepts it now (training goes on without it)."""
-        alive = self._alive()
-        for k in range(len(alive)):
-            url = alive[(self.turn + k) % len(alive)]
-            try:
-                job_id = self._request(url, "/jobs", job)["job_id"]
-            except urllib.error.HTTPError as e:
-                if e.code == 429:
-                    continue
-                try:
-                    detail = e.read()[:200]
-                except SERVER_ERRORS as e2:     # the error body itself was cut off
-                    detail = repr(e2)
-                self.log(f"data server {url} rejected a job: {e.code} {detail!r}")
-                return None
-            except SERVER_ERRORS as e:
-                self._mark_down(url, e)
-                continue
-            self.backoff[url] = 1.0
-            self.turn += 1
-            self.pending[job_id] = url
-            return job_id
-        return None
-
-    def collect(self) -> list[dict]:
-        """Every result finished since the last call, from every live server."""
-        out = []
-        for url in self._alive():
-            try:
-                while True:
-                    r = self._request(url, f"/results?after={self.cursor[url]}&limit=64")
-                    for res in r["results"]:
-                        if self.pending.pop(res["job_id"], None) is not None:
-                            out.append(res)
-                            self.failed += res["status"] == "failed"
-                    if r["next"] == self.cursor[url]:
-                        break
-                    self.cursor[url] = r["next"]
-            except SERVER_ERRORS as e:
-                self._mark_down(url, e)
-        return out
-
-    def waiting(self, job_ids) -> list[str]:
-        """Those of job_ids still pending on a server that is up (a dead server's jobs are not waited for)."""
-        alive = set(self._alive())
-        return [j for j in job_ids if j in self.pending and self.pending[j] in alive]
-
-    def state_dict(self) -> dict:
-        return {"cursor": self.cursor, "pending": self.pending, "failed": self.failed}
-
-    def load_state_dict(self, s: dict) -> None:
-        self.cursor.update({u: c for u, c in s["cursor"].items() if u in self.cursor})
-        self.pending, self.failed = dict(s["pending"]), s["failed"]
 
 
 def main(argv=None) -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import io
+import hashlib
 import json
 import os
 import re
@@ -38,8 +39,9 @@ import torch
 from tqdm import tqdm
 
 import rewards as R
-from data import (ArgumentParser, DataError, Sample, add_config_arguments, load_image, make_shapes, missing_sources, opt,
-                  read_data, stable_hash, write_jsonl)
+from common import append_jsonl, config_from, config_parser, opt, read_jsonl
+from data import DataError, Sample, load_image, missing_sources, read_data, write_samples
+from shapes import make_shapes
 from rollout import Sampling, encode_prompt, load_engine
 
 STAGES = ("run", "passrate", "select", "synthesize", "verify", "export", "selfq")
@@ -87,10 +89,10 @@ class SynthConfig:
 
 
 def parse_args(argv=None) -> SynthConfig:
-    p = ArgumentParser(description=__doc__)
+    """The stage (a positional) and SynthConfig's flags, --config FILE included."""
+    p = config_parser(SynthConfig, description=__doc__, skip=("stage",))
     p.add_argument("stage", choices=STAGES, help="the stage to run")
-    add_config_arguments(p, SynthConfig, skip=("stage",))
-    return SynthConfig(**vars(p.parse_args(argv)))
+    return config_from(SynthConfig, p.parse_args(argv))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -151,31 +153,12 @@ def verdict(c_cand: int, c_ori: int, t_min: int, delta: int) -> str:
 
 def read_rows(path: str) -> list[dict]:
     """Rows of an append-only JSONL file; a torn last line (killed mid-write) is dropped and redone."""
-    if not os.path.exists(path):
-        return []
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass
-    return rows
+    return read_jsonl(path, skip_bad=True) if os.path.exists(path) else []
 
 
 def append_rows(path: str, rows: list[dict]) -> None:
-    torn = False
-    if os.path.exists(path) and os.path.getsize(path) > 0:
-        with open(path, "rb") as f:
-            f.seek(-1, os.SEEK_END)
-            torn = f.read(1) != b"\n"
-    with open(path, "a", encoding="utf-8") as f:
-        if torn:           # end the torn line so that it cannot swallow the first new row
-            f.write("\n")
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    """Append finished rows durably (fsync): a stage killed after this call never redoes them."""
+    append_jsonl(path, rows, fsync=True)
 
 
 def out_path(cfg, name: str) -> str:
@@ -197,7 +180,9 @@ def chunks(items, n):
 
 
 def item_seed(cfg, *parts) -> int:
-    return int(stable_hash(cfg.seed, *parts)[:8], 16)
+    """A sampling seed for one item (a seed question, an attempt): a hash of its names, so that a resumed stage draws
+    the same as an uninterrupted one whatever was done before."""
+    return int(hashlib.sha1("/".join(map(str, (cfg.seed, *parts))).encode()).hexdigest()[:8], 16)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -359,7 +344,7 @@ def export(cfg, seeds, rates) -> str:
                                           "pass_count": r["pass_count"], "seed_pass_count": r["seed_pass_count"],
                                           "num_rollouts": cfg.num_rollouts}))
     path = out_path(cfg, "synth.jsonl")
-    write_jsonl(out, path)
+    write_samples(out, path)
     return path
 
 

@@ -52,7 +52,7 @@ def stats(xs) -> dict:
 def sft_model() -> str:
     """The tiny model after 40 SFT steps, built once: its completions are answer-like, ~40 of the 48 tokens, though
     not yet valid (format reward 0); the speed rows need realistic lengths, not rewards."""
-    from data import SHAPES_VERSION
+    from shapes import SHAPES_VERSION
     from rollout import TINY_VERSION
     out = os.path.join(CACHE, f"sft-rec-v{TINY_VERSION}.{SHAPES_VERSION}")   # rebuilt when the model or data change
     if not os.path.exists(os.path.join(out, "final", "config.json")):
@@ -91,7 +91,8 @@ def grpo_runs(model: str, steps: int, tmp: str) -> dict:
 def rollout_worker(backend: str, model: str, reps: int, max_tokens: int) -> None:
     """(subprocess) completions/s of one backend: 4 prompts x G 6, `reps` timed calls after one warm-up."""
     import torch
-    from data import make_shapes, read_data
+    from data import read_data
+    from shapes import make_shapes
     from rollout import Sampling, encode_prompt, load_engine
     torch.manual_seed(0)
     eng, proc = load_engine(model, backend, max_model_len=1024)

@@ -30,7 +30,9 @@ def main(callbacks=()):
     from trl import GRPOConfig, GRPOTrainer
 
     import rewards as R
-    from data import build_prompt, load_image, make_shapes, read_data
+    from data import load_image, read_data
+    from prompts import build_prompt
+    from shapes import make_shapes
     from rollout import encode_prompt
 
     torch.manual_seed(0)

@@ -182,7 +182,8 @@ def main(argv=None) -> dict:
     a = p.parse_args(argv)
     if a.quick:
         a.seeds, a.steps, a.eval_n = 1, 40, 60
-    from data import DESCRIPTIONS, make_shapes
+    from prompts import DESCRIPTIONS
+    from shapes import make_shapes
     os.makedirs(a.out, exist_ok=True)
     os.makedirs(a.work_dir, exist_ok=True)
     descriptions = os.path.join(a.work_dir, "descriptions.txt")   # the offline baseline's fixed descriptions

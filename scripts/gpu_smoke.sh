@@ -93,8 +93,9 @@ step train "test -f '$OUT/train/checkpoint-3/config.json' && grep -c '\"step\"' 
 cat > "$OUT/server_job.py" <<'EOF'
 """Start server.py, submit one job for a shapes image, wait for its result, stop the server."""
 import os, subprocess, sys, time
-from data import make_shapes, read_data
-from server import DataServerClient, make_job
+from data import read_data
+from shapes import make_shapes
+from synthesis import DataServerClient, make_job
 out, pipeline, extra = sys.argv[1], sys.argv[2], sys.argv[3:]
 state, port_file = os.path.join(out, "server_state"), os.path.join(out, "server_state", "port")
 os.makedirs(state, exist_ok=True)

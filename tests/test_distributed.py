@@ -35,7 +35,7 @@ def test_torchrun_two_ranks_match_one_process_and_resume(tmp_path, math_model):
     """Same global batch (B=4: two prompts per rank), --prompt-seeds so that the rollouts do not depend on the
     split; mu=2 and an entropy term make the loss non-zero. Measured: loss equal to 1e-8, weights to 5e-6. The
     validation split has an odd size: one rank pads its share, and the metrics are one process's."""
-    from data import make_shapes
+    from shapes import make_shapes
     val = make_shapes("math", 5, str(tmp_path / "val"), split="val")
     args = ["--model", math_model, "--task", "math", "--sft-steps", "0", "--batch-size", "4", "--num-generations", "3",
             "--max-new-tokens", "16", "--prompt-seeds", "--mu", "2", "--entropy-coef", "0.01", "--eval-data", val]

@@ -6,7 +6,8 @@ import pytest
 from PIL import Image
 
 import eval as E
-from data import DataPool, Sample, make_shapes, read_data
+from data import DataPool, Sample, read_data
+from shapes import make_shapes
 from test_rewards import pycoco_map_multi, random_case
 
 

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from data import shapes_sample
+from shapes import shapes_sample
 from outpaint import keep_mask, load_pipeline, outpaint, zoom_boxes
 
 

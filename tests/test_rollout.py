@@ -4,7 +4,8 @@ import dataclasses
 import pytest
 import torch
 
-from data import make_shapes, read_data
+from data import read_data
+from shapes import make_shapes
 from rollout import (QWEN_ADDED, QWEN_SPECIAL, HFRollout, Sampling, build_tokenizer, completion_logprobs, encode_prompt,
                      load_policy, make_batch, vision_token_ids)
 
@@ -166,9 +167,9 @@ def test_sleep_is_a_no_op_on_cpu_and_generation_goes_on(vllm_engine, prompts):
 
 def test_the_small_vocabulary_keeps_the_warm_start_targets_of_equal_length():
     """Built afresh (as on a clean machine): every warm-start description is 9 tokens and every `<score>0.dd</score>`
-    9 with its tags, the lengths data.DESCRIPTIONS and the score format were chosen for (with the tiny model's RoPE base 10 the answer must sit at a
+    9 with its tags, the lengths prompts.DESCRIPTIONS and the score format were chosen for (with the tiny model's RoPE base 10 the answer must sit at a
     fixed distance). A corpus change that moves them would silently undo the four-tag warm start."""
-    from data import DESCRIPTIONS
+    from prompts import DESCRIPTIONS
     tok = build_tokenizer("small")
     n = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])
     assert {n(d) for d in DESCRIPTIONS} == {9}

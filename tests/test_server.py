@@ -14,8 +14,8 @@ import urllib.request
 import pytest
 from PIL import Image
 
-from data import shapes_sample
-from server import DataServerClient
+from shapes import shapes_sample
+from synthesis import DataServerClient
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,4 +1,3 @@
-import copy
 import json
 import math
 import os
@@ -234,7 +233,7 @@ def test_absorb_result_ignores_bad_and_duplicate_results(tmp_path):
     import io
     from PIL import Image
     from data import DataPool, Sample
-    from train import absorb_result
+    from synthesis import absorb_result
     img = tmp_path / "a.png"
     Image.new("RGB", (20, 20), "white").save(img)
     pool = DataPool([Sample(id="s", task="rec", image=str(img), width=20, height=20, problem="q", solution=[1, 1, 9, 9])])
@@ -249,7 +248,7 @@ def test_absorb_result_ignores_bad_and_duplicate_results(tmp_path):
     assert pool.get(0) is new and new.meta["step"] == 3 and new.solution == [1, 1, 9, 9]
     assert absorb_result(ok, pool, str(tmp_path), 4) is None          # the same result twice: absorbed once
     # what the trackers show of it: the source and the synthesized image side by side, captioned
-    from train import newest_synthesized
+    from tracking import newest_synthesized
     (pair,) = newest_synthesized(pool)
     image, caption = pair
     assert image.size == (324, 160) and image.getpixel((304, 150)) == (255, 0, 0)      # right: the new image
@@ -261,13 +260,14 @@ def test_absorb_result_ignores_bad_and_duplicate_results(tmp_path):
 def test_majority_reward_never_reads_the_gold_answer(tmp_path, math_model):
     """MM-UPT on shapes counting: the same run on the data with its answers removed has identical rewards
     and updates; with answers present the pseudo-label accuracy is logged, the format term is off."""
-    from data import make_shapes, read_data, write_jsonl
+    from data import read_data, write_samples
+    from shapes import make_shapes
     path = make_shapes("math", 32, str(tmp_path / "shapes"))
     samples = read_data(path, "math")
     for s in samples:
         s.answer = None
     stripped = str(tmp_path / "shapes" / "unlabelled.jsonl")
-    write_jsonl(samples, stripped)
+    write_samples(samples, stripped)
     args = ["--task", "math", "--reward", "majority", "--model", math_model, "--sft-steps", "0", "--batch-size", "3",
             "--num-generations", "5", "--max-new-tokens", "24", "--max-steps", "3"]
     for data, out in ((path, "gold"), (stripped, "nogold")):
@@ -430,11 +430,12 @@ def test_sft_trains_any_model_over_its_epochs_and_refuses_to_train_nothing(tmp_p
     assert [x["sft_step"] for x in steps] == [0, 1]                      # 16 samples / 8 a step, one epoch
     w0, w1 = load_file(os.path.join(base, "model.safetensors")), load_file(os.path.join(out, "final", "model.safetensors"))
     assert any(not torch.equal(w0[k], w1[k]) for k in w0)
-    from data import make_shapes, read_data, write_jsonl
+    from data import read_data, write_samples
+    from shapes import make_shapes
     rows = read_data(make_shapes("math", 4, str(tmp_path / "shapes")), "math")
     for s in rows:
         s.answer = None
-    write_jsonl(rows, str(tmp_path / "unlabelled.jsonl"))
+    write_samples(rows, str(tmp_path / "unlabelled.jsonl"))
     r = run_train("--algo", "sft", "--task", "math", "--model", base, "--data", str(tmp_path / "unlabelled.jsonl"),
                   "--out-dir", str(tmp_path / "none"))
     assert r.returncode == 1 and "needs labelled samples" in r.stderr
@@ -485,7 +486,7 @@ def test_a_runs_config_json_is_a_valid_config_file_and_peers_names_are_accepted(
 
 def vlm_r1_files(tmp_path, n=8):
     """Shapes REC rows in VLM-R1's JSONL format, images under their own root."""
-    from data import make_shapes
+    from shapes import make_shapes
     src = make_shapes("rec", n, str(tmp_path / "shapes"), objects=(1, 1))
     root = os.path.dirname(src)
     path = tmp_path / "refs_vlmr1.jsonl"
@@ -561,102 +562,11 @@ def test_a_reward_function_failing_mid_run_is_one_clear_error(tmp_path):
 
 
 def test_tracker_names_follow_trl_and_reward_weights_default_the_custom_term_to_one():
-    from train import reward_weights, tracker_name
+    from config import reward_weights
+    from tracking import tracker_name
     assert [tracker_name(k) for k in ("reward", "reward_accuracy", "completion_len", "clip_frac", "kl", "lr",
                                       "time_generate", "pool_size", "eval/val/accuracy")] == [
         "reward", "rewards/accuracy/mean", "completions/mean_length", "clip_ratio/region_mean", "kl",
         "learning_rate", "timing/generate", "syn/pool_size", "eval/val/accuracy"]
     w = lambda s: reward_weights(Config(reward_weights=s))
     assert (w("1,1,1"), w("0.9,0.1"), w("0,1,1,2")) == ((1, 1, 1, 1), (0.9, 0.1, 0, 1), (0, 1, 1, 2))
-
-
-# -- the memory planner (--plan) -----------------------------------------------------------------------------------
-
-def _plan(**kw):
-    import train
-    setting = {k: kw.pop(k) for k in ("gpus", "gpu_memory_gb") if k in kw}
-    cfg = train.prepare_config(Config(**{"device": "cuda", **kw}), files=False)
-    config = train.plan_model_config(cfg.model)
-    return train.plan_memory(cfg, train.PlanSetting(**setting), train.count_parameters(config), config)
-
-
-def test_plan_counts_the_parameters_of_the_instantiated_model_exactly(tiny):
-    import train
-    model = tiny[0]
-    counts = train.count_parameters(model.config)
-    assert counts["params_total"] == sum(p.numel() for p in model.parameters())
-    assert counts["params_vision"] == sum(p.numel() for p in model.model.visual.parameters())
-    lora = train.add_lora(Config(lora_r=8), copy.deepcopy(model))
-    assert 8 * counts["params_lora_per_rank"] == sum(p.numel() for n, p in lora.named_parameters() if "lora_" in n)
-    # the shipped configs of the Hub's models: their published sizes (3.75B, 8.29B, 33.5B, 73.4B)
-    sizes = {m: train.count_parameters(train.plan_model_config(f"Qwen/Qwen2.5-VL-{m}-Instruct"))["params_total"]
-             for m in ("3B", "7B", "32B", "72B")}
-    assert [round(v / 1e9, 2) for v in sizes.values()] == [3.75, 8.29, 33.45, 73.41]
-
-
-def test_plan_grows_with_batch_generations_lengths_and_pixels_and_shrinks_with_ranks_and_lora():
-    base = _plan(model="Qwen/Qwen2.5-VL-3B-Instruct")
-    for change in (dict(batch_size=40, micro_batch=64), dict(num_generations=12, micro_batch=64),
-                   dict(max_new_tokens=2048), dict(min_pixels=28 * 28 * 1024), dict(gradient_checkpointing=False)):
-        bigger = _plan(model="Qwen/Qwen2.5-VL-3B-Instruct", **change)      # the update phase's memory grows
-        assert sum(bigger["per_gpu_bytes"].values()) > sum(base["per_gpu_bytes"].values()), change
-    two = _plan(model="Qwen/Qwen2.5-VL-3B-Instruct", gpus=2)
-    for part in ("weights", "gradients", "optimizer", "reference"):          # FSDP shards these ...
-        assert two["per_gpu_bytes"][part] == base["per_gpu_bytes"][part] // 2
-    for part in ("activations", "logits"):                                   # ... not a micro-batch's activations
-        assert two["per_gpu_bytes"][part] == base["per_gpu_bytes"][part]
-    lora = _plan(model="Qwen/Qwen2.5-VL-3B-Instruct", lora_r=64)
-    assert lora["per_gpu_bytes"]["optimizer"] < base["per_gpu_bytes"]["optimizer"] / 20   # rank 64: 3 % of the weights
-    assert lora["per_gpu_bytes"]["reference"] == 0                           # the base model is the reference
-
-
-def measured_activation_bytes(model, batch, banned):
-    """What one micro-batch's forward keeps for its backward, measured: every tensor autograd saves, by storage,
-    parameters left out."""
-    from rollout import completion_logprobs
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved = {}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in params:
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        completion_logprobs(model, batch, banned, with_entropy=True)
-    return sum(saved.values())
-
-
-@pytest.mark.parametrize("train_vision,completion", [(False, 20), (False, 60), (True, 20)])
-def test_plan_activations_match_a_measured_micro_batch_of_the_tiny_model(tiny, shapes_dir, train_vision, completion):
-    """The planner's formula against the tensors autograd keeps in a real forward of the tiny model (float32): within
-    2 % with the vision tower frozen (the CPU default), 6 % with it trained (README "First GPU run")."""
-    import train
-    from data import make_shapes, read_data
-    from rollout import encode_prompt, make_batch, vision_token_ids
-    model = copy.deepcopy(tiny[0]).train()
-    model.model.visual.requires_grad_(train_vision)
-    samples = read_data(make_shapes("rec", 2, shapes_dir, objects=(1, 1)), "rec")
-    prompts = [encode_prompt(tiny[1], s) for s in samples]
-    seqs = [(k, list(range(10, 10 + completion))) for k in range(2)]
-    batch = make_batch(prompts, seqs, tiny[1].tokenizer.pad_token_id)
-    measured = measured_activation_bytes(model, batch, vision_token_ids(tiny[1]))
-    patches = int(prompts[0].image_grid_thw[0].prod())
-    est = train.activation_bytes(model.config, 2, batch.input_ids.shape[1] - completion, completion, patches,
-                                 train_vision, False, act_bytes=4)
-    ratio = (est["activations"] + est["logits"]) / measured
-    print(f"activation estimate / measured: {ratio:.3f}")
-    assert abs(ratio - 1) < (0.06 if train_vision else 0.02), ratio
-
-
-def test_plan_on_the_command_line_offline_as_json_and_as_a_table():
-    r = run_train("--plan", "--json", "--device", "cuda", "--model", "Qwen/Qwen2.5-VL-7B-Instruct", "--plan-gpus", "4",
-                  timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    plan = json.loads(r.stdout)
-    assert plan["params_total"] == 8292166656 and plan["fits"] is True and set(plan["per_gpu_bytes"]) >= {
-        "weights", "gradients", "optimizer", "activations", "logits"}
-    r = run_train("--plan", "--device", "cuda", "--gpu-memory-gb", "24", "--gradient-checkpointing", "--micro-batch",
-                  "16", timeout=300)
-    assert r.returncode == 0 and "does NOT fit" in r.stdout and "--lora-r 64" in r.stdout, r.stdout + r.stderr[-2000:]
-    r = run_train("--plan", "--model", "no/such-model", timeout=120)
-    assert r.returncode == 1 and r.stderr.strip().startswith("train.py --plan: no config for --model no/such-model")

