@@ -62,6 +62,8 @@ class Config:
                                       "models, 1200 in syn-grpo's four-tag format; else 0), or with --algo sft the "
                                       "whole run (0 = --epochs over the data)")
     sft_lr: float | None = opt(None, "SFT learning rate (default: 1e-5 on GPU, 1e-3 on CPU)")
+    sft_weight_decay: float = opt(0.01, "AdamW weight decay of SFT (torch's AdamW default, and verl's; "
+                                        "--weight-decay is GRPO's)")
     sft_format: str | None = opt(None, "output format of the SFT targets (default: that of --algo; grpo for --algo "
                                        "sft): syn-grpo trains a model for a later Syn-GRPO run", choices=("grpo", "syn-grpo"))
     # GRPO objective
@@ -112,6 +114,9 @@ class Config:
     segmenter: str | None = opt(None, "foreground matte of the local data server's keep-mask: '' (the boxes alone), "
                                       "palette, color or ben2 (default: palette for the built-in shapes data; ben2, the "
                                       "paper's, with the sdxl pipeline; else '')", choices=SEGMENTERS)
+    server_device: str | None = opt(None, "device of the local data server (default: cpu on CPU; on GPU the first GPU "
+                                          "after the training processes', cuda:N for N = LOCAL_WORLD_SIZE, as the paper "
+                                          "gives the server a GPU of its own; cuda:0 shares the trainer's)")
     synchronous_synthesis: bool = opt(False, "wait for each step's images before training on (the paper's "
                                              "synchronous baseline of Table 5)")
     descriptions: str = opt("", "a file of fixed descriptions, one a line, used in turn instead of the model's (and by "
@@ -201,6 +206,8 @@ def resolve_defaults(cfg: Config) -> Config:
             setattr(cfg, k, v)
     if cfg.max_pending_jobs is None:
         cfg.max_pending_jobs = 0 if gpu else 2 * cfg.batch_size
+    if cfg.server_device is None:   # torchrun's ranks take cuda:0 .. cuda:N-1 (LOCAL_RANK): the server the next one
+        cfg.server_device = f"cuda:{os.environ.get('LOCAL_WORLD_SIZE', '1')}" if gpu else "cpu"
     return cfg
 
 
@@ -215,6 +222,10 @@ def check_config(cfg: Config, files: bool = True) -> None:
          f"--image-root {cfg.image_root}: no such directory"),
         (files and cfg.descriptions and not os.path.isfile(cfg.descriptions), f"--descriptions {cfg.descriptions}: no such file"),
         (files and cfg.device == "cuda" and not torch.cuda.is_available(), "--device cuda: no CUDA device is visible"),
+        (files and starts_local_server(cfg) and not device_exists(cfg.server_device),
+         f"--server-device {cfg.server_device}: no such device for the local data server (the training processes take "
+         f"the first GPUs); give --server-device cuda:0 to share one, or --server-url of a server started with "
+         f"server.py --device"),
         (not objects or not 1 <= int(objects[1]) <= int(objects[2]) <= GRID * GRID,
          f"--shapes-objects {cfg.shapes_objects}: expected MIN-MAX with 1 <= MIN <= MAX <= {GRID * GRID}"),
         (cfg.shapes_n < 1 or cfg.max_samples < 0, "--shapes-n must be at least 1, --max-samples >= 0"),
@@ -227,7 +238,8 @@ def check_config(cfg: Config, files: bool = True) -> None:
                                                                    "--epochs >= 1"),
         (cfg.mu < 1 or cfg.micro_batch < 1, "--mu and --micro-batch must be at least 1"),
         (cfg.save_every < 0 or cfg.save_total_limit < 0, "--save-every and --save-total-limit must be >= 0"),
-        (cfg.lr <= 0 or cfg.sft_lr <= 0 or cfg.weight_decay < 0, "--lr and --sft-lr must be positive, --weight-decay >= 0"),
+        (cfg.lr <= 0 or cfg.sft_lr <= 0 or min(cfg.weight_decay, cfg.sft_weight_decay) < 0,
+         "--lr and --sft-lr must be positive, --weight-decay and --sft-weight-decay >= 0"),
         (cfg.max_new_tokens < 1, "--max-new-tokens must be at least 1"),
         (cfg.rollout_backend == "vllm" and cfg.max_model_len <= cfg.max_new_tokens,
          f"--max-model-len {cfg.max_model_len} leaves no room for the prompt beside --max-new-tokens {cfg.max_new_tokens}"),
@@ -262,6 +274,18 @@ def check_config(cfg: Config, files: bool = True) -> None:
             read_template(cfg.prompt_template, cfg.task)
         except DataError as e:
             raise SystemExit(f"train.py: {e}")
+
+
+def starts_local_server(cfg: Config) -> bool:
+    """Whether train.py starts a data server of its own (Syn-GRPO with synthesis, or offline synthesis, and no URL)."""
+    synthesizes = (cfg.algo == "syn-grpo" and cfg.synthesize) or cfg.offline_synthesis
+    return synthesizes and not cfg.server_url
+
+
+def device_exists(device: str) -> bool:
+    """cpu, or cuda:K of a visible GPU."""
+    m = re.fullmatch(r"cuda(?::(\d+))?", device)
+    return device == "cpu" or bool(m) and int(m[1] or 0) < torch.cuda.device_count()
 
 
 def _is_number(v: str) -> bool:

@@ -25,14 +25,15 @@ from dataclasses import dataclass
 import numpy as np
 
 import rewards as R
-from common import ArgumentParser, opt, parse_config
+from common import ArgumentParser, opt, parse_config, read_jsonl, write_jsonl
+from prompts import MATH_FORMATS
 from data import (QWEN_MAX_PIXELS, QWEN_MIN_PIXELS, TASKS, DataError, DataPool, Sample, load_image, missing_sources,
                   read_data, read_template, smart_resize, source_name)
 from rollout import Sampling, encode_prompt, load_engine
 
 
 @dataclass
-class Config:
+class EvalConfig:
     model: str = opt("tiny", "hub id, checkpoint dir (e.g. runs/default/final), tiny or tiny-qwen-vocab")
     task: str = opt("rec", "rec (accuracy at IoU > 0.5), ovd / isr (mAP, GP, GR), math (accuracy)", choices=TASKS)
     data: tuple = opt((), "benchmark splits, each in any format of train.py --data (README \"Data\"): our JSONL, "
@@ -55,6 +56,8 @@ class Config:
     algo: str = opt("grpo", "the output format the model was trained to give: grpo (<think>, <answer>) or syn-grpo "
                             "(<think>, <score>, <description>, <answer>); the answer is read the same way",
                     choices=("grpo", "syn-grpo"))
+    math_format: str = opt("boxed", "math: the instruction the model was trained with, as train.py's --math-format "
+                                    "(boxed: MM-UPT's; think: SynthRL's <think> then \\boxed{})", choices=MATH_FORMATS)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -117,7 +120,6 @@ def parse_prediction(row: dict, sample: Sample):
         if sample.task in ("ovd", "isr"):
             items = R.predicted_detections(text, sample, size)
             return R.valid_detections(items) if items else []
-        return R.extract_boxed(text)
     if sample.task == "math":
         a = row.get("answer")
         return None if a is None else str(a)
@@ -192,7 +194,7 @@ def score_rows(task: str, samples: list[Sample], rows: list[dict]) -> dict:
     return score_split(task, samples, {r["id"]: parse_prediction(r, by_id[r["id"]]) for r in rows})
 
 
-def evaluate(cfg: Config) -> dict:
+def evaluate(cfg: EvalConfig) -> dict:
     """Generate (greedy) on every split, save predictions, score, write results.json and results.md."""
     try:
         template = read_template(cfg.prompt_template, cfg.task)
@@ -208,9 +210,9 @@ def evaluate(cfg: Config) -> dict:
         samples = load_split(path, cfg.task, cfg.image_root, cfg.limit, cfg.seed)
         if not samples:
             raise SystemExit(f"eval.py: no valid {cfg.task} row in {path}")
-        rows = predict(engine, processor, samples, cfg.algo, cfg.max_new_tokens, cfg.batch_size, template=template)
-        with open(os.path.join(cfg.out_dir, f"predictions_{split}.jsonl"), "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+        rows = predict(engine, processor, samples, cfg.algo, cfg.max_new_tokens, cfg.batch_size,
+                       math_format=cfg.math_format, template=template)
+        write_jsonl(os.path.join(cfg.out_dir, f"predictions_{split}.jsonl"), rows)
         results[split] = score_rows(cfg.task, samples, rows)
         print(split, results[split])
     write_results(cfg.out_dir, cfg.task, results, cfg.model)
@@ -275,23 +277,34 @@ def score_command(task: str, data: str, predictions: str, image_root: str = "", 
 CURVES = ("reward", "reward_accuracy", "entropy", "diversity", "diversity_smoothed", "reward_diversity")
 
 
+def trailing_mean(y, k: int) -> np.ndarray:
+    """The mean of the last k values at each step (fewer at the start: no zero padding drags the ends down)."""
+    c = np.concatenate([[0.0], np.cumsum(np.asarray(y, dtype=np.float64))])
+    i = np.arange(1, len(y) + 1)
+    return (c[i] - c[np.maximum(0, i - k)]) / np.minimum(i, k)
+
+
+def curves(rows: list[dict]) -> dict:
+    """metrics.jsonl's training rows -> {key: (steps, values, trailing mean over a twentieth of the run)}."""
+    out = {}
+    for key in CURVES:
+        pts = [(r["step"], r[key]) for r in rows if "step" in r and isinstance(r.get(key), (int, float))]
+        if pts:
+            x, y = (np.array(v, dtype=np.float64) for v in zip(*pts))
+            out[key] = (x, y, trailing_mean(y, max(1, len(y) // 20)))
+    return out
+
+
 def plot_command(run_dir: str) -> list[str]:
     """One PNG per training curve found in metrics.jsonl (paper Fig. 2 / Fig. 7 shapes)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        rows = [r for r in map(json.loads, f) if "step" in r]
     written = []
-    for key in CURVES:
-        pts = [(r["step"], r[key]) for r in rows if key in r]
-        if not pts:
-            continue
-        x, y = zip(*pts)
+    for key, (x, y, smooth) in curves(read_jsonl(os.path.join(run_dir, "metrics.jsonl"))).items():
         fig, ax = plt.subplots(figsize=(5, 3.2))
         ax.plot(x, y, lw=0.8, alpha=0.4, label="per step")
-        k = max(1, len(y) // 20)
-        ax.plot(x, np.convolve(y, np.ones(k) / k, mode="same"), lw=1.8, label=f"moving mean ({k})")
+        ax.plot(x, smooth, lw=1.8, label=f"trailing mean ({max(1, len(y) // 20)})")
         ax.set_xlabel("step"), ax.set_ylabel(key), ax.set_title(key.replace("_", " ")), ax.legend(fontsize=7)
         fig.tight_layout()
         path = os.path.join(run_dir, f"curve_{key}.png")
@@ -343,7 +356,7 @@ def main(argv=None):
         out = plot_command(a.run_dir) if argv[0] == "plot" else gallery_command(a.run_dir)
         print(out)
         return out
-    cfg = parse_config(Config, argv, description=__doc__)
+    cfg = parse_config(EvalConfig, argv, description=__doc__)
     if not cfg.data:
         raise SystemExit("eval.py: --data is required (one or more benchmark files)")
     for path in cfg.data:

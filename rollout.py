@@ -422,6 +422,12 @@ def vllm_env() -> None:
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 
 
+def max_num_seqs(prompts: int, n: int) -> int:
+    """vLLM's limit on running sequences for a rank's step of `prompts` x `n` completions: all of them in one wave
+    (the paper's B * G = 120 is over vLLM's default of 64, which would run the step in two), never below 64."""
+    return max(64, prompts * n)
+
+
 def engine_kwargs(gpu: bool, max_model_len: int, max_num_seqs: int, gpu_memory_utilization: float,
                   sleep_mode: bool) -> dict:
     """vLLM's engine settings that differ between a GPU and a CPU. GPU: CUDA graphs (no enforce_eager: eager

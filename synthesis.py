@@ -164,6 +164,18 @@ class DataServerClient:
 # ----------------------------------------------------------------------------------------------------
 # The trainer's side: Synthesis (online, each step), its local server, offline synthesis
 
+SYNC_WAIT_SECONDS = 600       # --synchronous-synthesis: how long a step waits for its images before going on
+OFFLINE_WAIT_SECONDS = 3600   # --offline-synthesis: how long the start waits for every image
+SERVER_START_SECONDS = 300    # the local server loads its pipeline (SDXL from disk) before it listens
+
+
+@dataclass
+class Exchange:
+    """What a step's synthesis exchange gives the loop."""
+    pool: DataPool                # the pool to go on with (finished images in place of their sources)
+    stats: dict                   # job counts (metrics.jsonl's jobs_*)
+    sent: list                    # per prompt of this rank: the description sent to the data server, None if none
+
 
 class Synthesis:
     """Each step, every prompt's selected description (Eq. 8) goes to the data server(s) with its image and gold
@@ -186,36 +198,44 @@ class Synthesis:
             with open(cfg.descriptions) as f:
                 self.fixed = [line.strip() for line in f if line.strip()]
 
-    def exchange(self, step: int, samples: list[Sample], descriptions: list, pool: DataPool) -> tuple[DataPool, dict]:
-        """Submit this step's jobs (this rank's samples with their descriptions), take in every finished image;
-        returns the pool to go on with and job counts."""
+    def exchange(self, step: int, samples: list[Sample], descriptions: list, pool: DataPool) -> Exchange:
+        """Submit this step's jobs (every rank's samples with their Eq. 8 descriptions), take in every finished
+        image; every rank goes on with rank 0's pool and learns what was sent for its own prompts."""
         everyone = all_gather([(s.id, t) for s, t in zip(samples, descriptions)], self.d)
         chosen = [(pool.samples[i], t) for part in everyone for i, t in part]
-        stats = self._submit_and_collect(step, chosen, pool) if self.client else {}
-        if self.d.world > 1:   # every rank continues with rank 0's pool
-            update = broadcast(pool.state_dict() if stats.get("jobs_absorbed") else None, self.d)
+        stats, sent = self._submit_and_collect(step, chosen, pool) if self.client else ({}, [None] * len(chosen))
+        if self.d.world > 1:
+            update, sent = broadcast((pool.state_dict() if stats.get("jobs_absorbed") else None, sent), self.d)
             if update is not None:
                 pool = DataPool.from_state_dict(update)
-        return pool, stats
+        mine = slice(self.d.rank * len(samples), (self.d.rank + 1) * len(samples))   # ranks hold equal shares
+        return Exchange(pool, stats, sent[mine])
 
-    def _submit_and_collect(self, step: int, chosen: list, pool: DataPool) -> dict:
-        ids, skipped = [], 0
+    def _submit_and_collect(self, step: int, chosen: list, pool: DataPool) -> tuple[dict, list]:
+        ids, sent, skipped = [], [], 0
         for b, (sample, desc) in enumerate(chosen):
             desc = self.fixed[(step * len(chosen) + b) % len(self.fixed)] if self.fixed else desc
+            job_id = None
             if desc and self.cfg.max_pending_jobs and len(self.client.pending) >= self.cfg.max_pending_jobs:
                 skipped += 1      # the server is behind: a job queued now would wait behind older ones
             elif desc:
-                ids.append(self.client.submit(make_job(sample.id, sample.image, sample.gold_boxes(), desc,
-                                                       seed=derive_seed(self.cfg.seed, step, b), key=f"{sample.id}@{step}")))
+                job_id = self.client.submit(make_job(sample.id, sample.image, sample.gold_boxes(), desc,
+                                                     seed=derive_seed(self.cfg.seed, step, b), key=f"{sample.id}@{step}"))
+                ids.append(job_id)
+            sent.append(desc if job_id else None)
         results = self.client.collect()
-        deadline = time.time() + 600
-        while self.cfg.synchronous_synthesis and self.client.waiting([i for i in ids if i]) and time.time() < deadline:
+        deadline = time.time() + SYNC_WAIT_SECONDS
+        while self.cfg.synchronous_synthesis and self.client.waiting([i for i in ids if i]):
+            if time.time() > deadline:
+                tqdm.write(f"synthesis: step {step} goes on without {len(self.client.waiting(ids))} images after "
+                           f"{SYNC_WAIT_SECONDS} s (they join the pool when they come)")
+                break
             time.sleep(0.05)
             results += self.client.collect()
         absorbed = [absorb_result(r, pool, self.cfg.out_dir, step) for r in results]
         return {"jobs_submitted": sum(i is not None for i in ids), "jobs_skipped": skipped,
                 "jobs_absorbed": sum(a is not None for a in absorbed), "jobs_pending": len(self.client.pending),
-                "jobs_failed": self.client.failed}
+                "jobs_failed": self.client.failed}, sent
 
     def state_dict(self) -> dict | None:
         return self.client.state_dict() if self.client else None
@@ -234,8 +254,8 @@ class Synthesis:
 class NoSynthesis:
     """The do-nothing twin for every other algorithm (and syn-grpo --no-synthesize): the pool stays as it is."""
 
-    def exchange(self, step: int, samples: list[Sample], descriptions: list, pool: DataPool) -> tuple[DataPool, dict]:
-        return pool, {}
+    def exchange(self, step: int, samples: list[Sample], descriptions: list, pool: DataPool) -> Exchange:
+        return Exchange(pool, {}, [None] * len(samples))
 
     def state_dict(self) -> None:
         return None
@@ -279,14 +299,14 @@ def start_local_server(cfg: Config):
     port_file = os.path.join(state, "port")
     if os.path.exists(port_file):
         os.remove(port_file)
-    device = "cuda:1" if torch.cuda.device_count() > 1 else ("cuda:0" if torch.cuda.is_available() else "cpu")
+    device = cfg.server_device   # a GPU of its own unless asked otherwise (config.resolve_defaults, checked there)
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "server.py"),
                              "--port", "0", "--port-file", port_file, "--state-dir", state, "--pipeline", cfg.pipeline,
                              "--steps", str(cfg.pipeline_steps), "--work-size", str(cfg.pipeline_size),
                              "--segmenter", cfg.segmenter, "--device", device, "--parent-pid", str(os.getpid()),
                              *(["--threads", "1"] if device == "cpu" else [])],   # one core for it, the rest to training
                             stdout=subprocess.DEVNULL, stderr=open(os.path.join(state, "server.log"), "a"))
-    if not wait_for_file(port_file, timeout=300, alive=lambda: proc.poll() is None):
+    if not wait_for_file(port_file, timeout=SERVER_START_SECONDS, alive=lambda: proc.poll() is None):
         raise SystemExit(f"train.py: the local data server did not start; see {state}/server.log")
     with open(port_file) as f:
         return proc, f"http://127.0.0.1:{f.read().strip()}"
@@ -301,8 +321,12 @@ def synthesize_offline(cfg: Config, pool: DataPool, d: Dist) -> DataPool:
         jobs = [make_job(s.id, s.image, s.gold_boxes(), synthesis.fixed[i % len(synthesis.fixed)],
                          seed=derive_seed(cfg.seed, 2, i), key=f"{s.id}@offline")
                 for i, s in enumerate(pool.get(k) for k in range(len(pool)))]
-        results, deadline = [], time.time() + 3600
-        while (jobs or synthesis.client.pending) and time.time() < deadline:
+        results, deadline = [], time.time() + OFFLINE_WAIT_SECONDS
+        while jobs or synthesis.client.pending:
+            if time.time() > deadline:
+                print(f"offline synthesis: gave up on {len(jobs) + len(synthesis.client.pending)} images after "
+                      f"{OFFLINE_WAIT_SECONDS} s")
+                break
             while jobs and synthesis.client.submit(jobs[0]):   # None: the server's queue is full, or it is down
                 jobs.pop(0)
             results += synthesis.client.collect()

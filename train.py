@@ -47,7 +47,7 @@ from data import DataError, DataPool, gold_completion, read_data, read_template,
 from eval import load_split, predict, score_rows
 from plan import plan_command
 from rollout import (Completion, HFRollout, MicroBatch, Prompt, Sampling, VLLMRollout, completion_logprobs,
-                     encode_prompt, engine_gap, load_policy, make_batch, resolve_model, vision_token_ids)
+                     encode_prompt, engine_gap, load_policy, make_batch, max_num_seqs, resolve_model, vision_token_ids)
 from shapes import make_shapes
 from synthesis import NoSynthesis, Synthesis, synthesize_offline
 from tracking import Trackers
@@ -281,7 +281,7 @@ class PhaseTimer:
         return {**self.seconds, "time_step": time.time() - self.start}
 
 
-def step_metrics(step: int, ro: Rollout, scored: Scored, update: dict, synthesis: dict, pool: DataPool,
+def step_metrics(step: int, ro: Rollout, scored: Scored, update: dict, jobs: dict, pool: DataPool,
                  lr: float, timer: PhaseTimer) -> dict:
     """One line of metrics.jsonl (README "Training outputs" lists the keys)."""
     rw = scored.rewards
@@ -292,18 +292,19 @@ def step_metrics(step: int, ro: Rollout, scored: Scored, update: dict, synthesis
             **rw.stats, **update, "frac_reward_zero_std": scored.zero_std.float().mean().item(),
             "completion_len": float(np.mean(lens)), "lr": lr,
             "completions_clipped": float(np.mean([not c.finished for g in ro.groups for c in g])),
-            **pool.stats(), **synthesis,
+            **pool.stats(), **jobs,
             "batch_synth_frac": float(np.mean([p.sample.generation > 0 for p in ro.prompts])), **timer.row()}
 
 
-def log_step(row: dict, ro: Rollout, scored: Scored, cfg: Config, d: Dist) -> dict:
-    """metrics.jsonl (averaged over ranks, written by rank 0) and the first prompts' completions."""
+def log_step(row: dict, ro: Rollout, scored: Scored, sent: list, cfg: Config, d: Dist) -> dict:
+    """metrics.jsonl (averaged over ranks, written by rank 0) and the first prompts' completions, each with the
+    description Eq. 8 selected and the one sent to the data server (None: none was; --descriptions sends its own)."""
     row = mean_over_ranks(row, d)
     if d.main:
         append_jsonl(os.path.join(cfg.out_dir, "metrics.jsonl"), [row])
         append_jsonl(os.path.join(cfg.out_dir, "completions.jsonl"), [
             {"step": row["step"], "id": p.sample.id, "prompt": p.text, "completions": [c.text for c in g],
-             "description": scored.rewards.descriptions[b]}
+             "description": scored.rewards.descriptions[b], "description_sent": sent[b]}
             for b, (p, g) in enumerate(zip(ro.prompts[:cfg.log_completions], ro.groups))])
     return row
 
@@ -372,7 +373,7 @@ def sft_phase(cfg, model, processor, pool, d: Dist = Dist(), template: str = "")
         print("sft: no labelled samples (unlabelled math data): skipping the warm start")
         return 0
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.sft_lr,
-                                  weight_decay=0.01) if steps else None   # torch's AdamW default, and verl's
+                                  weight_decay=cfg.sft_weight_decay) if steps else None
     banned, eos = vision_token_ids(processor), processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
     fmt = cfg.sft_format or ("grpo" if cfg.algo == "sft" else cfg.algo)
     rng = random.Random(cfg.seed)
@@ -436,6 +437,7 @@ def make_engine(cfg: Config, model, processor, d: Dist, device: str):
         # one engine per rank (each rank generates its own prompts); --vllm-tp K splits each engine over K GPUs
         return VLLMRollout(resolve_model(cfg.model), processor, dtype="bfloat16" if device != "cpu" else "float32",
                            max_model_len=cfg.max_model_len, tensor_parallel_size=cfg.vllm_tp,
+                           max_num_seqs=max_num_seqs(cfg.batch_size // d.world, cfg.num_generations),
                            gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, sleep_mode=cfg.vllm_sleep_mode,
                            min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
     return HFRollout(model, processor, synced_gpus=d.world > 1)
@@ -585,13 +587,14 @@ def main(cfg: Config) -> dict:
         with timer("score"):              # Eq. 1-7: rewards by component, their sum, group advantages
             scored = score(cfg, ro, run.smoother, d, run.custom_reward)
         with timer("synthesis"):          # Eq. 8 and the pool update (Syn-GRPO; a no-op otherwise)
-            run.pool, synth_stats = run.synthesis.exchange(step, [p.sample for p in ro.prompts],
-                                                           scored.rewards.descriptions, run.pool)
+            exchanged = run.synthesis.exchange(step, [p.sample for p in ro.prompts], scored.rewards.descriptions,
+                                               run.pool)
+            run.pool = exchanged.pool
         with timer("update"):             # mu steps of the clipped surrogate (+ KL, entropy terms)
             batches = micro_batches(ro, scored, cfg, pad_id)
             update = update_policy(run.model, run.ref, run.optimizer, run.sched, batches, cfg, d, banned)
-        row = step_metrics(step, ro, scored, update, synth_stats, run.pool, run.sched.get_last_lr()[0], timer)
-        row = log_step(row, ro, scored, cfg, d)
+        row = step_metrics(step, ro, scored, update, exchanged.stats, run.pool, run.sched.get_last_lr()[0], timer)
+        row = log_step(row, ro, scored, exchanged.sent, cfg, d)
         trackers.log(row, ro, scored, run.pool)
         bar.set_postfix(reward=f"{row['reward']:.3f}", acc=f"{row['reward_accuracy']:.3f}")
         last = step + 1 == run.max_steps

@@ -111,19 +111,13 @@ def curves(work: str, seeds: list, key: str, name: str) -> np.ndarray:
     return np.mean([r[:n] for r in runs], axis=0)
 
 
-def trailing_mean(y: np.ndarray, k: int) -> np.ndarray:
-    """The mean of the last k values at each step (fewer at the start: no padding drags the ends down)."""
-    c = np.concatenate([[0.0], np.cumsum(y)])
-    i = np.arange(1, len(y) + 1)
-    return (c[i] - c[np.maximum(0, i - k)]) / np.minimum(i, k)
-
-
 def figure2(work: str, seeds: list, path: str) -> None:
     """Fig. 2 in miniature: entropy and diversity over training, GRPO vs Syn-GRPO (trailing mean over a tenth of
     the run, mean of seeds)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from eval import trailing_mean
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     for ax, key, title in zip(axes, ("entropy", "diversity"), ("(a) Entropy", "(b) Diversity")):
         for name, label in (("GRPO", "GRPO"), ("Syn-GRPO", "Syn-GRPO")):

@@ -7,7 +7,6 @@ from PIL import Image
 
 from data import (DataError, DataPool, Sample, coco_to_samples, read_data, scale_box, smart_resize, to_input_frame,
                   write_samples)
-from shapes import COLORS, FURNITURE, make_shapes, shapes_sample
 
 
 def write(tmp_path, rows, name="d.jsonl"):
@@ -119,61 +118,6 @@ def test_box_frame_round_trip():
 
 # -- shapes -----------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("task", ["rec", "ovd", "isr", "math"])
-def test_shapes_is_deterministic(task):
-    a_img, a_row = shapes_sample(task, 5, seed=3)
-    b_img, b_row = shapes_sample(task, 5, seed=3)
-    assert a_row == b_row and np.array_equal(np.asarray(a_img), np.asarray(b_img))
-    assert shapes_sample(task, 6, seed=3)[1] != a_row
-
-
-def _box_of_color(arr, color):
-    ys, xs = np.nonzero(np.all(arr == np.array(color, dtype=np.uint8), axis=-1))
-    return [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
-
-
-@pytest.mark.parametrize("index", range(40))
-def test_shapes_labels_match_drawn_pixels(index):
-    img, row = shapes_sample("ovd", index, seed=0)
-    arr = np.asarray(img)
-    for o in row["objects"]:
-        x1, y1, x2, y2 = o["bbox"]
-        assert 0 <= x1 < x2 <= img.width and 0 <= y1 < y2 <= img.height
-    img, row = shapes_sample("rec", index, seed=0)
-    arr = np.asarray(img)
-    color = row["meta"]["expression"].split()[1]
-    # the target is the only shape of its (colour, shape) pair; its colour's pixels that lie in its box give the box
-    x1, y1, x2, y2 = row["solution"]
-    inside = np.all(arr[y1:y2, x1:x2] == np.array(COLORS[color], dtype=np.uint8), axis=-1)
-    ys, xs = np.nonzero(inside)
-    assert [xs.min() + x1, ys.min() + y1, xs.max() + 1 + x1, ys.max() + 1 + y1] == row["solution"]
-    img, row = shapes_sample("isr", index, seed=0)
-    arr = np.asarray(img)
-    for o in row["objects"]:   # furniture colours are unique per image: the colour's pixels are exactly the box
-        assert _box_of_color(arr, FURNITURE[o["label"]]) == o["bbox"]
-
-
-def test_shapes_math_answer_counts(tmp_path):
-    for i in range(20):
-        _, row = shapes_sample("math", i)
-        _, ovd = shapes_sample("ovd", i)
-        assert row["answer"].isdigit()
-
-
-def test_make_shapes_writes_valid_jsonl(tmp_path):
-    for task in ("rec", "ovd", "isr", "math"):
-        path = make_shapes(task, 8, str(tmp_path), seed=1)
-        samples = read_data(path, task)
-        assert len(samples) == 8 and len({s.id for s in samples}) == 8
-
-
-@pytest.mark.parametrize("objects", [(1, 5), (0, 1), (3, 2)])
-def test_make_shapes_rejects_more_shapes_than_grid_cells(tmp_path, objects):
-    with pytest.raises(ValueError, match="one per grid cell"):
-        make_shapes("rec", 4, str(tmp_path), objects=objects)
-    assert not any(f.endswith(".jsonl") for f in os.listdir(tmp_path))      # nothing half-written
-
-
 # -- data pool -----------------------------------------------------------------------------------------------------
 
 def _pool():
@@ -224,57 +168,6 @@ def test_coco_rec_rows_get_the_other_objects_of_their_image_as_context(tmp_path)
     (s,) = read_data(str(tmp_path / "ctx.jsonl"), "rec")
     assert s.meta["context_objects"] == [{"bbox": [50, 50, 80, 80], "label": "plate"}]      # not the referent, not crowd
     assert s.gold_boxes() == [[10, 10, 30, 30], [50, 50, 80, 80]]                         # both kept when outpainting
-
-
-# -- config dataclasses as command lines: --config FILE, aliases --------------------------------------------------
-
-from dataclasses import dataclass  # noqa: E402
-
-from common import opt, parse_config  # noqa: E402
-
-
-@dataclass
-class _Cfg:
-    algo: str = opt("grpo", "algorithm", choices=("grpo", "syn-grpo"))
-    lr: float | None = opt(None, "learning rate", aliases=("--learning-rate",))
-    mu: int = opt(1, "updates per batch", aliases=("--num-iterations",))
-    strict: bool = opt(False, "stop at a bad row")
-    data: tuple = opt((), "files")
-
-
-def test_a_config_file_sets_fields_and_flags_beside_it_win(tmp_path):
-    path = tmp_path / "run.yaml"
-    # YAML 1.1 reads 1e-6 as a string: typed as the flag would be; aliases and - or _ are accepted as keys
-    path.write_text("algo: syn-grpo\nlearning-rate: 1e-6\nnum_iterations: 2\nstrict: true\ndata: [a.jsonl, b.jsonl]\n")
-    assert parse_config(_Cfg, ["--config", str(path)]) == _Cfg("syn-grpo", 1e-6, 2, True, ("a.jsonl", "b.jsonl"))
-    assert parse_config(_Cfg, ["--config", str(path), "--mu", "3", "--no-strict"]).mu == 3
-    assert parse_config(_Cfg, ["--num-iterations", "4", "--config", str(path)]).mu == 4   # wherever the flag is
-    (tmp_path / "run.json").write_text(json.dumps({"lr": None, "mu": 5}))                 # a run's config.json
-    assert parse_config(_Cfg, ["--config", str(tmp_path / "run.json")]) == _Cfg(mu=5)
-
-
-@pytest.mark.parametrize("text,message", [
-    ("alg: grpo\n", "unknown field 'alg'"),
-    ("algo: syn_grpo\n", "'syn_grpo' is not one of grpo, syn-grpo"),
-    ("mu: two\n", "mu: invalid int value 'two'"),
-    ("mu: 1.5\n", "mu: invalid int value 1.5"),
-    ("strict: yes please\n", "strict: expected true or false"),
-    ("- a list\n", "expected a mapping"),
-    ("algo: [unclosed\n", "--config"),
-])
-def test_a_bad_config_file_stops_with_one_line(tmp_path, capsys, text, message):
-    path = tmp_path / "bad.yaml"
-    path.write_text(text)
-    with pytest.raises(SystemExit) as e:
-        parse_config(_Cfg, ["--config", str(path)])
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
-
-
-def test_a_missing_config_file_stops_with_one_line(tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        parse_config(_Cfg, ["--config", str(tmp_path / "none.yaml")])
-    assert "--config" in capsys.readouterr().err
 
 
 # -- the formats users have: VLM-R1's JSONL, Hugging Face datasets, several sources ---------------------------------
@@ -380,22 +273,3 @@ def test_data_py_check_and_convert_take_every_format(tmp_path, img, capsys):
 
 
 # -- --prompt-template ---------------------------------------------------------------------------------------------
-
-def test_a_prompt_template_replaces_the_built_in_prompt_and_bad_ones_say_what_is_wrong(tmp_path):
-    from data import read_template
-    from prompts import build_prompt
-    t = tmp_path / "t.txt"
-    t.write_text('Find: {problem} Reply as {{"bbox_2d": ...}}.\n')
-    s = Sample(id="a", task="rec", image="", problem="the cat")
-    assert build_prompt(s, "grpo", template=read_template(str(t), "rec")) == 'Find: the cat Reply as {"bbox_2d": ...}.'
-    t.write_text("Detect {categories} please.")
-    o = Sample(id="b", task="ovd", image="", categories=["cat", "dog"])
-    assert build_prompt(o, template=read_template(str(t), "ovd")) == 'Detect ["cat", "dog"] please.'
-    assert read_template("", "rec") == ""
-    for text, message in (("Find {question}.", r"unknown field\(s\) \{question\}"), ("No field.", "no field"),
-                          ("Find {problem", "expected '}'"), ("Find {categories}", "only for ovd and isr")):
-        t.write_text(text)
-        with pytest.raises(DataError, match=message):
-            read_template(str(t), "rec")
-    with pytest.raises(DataError, match="No such file"):
-        read_template(str(tmp_path / "none.txt"), "rec")

@@ -2,6 +2,7 @@ import json
 import os
 import random
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -75,7 +76,7 @@ def test_parse_prediction_rescales_raw_completions():
 @pytest.mark.slow
 def test_evaluate_tiny_model_end_to_end_both_backends(tmp_path, shapes_dir, tiny, vllm_engine, monkeypatch):
     data = make_shapes("rec", 6, shapes_dir, split="test")
-    res = E.evaluate(E.Config(model="tiny", task="rec", data=(data,), out_dir=str(tmp_path / "hf"), max_new_tokens=16,
+    res = E.evaluate(E.EvalConfig(model="tiny", task="rec", data=(data,), out_dir=str(tmp_path / "hf"), max_new_tokens=16,
                               batch_size=4))
     (m,) = res.values()
     assert m["n"] == 6 and 0 <= m["accuracy"] <= 1
@@ -88,9 +89,22 @@ def test_evaluate_tiny_model_end_to_end_both_backends(tmp_path, shapes_dir, tiny
     import rollout
     monkeypatch.setattr(rollout, "VLLMRollout", lambda *a, **k: vllm_engine)
     monkeypatch.setattr(rollout, "load_policy", lambda *a, **k: pytest.fail("the vLLM path loaded the HF weights"))
-    res = E.evaluate(E.Config(model="tiny", task="rec", data=(data,), out_dir=str(tmp_path / "v"), backend="vllm",
+    res = E.evaluate(E.EvalConfig(model="tiny", task="rec", data=(data,), out_dir=str(tmp_path / "v"), backend="vllm",
                               max_new_tokens=16))
     assert list(res.values())[0]["n"] == 6
+
+
+def test_evaluation_asks_in_the_math_format_the_model_was_trained_with(tmp_path, shapes_dir, monkeypatch):
+    data = make_shapes("math", 2, shapes_dir, split="test")
+    seen = []
+
+    def predict(engine, processor, samples, algo, max_new_tokens, batch_size=16, math_format="boxed", template=""):
+        seen.append(math_format)
+        return [{"id": s.id, "completion": "\\boxed{1}"} for s in samples]
+    monkeypatch.setattr(E, "predict", predict)
+    E.main(["--task", "math", "--data", data, "--math-format", "think", "--out-dir", str(tmp_path)])
+    E.main(["--task", "math", "--data", data, "--out-dir", str(tmp_path)])
+    assert seen == ["think", "boxed"]
 
 
 def test_plot_and_gallery(tmp_path, shapes_dir):
@@ -100,9 +114,16 @@ def test_plot_and_gallery(tmp_path, shapes_dir):
         for s in range(30):
             f.write(json.dumps({"step": s, "reward": s / 30, "entropy": 1 - s / 60, "diversity": 0.3, "diversity_smoothed": 0.2}) + "\n")
     paths = E.plot_command(str(run))
-    assert {os.path.basename(p) for p in paths} >= {"curve_reward.png", "curve_entropy.png", "curve_diversity.png",
+    assert {os.path.basename(p) for p in paths} == {"curve_reward.png", "curve_entropy.png", "curve_diversity.png",
                                                     "curve_diversity_smoothed.png"}
-    assert all(os.path.getsize(p) > 5000 for p in paths)
+    # what is plotted: the values per step, and a trailing mean that a constant leaves constant at both ends (the
+    # zero-padded mean it replaced drew 0.2 at the ends of a constant 0.3)
+    curves = E.curves(E.read_jsonl(str(run / "metrics.jsonl")))
+    x, y, smooth = curves["diversity"]
+    assert list(x) == list(range(30)) and np.allclose(y, 0.3) and np.allclose(smooth, 0.3)
+    x, y, smooth = curves["reward"]   # k = 30 // 20 = 1: the values themselves
+    assert np.allclose(smooth, np.arange(30) / 30)
+    assert np.allclose(E.trailing_mean([1, 2, 3, 4], 2), [1, 1.5, 2.5, 3.5])
     samples = read_data(make_shapes("rec", 3, shapes_dir), "rec")
     pool = DataPool(samples)
     for gen in range(2):                       # two synthesized generations of the first sample

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 import eval as E
 from data import Sample
+import rewards as R
 from rewards import score_completion
 
 TAGS = ["<think>", "</think>", "<answer>", "</answer>", "<score>", "</score>", "<description>", "</description>"]
@@ -51,12 +52,27 @@ def test_rewards_are_finite_and_in_range_on_any_completion(text, algo):
 
 
 @pytest.mark.parametrize("size", [100_000])
-def test_huge_completions_are_cheap_and_zero(size):
-    for text in ("<answer>" + "[1, " * (size // 4) + "</answer>", "<think>" + "x" * size + "</think><answer>[1, 2, 3, 4]</answer>",
-                 "\\boxed{" * (size // 7)):
+def test_huge_completions_are_cheap_and_zero(size, monkeypatch):
+    """100 kB completions score 0 on accuracy and format, and no parser ever runs over more than MAX_PARSE_CHARS of
+    them (the work is bounded: counted as the longest string handed to the box regex and to JSON, not in seconds)."""
+    seen = []
+    box_re = R._BOX_RE
+
+    class Recording:
+        def search(self, text, *a):
+            seen.append(len(text))
+            return box_re.search(text, *a)
+    loads = R.json.loads
+    monkeypatch.setattr(R, "_BOX_RE", Recording())
+    monkeypatch.setattr(R.json, "loads", lambda text, *a, **k: seen.append(len(text)) or loads(text, *a, **k))
+    texts = ("<answer>" + "[1, " * (size // 4) + "</answer>", "<think>" + "x" * size + "</think><answer>[1, 2, 3, 4]</answer>",
+             "<answer>" + '[{"bbox_2d": [1, 2, 3, 4], "label": "a"}, ' * (size // 40) + "</answer>",
+             "\\boxed{" * (size // 7))
+    for text in texts:
         for s in SAMPLES:
             p = score_completion(text, s, (336, 252), "grpo")
-            assert math.isfinite(p.total)
+            assert p.accuracy == 0.0 and p.format == 0.0, (text[:40], s.task, p)
+    assert seen and max(seen) <= R.MAX_PARSE_CHARS, max(seen)
 
 
 @settings(max_examples=500, deadline=None, suppress_health_check=list(HealthCheck))

@@ -120,3 +120,15 @@ def test_control_image_is_the_canny_edge_map_of_the_kept_region():
     outside = edges.copy()
     outside[y1 - 2:y2 + 2, x1 - 2:x2 + 2] = False
     assert not outside.any()                                     # nothing of the old background's layout
+
+
+def test_one_rule_for_the_denoising_steps_of_train_py_and_server_py():
+    """server.py --pipeline sdxl alone ran 8 steps where train.py's local server ran 20: both now ask default_steps."""
+    from config import Config, prepare_config
+    from outpaint import default_steps
+    from server import ServerConfig
+    assert (default_steps("tiny"), default_steps("sdxl"), default_steps("/a/pipeline/dir")) == (2, 20, 20)
+    assert ServerConfig().steps is None     # resolved by serve() from --pipeline
+    for pipeline in ("tiny", "sdxl"):
+        cfg = prepare_config(Config(algo="syn-grpo", pipeline=pipeline, device="cpu"), files=False)
+        assert cfg.pipeline_steps == default_steps(pipeline)

@@ -213,3 +213,9 @@ def test_the_vllm_engine_sees_images_at_the_trainers_pixel_limits(vllm_engine, s
     assert engine_prompt_len(vllm_engine) < len(p.input_ids)
     out = engine.generate([p], Sampling(n=2, max_tokens=4, seed=1))
     assert [len(g) for g in out] == [2]
+
+
+def test_a_step_runs_in_one_vllm_wave():
+    """vLLM's default of 64 running sequences split the paper's B * G = 120 in two waves."""
+    from rollout import max_num_seqs
+    assert max_num_seqs(20, 6) == 120 and max_num_seqs(10, 6) == 64 and max_num_seqs(4, 6) == 64

@@ -184,3 +184,10 @@ def test_cli_parses_every_field_and_rejects_bad_values(tmp_path, capsys):
     with pytest.raises(SystemExit, match="no such file"):
         main(parse_args(["run", "--data", str(tmp_path / "missing.jsonl"), "--out-dir", str(tmp_path / "o")]))
     assert not (tmp_path / "o").exists()
+
+
+def test_synth_takes_a_config_file_like_every_program(tmp_path):
+    from synth import parse_args
+    (tmp_path / "s.yaml").write_text("num_rollouts: 8\nt_min: 2\n")
+    cfg = parse_args(["verify", "--config", str(tmp_path / "s.yaml"), "--t-min", "3"])
+    assert (cfg.stage, cfg.num_rollouts, cfg.t_min) == ("verify", 8, 3)

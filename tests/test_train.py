@@ -228,34 +228,6 @@ def test_syn_grpo_synthesized_samples_enter_the_pool_and_are_trained_on(tmp_path
     assert Image.open(gallery).size[0] >= 2 * 200       # originals next to their synthesized descendants
 
 
-def test_absorb_result_ignores_bad_and_duplicate_results(tmp_path):
-    import base64
-    import io
-    from PIL import Image
-    from data import DataPool, Sample
-    from synthesis import absorb_result
-    img = tmp_path / "a.png"
-    Image.new("RGB", (20, 20), "white").save(img)
-    pool = DataPool([Sample(id="s", task="rec", image=str(img), width=20, height=20, problem="q", solution=[1, 1, 9, 9])])
-    buf = io.BytesIO()
-    Image.new("RGB", (20, 20), "red").save(buf, format="PNG")
-    ok = {"status": "done", "job_id": "j1", "sample_id": "s", "boxes": [[1, 1, 9, 9]], "description": "d",
-          "image_b64": base64.b64encode(buf.getvalue()).decode()}
-    for bad in ({**ok, "status": "failed"}, {**ok, "sample_id": "zzz"}, {**ok, "image_b64": "@@"},
-                {**ok, "image_b64": base64.b64encode(b"junk").decode()}, {**ok, "boxes": []}):
-        assert absorb_result(bad, pool, str(tmp_path), 0) is None
-    new = absorb_result(ok, pool, str(tmp_path), 3)
-    assert pool.get(0) is new and new.meta["step"] == 3 and new.solution == [1, 1, 9, 9]
-    assert absorb_result(ok, pool, str(tmp_path), 4) is None          # the same result twice: absorbed once
-    # what the trackers show of it: the source and the synthesized image side by side, captioned
-    from tracking import newest_synthesized
-    (pair,) = newest_synthesized(pool)
-    image, caption = pair
-    assert image.size == (324, 160) and image.getpixel((304, 150)) == (255, 0, 0)      # right: the new image
-    assert image.getpixel((140, 150)) == (255, 255, 255)                              # left: its source
-    assert caption.startswith("s~j1") and caption.endswith("step 3): d")
-
-
 @pytest.mark.slow
 def test_majority_reward_never_reads_the_gold_answer(tmp_path, math_model):
     """MM-UPT on shapes counting: the same run on the data with its answers removed has identical rewards
@@ -559,14 +531,3 @@ def test_a_reward_function_failing_mid_run_is_one_clear_error(tmp_path):
                   "--max-steps", "1", "--shapes-n", "8", timeout=300)
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith(
         f"train.py: --reward-function {tmp_path / 'r.py'}:f raised AssertionError: no think tag"), r.stderr[-2000:]
-
-
-def test_tracker_names_follow_trl_and_reward_weights_default_the_custom_term_to_one():
-    from config import reward_weights
-    from tracking import tracker_name
-    assert [tracker_name(k) for k in ("reward", "reward_accuracy", "completion_len", "clip_frac", "kl", "lr",
-                                      "time_generate", "pool_size", "eval/val/accuracy")] == [
-        "reward", "rewards/accuracy/mean", "completions/mean_length", "clip_ratio/region_mean", "kl",
-        "learning_rate", "timing/generate", "syn/pool_size", "eval/val/accuracy"]
-    w = lambda s: reward_weights(Config(reward_weights=s))
-    assert (w("1,1,1"), w("0.9,0.1"), w("0,1,1,2")) == ((1, 1, 1, 1), (0.9, 0.1, 0, 1), (0, 1, 1, 2))
