@@ -5,12 +5,13 @@
   * `CACHE`: the folder of everything built or converted once (tiny models and pipelines, embedded images).
   * Files: `atomic_write` (the one way a file is replaced: a kill leaves the old one or the new one, never half),
     `atomic_dir` (likewise for a folder built once: the tiny models and pipelines), `read_jsonl`, `append_jsonl`, `write_jsonl`, `wait_for_file`.
-  * Seeds: `derive_seed`, the one rule for every derived seed, with a named namespace per use.
+  * Seeds: `derive_seed`, the one rule for every derived seed, and `Stream`, the named namespace of each use.
   * `Dist` and the collectives the phases use (`torchrun` processes; a single process needs none of them).
 """
 from __future__ import annotations
 
 import argparse
+import enum
 import json
 import os
 import shutil
@@ -251,16 +252,28 @@ def wait_for_file(path: str, timeout: float, alive=lambda: True) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Seeds: functions of (--seed, namespace, ...), so that a resumed run needs no sampler state and no two uses of
+# Seeds: functions of (--seed, stream, ...), so that a resumed run needs no sampler state and no two uses of
 # randomness share a stream
 
 SEED_STRIDE = 1_000_003   # a prime
 
 
+class Stream(enum.IntEnum):
+    """What a derived seed is for: the first part of every derived seed, so that two uses can never meet (before
+    these, the --max-samples subset, epoch 1's order and step 1's sampling all drew from derive_seed(seed, 1))."""
+    DATA_ORDER = 1        # (epoch): the permutation of the pool in that epoch
+    SUBSET = 2            # (): the --max-samples subset
+    SAMPLING = 3          # (step): the step's sampling (vLLM; each prompt then derives its own from it)
+    PROMPT_SAMPLING = 4   # (step, slot): a prompt's own sampling under --prompt-seeds
+    SYNTHESIS_JOB = 5     # (step, prompt): the data server's noise for that prompt's image
+    OFFLINE_JOB = 6       # (sample): the offline baseline's noise for that sample's image
+
+
 def derive_seed(seed: int, *parts: int) -> int:
-    """The one rule for every derived seed: (seed, a, b) -> (seed * S + a) * S + b, S = SEED_STRIDE, below 2^63."""
+    """The one rule for every derived seed: (seed, a, b) -> (seed * S + a) * S + b, S = SEED_STRIDE, below 2^63.
+    From --seed the first part is a Stream."""
     for p in parts:
-        seed = seed * SEED_STRIDE + p
+        seed = seed * SEED_STRIDE + int(p)
     return seed % 2 ** 63
 
 

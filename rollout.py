@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
-from common import CACHE, atomic_dir
+from common import CACHE, atomic_dir, derive_seed
 from data import Sample, load_image
 from prompts import PROMPTS, build_prompt
 from shapes import COLORS, FURNITURE, SHAPES
@@ -487,7 +487,7 @@ class VLLMRollout:
         params = [SamplingParams(
             n=n, temperature=0.0 if sp.greedy else sp.temperature, top_p=1.0 if sp.greedy else sp.top_p,
             max_tokens=sp.max_tokens, logprobs=0, stop_token_ids=self.stops, skip_special_tokens=True,
-            logit_bias={t: -1e4 for t in self.banned}, seed=None if sp.greedy else (seeds[i] if seeds else sp.seed * 100003 + i))
+            logit_bias={t: -1e4 for t in self.banned}, seed=None if sp.greedy else (seeds[i] if seeds else derive_seed(sp.seed, i)))
             for i in range(len(prompts))]
         reqs = [{"prompt_token_ids": self._vllm_prompt_ids(p), "multi_modal_data": {"image": p.image}} for p in prompts]
         outs = self.llm.generate(reqs, params, use_tqdm=False)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 import torch
 from tqdm import tqdm
 
-from common import ROOT, Dist, all_gather, broadcast, derive_seed, wait_for_file
+from common import ROOT, Dist, Stream, all_gather, broadcast, derive_seed, wait_for_file
 from config import Config
 from data import DataPool, Sample, is_box, load_image
 
@@ -220,7 +220,7 @@ class Synthesis:
                 skipped += 1      # the server is behind: a job queued now would wait behind older ones
             elif desc:
                 job_id = self.client.submit(make_job(sample.id, sample.image, sample.gold_boxes(), desc,
-                                                     seed=derive_seed(self.cfg.seed, step, b), key=f"{sample.id}@{step}"))
+                                                     seed=derive_seed(self.cfg.seed, Stream.SYNTHESIS_JOB, step, b), key=f"{sample.id}@{step}"))
                 ids.append(job_id)
             sent.append(desc if job_id else None)
         results = self.client.collect()
@@ -319,7 +319,7 @@ def synthesize_offline(cfg: Config, pool: DataPool, d: Dist) -> DataPool:
     synthesis = Synthesis(replace(cfg, max_pending_jobs=0), d)
     if d.main:
         jobs = [make_job(s.id, s.image, s.gold_boxes(), synthesis.fixed[i % len(synthesis.fixed)],
-                         seed=derive_seed(cfg.seed, 2, i), key=f"{s.id}@offline")
+                         seed=derive_seed(cfg.seed, Stream.OFFLINE_JOB, i), key=f"{s.id}@offline")
                 for i, s in enumerate(pool.get(k) for k in range(len(pool)))]
         results, deadline = [], time.time() + OFFLINE_WAIT_SECONDS
         while jobs or synthesis.client.pending:

@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 import rewards as R
 from checkpoint import load_checkpoint, policy_state, rotate_checkpoints, save_checkpoint, save_final, save_hf, trim_logs
-from common import (SEED_STRIDE, Dist, all_gather, all_reduce_sum, append_jsonl, atomic_write, config_from, derive_seed,
+from common import (SEED_STRIDE, Dist, Stream, all_gather, all_reduce_sum, append_jsonl, atomic_write, config_from, derive_seed,
                     mean_over_ranks, rank_share, setup_distributed)
 from config import Config, check_distributed, command_line, prepare_config, reward_weights
 from data import DataError, DataPool, gold_completion, read_data, read_template, source_name
@@ -109,7 +109,7 @@ def batch_slots(step: int, batch_size: int, n: int, seed: int) -> list[int]:
     out = []
     for k in range(step * batch_size, (step + 1) * batch_size):
         epoch, i = divmod(k, n)
-        out.append(random.Random(derive_seed(seed, epoch)).sample(range(n), n)[i])
+        out.append(random.Random(derive_seed(seed, Stream.DATA_ORDER, epoch)).sample(range(n), n)[i])
     return out
 
 
@@ -137,8 +137,8 @@ def rollout(engine, processor, model, pool: DataPool, cfg: Config, step: int, d:
     prompts = [encode_prompt(processor, pool.get(slots[k]), cfg.algo, math_format=cfg.math_format, template=template)
                for k in mine]
     sampling = Sampling(n=cfg.num_generations, temperature=cfg.temperature, top_p=cfg.top_p,
-                        max_tokens=cfg.max_new_tokens, seed=derive_seed(cfg.seed, step))
-    seeds = [derive_seed(cfg.seed, step, k) for k in mine] if cfg.prompt_seeds else None
+                        max_tokens=cfg.max_new_tokens, seed=derive_seed(cfg.seed, Stream.SAMPLING, step))
+    seeds = [derive_seed(cfg.seed, Stream.PROMPT_SAMPLING, step, k) for k in mine] if cfg.prompt_seeds else None
     model.eval()
     groups = engine.generate(prompts, sampling, seeds=seeds)
     engine.sleep()                            # its GPU memory goes to the update (vLLM sleep mode; else a no-op)
@@ -341,7 +341,7 @@ def load_data(cfg: Config) -> DataPool:
     if not samples:
         raise SystemExit(f"train.py: no valid samples in {path}")
     if cfg.max_samples and cfg.max_samples < len(samples):   # a seeded subset, in the file's order
-        keep = sorted(random.Random(derive_seed(cfg.seed, 1)).sample(range(len(samples)), cfg.max_samples))
+        keep = sorted(random.Random(derive_seed(cfg.seed, Stream.SUBSET)).sample(range(len(samples)), cfg.max_samples))
         samples = [samples[i] for i in keep]
     return DataPool(samples)
 
@@ -376,7 +376,7 @@ def sft_phase(cfg, model, processor, pool, d: Dist = Dist(), template: str = "")
                                   weight_decay=cfg.sft_weight_decay) if steps else None
     banned, eos = vision_token_ids(processor), processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
     fmt = cfg.sft_format or ("grpo" if cfg.algo == "sft" else cfg.algo)
-    rng = random.Random(cfg.seed)
+    rng = random.Random(cfg.seed)   # the warm start's draws, as measured (the tiny models' warm starts depend on them)
     for step in tqdm(range(steps), desc="sft", dynamic_ncols=True, disable=not d.main):
         idx = [labelled[rng.randrange(len(labelled))] for _ in range(n)]
         idx = [idx[k] for k in rank_share(len(idx), d)]
@@ -466,7 +466,8 @@ def set_up(cfg: Config, d: Dist) -> Run:
     if d.main:
         with atomic_write(os.path.join(cfg.out_dir, "config.json")) as f:
             json.dump(asdict(cfg), f, indent=1)
-    seed = cfg.seed + SEED_STRIDE * d.rank    # rank 0 = a single-process run; other ranks sample other streams
+    # each process's global streams (HF generation samples from torch's): rank 0's is a single process's
+    seed = cfg.seed + SEED_STRIDE * d.rank
     random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
     device = f"cuda:{torch.cuda.current_device()}" if cfg.device == "cuda" else "cpu"
     dtype = torch.bfloat16 if device != "cpu" else torch.float32

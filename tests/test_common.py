@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from common import append_jsonl, atomic_write, derive_seed, opt, parse_config, read_jsonl
+from common import Stream, append_jsonl, atomic_write, derive_seed, opt, parse_config, read_jsonl
 
 
 @dataclass
@@ -81,6 +81,12 @@ def test_append_jsonl_ends_a_torn_last_line_first(tmp_path):
         read_jsonl(path)
 
 
-def test_derived_seeds_are_the_one_rule():
+def test_derived_seeds_are_the_one_rule_and_streams_never_meet():
     assert derive_seed(0, 5) == 5 and derive_seed(1, 2, 3) == (1_000_003 + 2) * 1_000_003 + 3
     assert 0 <= derive_seed(2 ** 62, 2 ** 40, 7) < 2 ** 63
+    # before the streams, derive_seed(seed, 1) was the --max-samples subset, epoch 1's order and step 1's sampling
+    for seed in range(3):
+        uses = [derive_seed(seed, Stream.SUBSET), derive_seed(seed, Stream.DATA_ORDER, 1),
+                derive_seed(seed, Stream.SAMPLING, 1), derive_seed(seed, Stream.PROMPT_SAMPLING, 1, 0),
+                derive_seed(seed, Stream.SYNTHESIS_JOB, 2, 0), derive_seed(seed, Stream.OFFLINE_JOB, 0)]
+        assert len(set(uses)) == len(uses)
