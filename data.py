@@ -647,7 +647,8 @@ class DataPool:
 # CLI
 
 
-def main(argv=None) -> None:
+def command_line() -> ArgumentParser:
+    """data.py's subcommands and their flags."""
     p = ArgumentParser(description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     sp = sub.add_parser("shapes", help="write the synthetic shapes dataset", formatter_class=HelpFormatter)
@@ -685,7 +686,11 @@ def main(argv=None) -> None:
     cx.add_argument("--coco", required=True, help="the COCO instances JSON its images come from (instances_train2014.json)")
     cx.add_argument("--image-root", default="", help="image paths are relative to this folder ('' = the file's)")
     cx.add_argument("--out", required=True, help="the JSONL file to write")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> None:
+    a = command_line().parse_args(argv)
     missing = missing_sources(a.file) if a.cmd in ("check", "convert") else [
         path for path in [getattr(a, "file", None), getattr(a, "coco_json", None), getattr(a, "coco", None)]
         if path is not None and not os.path.isfile(path)]

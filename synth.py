@@ -88,11 +88,15 @@ class SynthConfig:
     seed: int = opt(0, "seed of the sampling")
 
 
-def parse_args(argv=None) -> SynthConfig:
+def command_line():
     """The stage (a positional) and SynthConfig's flags, --config FILE included."""
     p = config_parser(SynthConfig, description=__doc__, skip=("stage",))
     p.add_argument("stage", choices=STAGES, help="the stage to run")
-    return config_from(SynthConfig, p.parse_args(argv))
+    return p
+
+
+def parse_args(argv=None) -> SynthConfig:
+    return config_from(SynthConfig, command_line().parse_args(argv))
 
 
 # ----------------------------------------------------------------------------------------------------

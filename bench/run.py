@@ -1,6 +1,7 @@
-"""Every benchmark of this codebase, measured side by side in one run; prints one table, writes bench/results.json.
+"""Every benchmark of this codebase, measured side by side in one run; prints one table, writes bench/results.json
+and docs/benchmarks.md (bench/report.py).
 
-    python bench/run.py            # full: more steps and repeats (about 25 min on 2 CPU cores)
+    python bench/run.py            # full: more steps and repeats (about 10 min on 2 idle CPU cores)
     python bench/run.py --quick    # under 10 min here
 
 Rows (each a ratio of two things measured in this run, on this machine; medians over >= 3 repeats, min/max kept):
@@ -57,7 +58,8 @@ def sft_model() -> str:
     out = os.path.join(CACHE, f"sft-rec-v{TINY_VERSION}.{SHAPES_VERSION}")   # rebuilt when the model or data change
     if not os.path.exists(os.path.join(out, "final", "config.json")):
         log = os.path.join(CACHE, "sft.log")
-        check(spawn([sys.executable, "train.py", "--algo", "sft", "--sft-steps", "40", "--out-dir", out], log)[0], log)
+        check(spawn([sys.executable, "train.py", "--algo", "sft", "--sft-steps", "40", "--out-dir", out, "--overwrite"],
+                    log)[0], log)
     return os.path.join(out, "final")
 
 
@@ -140,6 +142,14 @@ def reward_speed(n: int, reps: int) -> dict:
 
 # ----------------------------------------------------------------------------------------------------
 # Table
+
+
+def commit() -> str:
+    """The commit measured, marked -dirty when the work tree differs from it."""
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                           text=True).stdout.strip()
+    return (head or "unknown") + ("-dirty" if dirty else "")
 
 
 def versions() -> dict:
@@ -225,7 +235,7 @@ def main():
     print()
     table = print_table(rows)
     result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
-              "versions": versions(), "quick": q, "seconds": time.time() - t0, "table": table,
+              "commit": commit(), "versions": versions(), "quick": q, "seconds": time.time() - t0, "table": table,
               "rows": [{"name": n, "ours": o, "reference": r, "ratio": float(x), "goal": goal} for n, o, r, x, goal in rows],
               "raw": {"grpo": {k: {"step_times": [r["time_step"] for r in v["rows"]] if "rows" in v else v["step_times"],
                                    "completion_len": [r["completion_len"] for r in v["rows"]] if "rows" in v
@@ -238,7 +248,8 @@ def main():
                       "async": res["async"]}}
     with open(a.out, "w") as f:
         json.dump(result, f, indent=1)
-    print(f"\n{time.time() - t0:.0f} s; written {a.out}")
+    import report
+    print(f"\n{time.time() - t0:.0f} s; written {a.out} and {report.main(a.out)}")
 
 
 if __name__ == "__main__":

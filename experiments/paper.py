@@ -46,12 +46,15 @@ def row_configs(warm: dict, a, seed: int, work: str, descriptions: str) -> dict:
     common = dict(sft_steps=0, max_steps=a.steps, seed=seed, shapes_n=a.shapes_n, save_every=0, log_completions=1)
     out = lambda name: os.path.join(work, f"seed{seed}", name.replace(" ", "_").replace("(", "").replace(")", "")
                                     .replace(".", "").replace("+", "plus").replace("/", ""))
-    grpo = lambda name, **kw: train.Config(model=warm["grpo"], algo="grpo", out_dir=out(name), **common, **kw)
-    syn = lambda name, **kw: train.Config(model=warm["syn-grpo"], algo="syn-grpo", out_dir=out(name), **common, **kw)
+    # overwrite: a repeated experiment runs every row again from its warm start
+    grpo = lambda name, **kw: train.Config(model=warm["grpo"], algo="grpo", out_dir=out(name), overwrite=True, **common,
+                                           **kw)
+    syn = lambda name, **kw: train.Config(model=warm["syn-grpo"], algo="syn-grpo", out_dir=out(name), overwrite=True,
+                                          **common, **kw)
     return {
         "Original": None,
         "SFT": train.Config(model=warm["grpo"], algo="sft", sft_steps=a.steps, seed=seed, shapes_n=a.shapes_n,
-                            out_dir=out("SFT")),
+                            out_dir=out("SFT"), overwrite=True),
         "GRPO": grpo("GRPO"),
         "GRPO + Entropy Loss": grpo("GRPO + Entropy Loss", entropy_coef=0.001),
         "GRPO + Entropy Adv.": grpo("GRPO + Entropy Adv.", entropy_adv=0.4, entropy_adv_kappa=2.0),
@@ -69,7 +72,7 @@ def warm_starts(a, seed: int, work: str) -> dict:
         d = os.path.join(work, f"seed{seed}", f"warm_{algo}")
         if not os.path.exists(os.path.join(d, "final", "config.json")):   # reused when the run is repeated
             train.main(train.Config(algo="sft", sft_steps=a.sft_steps, seed=seed, shapes_n=a.shapes_n, out_dir=d,
-                                    sft_format=algo))
+                                    sft_format=algo, overwrite=True))
         out[algo] = os.path.join(d, "final")
     return out
 
@@ -77,8 +80,8 @@ def warm_starts(a, seed: int, work: str) -> dict:
 def evaluate(model: str, algo: str, splits: dict, out_dir: str) -> dict:
     """Greedy REC accuracy (IoU > 0.5) of one model on each split."""
     import eval as E
-    res = E.evaluate(E.Config(model=model, task="rec", data=tuple(splits.values()), out_dir=out_dir, backend="hf",
-                              max_new_tokens=112 if algo == "syn-grpo" else 64, algo=algo, batch_size=16))
+    res = E.evaluate(E.EvalConfig(model=model, task="rec", data=tuple(splits.values()), out_dir=out_dir, backend="hf",
+                                  max_new_tokens=112 if algo == "syn-grpo" else 64, algo=algo, batch_size=16))
     names = {os.path.splitext(os.path.basename(p))[0]: k for k, p in splits.items()}
     return {names[k]: v["accuracy"] for k, v in res.items()}
 
