@@ -5,7 +5,8 @@
     `load_checkpoint`); `OUT/pool.json` beside it, the pool's lineage in plain JSON (eval.py gallery).
   * `OUT/checkpoint-<step>/` and `OUT/final/`: Hugging Face model dirs (LoRA merged, lm_head stored once when tied)
     that eval.py, train.py --model and vLLM load directly (`save_hf`), the oldest removed past --save-total-limit.
-  * `trim_logs`: on resume, the log lines written after the checkpoint go (they will be written again).
+  * `trim_logs`: on resume, the log lines written after the checkpoint go (they will be written again);
+    `clear_run`: with --overwrite, what an earlier run wrote goes.
 Sharded (FSDP2) runs save full, unsharded states, so a checkpoint is the same for any number of processes.
 """
 from __future__ import annotations
@@ -130,6 +131,19 @@ def save_final(cfg, model, processor, d: Dist = Dist()):
     digests = save_hf(model, processor, os.path.join(cfg.out_dir, "final"), d)
     if digests and d.main:
         append_jsonl(os.path.join(cfg.out_dir, "metrics.jsonl"), [{"phase": "final", "weights_sha256_by_rank": digests}])
+
+
+RUN_OUTPUTS = ("config.json", "metrics.jsonl", "completions.jsonl", "checkpoint.pt", "pool.json", "wandb_run_id", "final",
+               "reference", "synth", "server", "tensorboard", "wandb")
+
+
+def clear_run(out_dir: str) -> None:
+    """Remove what a training run wrote in out_dir (--overwrite): its logs, checkpoints, models, synthesized images,
+    local server state and tracker files. Anything else in the folder stays."""
+    names = [n for n in os.listdir(out_dir) if n in RUN_OUTPUTS or re.fullmatch(r"checkpoint-\d+", n)]
+    for name in names:
+        path = os.path.join(out_dir, name)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
 
 def trim_logs(out_dir: str, step: int) -> None:

@@ -44,6 +44,8 @@ class Config:
     max_samples: int = opt(0, "train on a seeded random subset of this many samples (the paper's Fig. 6 varies it from "
                               "400 to 2,000); 0 = all")
     out_dir: str = opt("runs/default", "where metrics, checkpoints and the final model go", aliases=("--output-dir",))
+    overwrite: bool = opt(False, "train into an --out-dir that holds a run, replacing it (its metrics, checkpoints and "
+                                 "models are removed once every check has passed); without it such a start stops")
     resume: str = opt("", "a run dir to continue from its last checkpoint (its own config is used); auto: --out-dir "
                           "if it holds a checkpoint, else a fresh run", aliases=("--resume-from-checkpoint",))
     seed: int = opt(0, "seed of everything: data order, sampling, synthesis")
@@ -276,6 +278,13 @@ def check_config(cfg: Config, files: bool = True) -> None:
             raise SystemExit(f"train.py: {e}")
 
 
+RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "final")   # any of them: the folder holds a run
+
+
+def holds_run(out_dir: str) -> bool:
+    return any(os.path.exists(os.path.join(out_dir, f)) for f in RUN_FILES)
+
+
 def starts_local_server(cfg: Config) -> bool:
     """Whether train.py starts a data server of its own (Syn-GRPO with synthesis, or offline synthesis, and no URL)."""
     synthesizes = (cfg.algo == "syn-grpo" and cfg.synthesize) or cfg.offline_synthesis
@@ -299,7 +308,12 @@ def prepare_config(cfg: Config, files: bool = True) -> Config:
     """The run's config: on --resume the run's own (only --max-steps may change), then defaults, then checks."""
     if cfg.resume == "auto":       # TRL's resume_from_checkpoint=True: the newest checkpoint of this out dir
         found = os.path.isfile(os.path.join(cfg.out_dir, "checkpoint.pt"))
-        cfg = replace(cfg, resume=cfg.out_dir if found else "")
+        # no checkpoint yet: a run killed before its first one starts again (what a preemptible job asks for)
+        restart = not found and not os.path.exists(os.path.join(cfg.out_dir, "final"))
+        cfg = replace(cfg, resume=cfg.out_dir if found else "", overwrite=cfg.overwrite or restart)
+    if files and not cfg.resume and not cfg.overwrite and holds_run(cfg.out_dir):
+        raise SystemExit(f"train.py: --out-dir {cfg.out_dir} holds a run; continue it with --resume auto, replace it "
+                         "with --overwrite, or give another --out-dir")
     if cfg.resume:
         path = os.path.join(cfg.resume, "config.json")
         if not os.path.isfile(path):

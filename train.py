@@ -39,7 +39,8 @@ import torch
 from tqdm import tqdm
 
 import rewards as R
-from checkpoint import load_checkpoint, policy_state, rotate_checkpoints, save_checkpoint, save_final, save_hf, trim_logs
+from checkpoint import (clear_run, load_checkpoint, policy_state, rotate_checkpoints, save_checkpoint, save_final, save_hf,
+                        trim_logs)
 from common import (SEED_STRIDE, Dist, Stream, all_gather, all_reduce_sum, append_jsonl, atomic_write, config_from, derive_seed,
                     mean_over_ranks, rank_share, setup_distributed)
 from config import Config, check_distributed, command_line, prepare_config, reward_weights
@@ -462,10 +463,6 @@ class Run:
 
 
 def set_up(cfg: Config, d: Dist) -> Run:
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    if d.main:
-        with atomic_write(os.path.join(cfg.out_dir, "config.json")) as f:
-            json.dump(asdict(cfg), f, indent=1)
     # each process's global streams (HF generation samples from torch's): rank 0's is a single process's
     seed = cfg.seed + SEED_STRIDE * d.rank
     random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
@@ -476,14 +473,14 @@ def set_up(cfg: Config, d: Dist) -> Run:
         if d.world > 1:   # N ranks share the machine's cores
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // d.world))
     model, processor = load_model(cfg, d, device, dtype)
-    metrics_path, ckpt_path = os.path.join(cfg.out_dir, "metrics.jsonl"), os.path.join(cfg.out_dir, "checkpoint.pt")
+    ckpt_path = os.path.join(cfg.out_dir, "checkpoint.pt")
     resuming = bool(cfg.resume) and os.path.exists(ckpt_path)
     pool, warm_started = load_data(cfg), False
     custom_reward, eval_splits = load_custom_reward(cfg, pool), load_eval_splits(cfg)   # broken ones stop here
     template = read_template(cfg.prompt_template, cfg.task)       # checked in check_config
+    if d.main:   # only now, every check passed: a start that stops earlier leaves --out-dir as it was
+        start_run_dir(cfg, resuming)
     if not resuming:
-        if d.main:
-            open(metrics_path, "w").close()
         warm_started = sft_phase(cfg, model, processor, pool, d, template) > 0
         if cfg.offline_synthesis:
             pool = synthesize_offline(cfg, pool, d)
@@ -502,6 +499,18 @@ def set_up(cfg: Config, d: Dist) -> Run:
     max_steps = cfg.max_steps or math.ceil(cfg.epochs * len(pool) / cfg.batch_size)
     return Run(model, processor, ref, optimizer, sched, pool, smoother, synthesis, start, max_steps,
                template=template, custom_reward=custom_reward, eval_splits=eval_splits)
+
+
+def start_run_dir(cfg: Config, resuming: bool) -> None:
+    """The run's folder: an earlier run's outputs removed (a fresh start here was allowed: --overwrite, or --resume
+    auto before any checkpoint), config.json written, metrics.jsonl started."""
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    if not resuming:
+        clear_run(cfg.out_dir)
+    with atomic_write(os.path.join(cfg.out_dir, "config.json")) as f:
+        json.dump(asdict(cfg), f, indent=1)
+    if not resuming:
+        open(os.path.join(cfg.out_dir, "metrics.jsonl"), "w").close()
 
 
 def load_custom_reward(cfg: Config, pool: DataPool):

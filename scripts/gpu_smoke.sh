@@ -88,7 +88,7 @@ step plan "grep -q 'peak' '$OUT/plan.log'" "$PY" train.py --plan --device "$DEVI
 # 3. three GRPO steps with vLLM rollouts on the built-in shapes data, a Hugging Face checkpoint at the end
 step train "test -f '$OUT/train/checkpoint-3/config.json' && grep -c '\"step\"' '$OUT/train/metrics.jsonl'" \
   "$PY" train.py --model "$MODEL" --device "$DEVICE" --rollout-backend vllm --max-steps 3 --save-every 3 \
-  --out-dir "$OUT/train" "${TRAIN[@]}"
+  --out-dir "$OUT/train" --overwrite "${TRAIN[@]}"
 # 4. one outpainting job through the data server: submitted, generated, returned with its boxes
 cat > "$OUT/server_job.py" <<'EOF'
 """Start server.py, submit one job for a shapes image, wait for its result, stop the server."""

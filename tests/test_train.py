@@ -531,3 +531,52 @@ def test_a_reward_function_failing_mid_run_is_one_clear_error(tmp_path):
                   "--max-steps", "1", "--shapes-n", "8", timeout=300)
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith(
         f"train.py: --reward-function {tmp_path / 'r.py'}:f raised AssertionError: no think tag"), r.stderr[-2000:]
+
+
+# -- a run is never overwritten without being asked -----------------------------------------------------------------
+
+def run_files(out) -> dict:
+    """Every file of a run dir and its bytes."""
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def test_a_finished_run_is_never_overwritten_without_being_asked(tmp_path, capsys):
+    import train
+    out = tmp_path / "run"
+    kw = dict(out_dir=str(out), sft_steps=0, max_steps=1, save_every=1, seed=0)
+    train.main(Config(**kw))
+    before = run_files(out)
+    assert "checkpoint.pt" in before and "final/config.json" in before
+    for again in (Config(**kw), Config(**{**kw, "data": str(tmp_path / "missing.jsonl")}), Config(**{**kw, "lr": 1.0})):
+        with pytest.raises(SystemExit) as e:
+            train.main(again)
+        assert "holds a run; continue it with --resume auto, replace it with --overwrite" in str(e.value)
+    assert run_files(out) == before                                   # byte for byte
+    (out / "notes.txt").write_text("mine")
+    train.main(Config(**kw, overwrite=True, lr=1e-3))
+    after = run_files(out)
+    assert after["notes.txt"] == b"mine" and after["checkpoint.pt"] != before["checkpoint.pt"]
+    assert [r.get("step") for r in metrics(str(out))] == [0]          # the old run's lines are gone, not appended to
+    assert len((out / "completions.jsonl").read_text().splitlines()) == 1
+
+
+def test_a_start_that_fails_its_checks_writes_nothing(tmp_path):
+    import train
+    (tmp_path / "empty.jsonl").write_text("")
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match="no valid samples"):
+        train.main(Config(out_dir=str(out), data=str(tmp_path / "empty.jsonl"), sft_steps=0, max_steps=1))
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_resume_auto_restarts_a_run_killed_before_its_first_checkpoint(tmp_path):
+    from config import prepare_config
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    (out / "metrics.jsonl").write_text('{"phase": "sft", "sft_step": 0}\n')
+    cfg = prepare_config(Config(out_dir=str(out), resume="auto"))
+    assert cfg.resume == "" and cfg.overwrite                           # starts again: nothing to continue
+    (out / "final").mkdir()                                             # a finished run without checkpoint.pt
+    with pytest.raises(SystemExit, match="holds a run"):
+        prepare_config(Config(out_dir=str(out), resume="auto"))
