@@ -216,18 +216,37 @@ def resolve_defaults(cfg: Config) -> Config:
 def check_config(cfg: Config, files: bool = True) -> None:
     """A config that cannot run as asked stops here with one line, before anything is written. files=False skips what
     depends on this machine (files, a GPU): --print-config describes a run for another machine too."""
-    objects = re.fullmatch(r"(\d+)-(\d+)", cfg.shapes_objects or "")
-    missing = missing_sources(cfg.data) if files else []
-    problems = [
+    for bad, message in (machine_problems(cfg) if files else []) + value_problems(cfg):
+        if bad:
+            raise SystemExit(f"train.py: {message}")
+    if files:
+        try:
+            read_template(cfg.prompt_template, cfg.task)
+        except DataError as e:
+            raise SystemExit(f"train.py: {e}")
+
+
+def machine_problems(cfg: Config) -> list[tuple]:
+    """(bad, message) of what this machine must have: the files named, the devices asked for."""
+    missing = missing_sources(cfg.data)
+    return [
         (missing, f"--data {cfg.data}: no such file or dataset dir: {', '.join(missing)}"),
-        (files and any(not os.path.isdir(r) for r in split_list(cfg.image_root)),
-         f"--image-root {cfg.image_root}: no such directory"),
-        (files and cfg.descriptions and not os.path.isfile(cfg.descriptions), f"--descriptions {cfg.descriptions}: no such file"),
-        (files and cfg.device == "cuda" and not torch.cuda.is_available(), "--device cuda: no CUDA device is visible"),
-        (files and starts_local_server(cfg) and not device_exists(cfg.server_device),
+        (any(not os.path.isdir(r) for r in split_list(cfg.image_root)), f"--image-root {cfg.image_root}: no such directory"),
+        (cfg.descriptions and not os.path.isfile(cfg.descriptions), f"--descriptions {cfg.descriptions}: no such file"),
+        (any(missing_sources(s) for s in cfg.eval_data), f"--eval-data {' '.join(cfg.eval_data)}: no such file or "
+                                                         "dataset dir"),
+        (cfg.device == "cuda" and not torch.cuda.is_available(), "--device cuda: no CUDA device is visible"),
+        (starts_local_server(cfg) and not device_exists(cfg.server_device),
          f"--server-device {cfg.server_device}: no such device for the local data server (the training processes take "
          f"the first GPUs); give --server-device cuda:0 to share one, or --server-url of a server started with "
          f"server.py --device"),
+    ]
+
+
+def value_problems(cfg: Config) -> list[tuple]:
+    """(bad, message) of every value out of its range, and of the combinations that cannot run."""
+    objects = re.fullmatch(r"(\d+)-(\d+)", cfg.shapes_objects or "")
+    return [
         (not objects or not 1 <= int(objects[1]) <= int(objects[2]) <= GRID * GRID,
          f"--shapes-objects {cfg.shapes_objects}: expected MIN-MAX with 1 <= MIN <= MAX <= {GRID * GRID}"),
         (cfg.shapes_n < 1 or cfg.max_samples < 0, "--shapes-n must be at least 1, --max-samples >= 0"),
@@ -258,8 +277,6 @@ def check_config(cfg: Config, files: bool = True) -> None:
          "--min-pixels and --max-pixels must be >= 0, and min <= max"),
         (cfg.eval_every < 0 or cfg.eval_limit < 0 or cfg.log_completions_every < 0,
          "--eval-every, --eval-limit and --log-completions-every must be >= 0"),
-        (files and any(missing_sources(s) for s in cfg.eval_data), f"--eval-data {' '.join(cfg.eval_data)}: no such "
-                                                                  "file or dataset dir"),
         (cfg.algo == "syn-grpo" and cfg.task == "math", "--algo syn-grpo regenerates the background around the "
                                                         "labelled boxes: tasks rec, ovd and isr"),
         (cfg.reward == "majority" and cfg.task not in ("rec", "math"), "--reward majority votes on rec boxes or math "
@@ -268,14 +285,6 @@ def check_config(cfg: Config, files: bool = True) -> None:
          "--offline-synthesis is the 'GRPO + Offline Generation' baseline: --algo grpo, --descriptions FILE, a task "
          "with boxes"),
     ]
-    for bad, message in problems:
-        if bad:
-            raise SystemExit(f"train.py: {message}")
-    if files:
-        try:
-            read_template(cfg.prompt_template, cfg.task)
-        except DataError as e:
-            raise SystemExit(f"train.py: {e}")
 
 
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "final")   # any of them: the folder holds a run

@@ -292,23 +292,27 @@ def write_samples(samples, path: str, image_root: str = "") -> None:
             f.write(json.dumps(row) + "\n")
 
 
+def coco_objects(coco_json: str) -> tuple[dict, dict]:
+    """(the COCO file, image id -> its objects {"bbox": [x1, y1, x2, y2], "label"}): COCO's x, y, w, h boxes in our
+    frame; crowd annotations and empty boxes are left out."""
+    with open(coco_json, encoding="utf-8") as f:
+        coco = json.load(f)
+    names = {c["id"]: c["name"] for c in coco.get("categories", [])}
+    by_image: dict = {}
+    for a in coco.get("annotations", []):
+        x, y, w, h = a["bbox"]
+        if not a.get("iscrowd", 0) and w > 0 and h > 0:
+            by_image.setdefault(a["image_id"], []).append({"bbox": [x, y, x + w, y + h], "label": names[a["category_id"]]})
+    return coco, by_image
+
+
 def coco_to_samples(coco_json: str, image_root: str, task: str = "ovd", max_boxes_per_category: int = 0,
                     ) -> list[Sample]:
     """COCO detection JSON (bbox = x, y, w, h) to ovd/isr samples (bbox = x1, y1, x2, y2).
 
     max_boxes_per_category > 0 drops, per image, every category with more boxes than that (VLM-R1's
     COCO_filtered uses 10: "VLMs generally struggle at recall"). Crowd annotations are skipped."""
-    with open(coco_json, encoding="utf-8") as f:
-        coco = json.load(f)
-    names = {c["id"]: c["name"] for c in coco.get("categories", [])}
-    by_image: dict = {}
-    for a in coco.get("annotations", []):
-        if a.get("iscrowd", 0):
-            continue
-        x, y, w, h = a["bbox"]
-        if w <= 0 or h <= 0:
-            continue
-        by_image.setdefault(a["image_id"], []).append({"bbox": [x, y, x + w, y + h], "label": names[a["category_id"]]})
+    coco, by_image = coco_objects(coco_json)
     out = []
     for im in coco.get("images", []):
         objs = by_image.get(im["id"], [])
@@ -330,15 +334,8 @@ def add_context_objects(samples: list[Sample], coco_json: str) -> int:
     `context_objects`, so that outpainting keeps the anchors of a relational expression ("the cup left of the
     plate") along with the referent. Images are matched by file name; the referent itself (the annotation with IoU
     > 0.9 against the row's box) is left out; crowd annotations are skipped. Returns the rows that got context."""
-    with open(coco_json, encoding="utf-8") as f:
-        coco = json.load(f)
-    names = {c["id"]: c["name"] for c in coco.get("categories", [])}
+    coco, anns = coco_objects(coco_json)
     image_of = {os.path.basename(im["file_name"]): im["id"] for im in coco.get("images", [])}
-    anns: dict = {}
-    for a in coco.get("annotations", []):
-        x, y, w, h = a["bbox"]
-        if not a.get("iscrowd", 0) and w > 0 and h > 0:
-            anns.setdefault(a["image_id"], []).append({"bbox": [x, y, x + w, y + h], "label": names[a["category_id"]]})
     n = 0
     for s in samples:
         objs = anns.get(image_of.get(os.path.basename(s.image)), [])

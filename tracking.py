@@ -14,6 +14,10 @@ from PIL import Image, ImageDraw
 from common import Dist
 from data import DataPool, load_image
 
+TABLE_PROMPTS = 2    # prompts whose G completions go into a completions table
+PAIRS = 4            # synthesized images shown beside their sources
+PAIR_WIDTH = 160     # pixels of each image of a pair: small enough for a dashboard row
+
 TRL_NAMES = {"reward_accuracy": "rewards/accuracy/mean", "reward_format": "rewards/format/mean",
              "reward_diversity": "rewards/diversity/mean", "reward_custom": "rewards/custom/mean",
              "completion_len": "completions/mean_length", "completions_clipped": "completions/clipped_ratio",
@@ -77,7 +81,7 @@ class Trackers:
         if not (self.tb or self.wandb) or not self.every or step % self.every:
             return
         rows = [[step, p.sample.id, c.text, scored.rewards.total[b, j].item(), scored.advantages[b, j].item()]
-                for b, (p, g) in enumerate(zip(ro.prompts[:2], ro.groups)) for j, c in enumerate(g)]
+                for b, (p, g) in enumerate(zip(ro.prompts[:TABLE_PROMPTS], ro.groups)) for j, c in enumerate(g)]
         pairs = newest_synthesized(pool)
         if self.tb:
             table = "| id | completion | reward | advantage |\n|---|---|---|---|\n" + "\n".join(
@@ -99,7 +103,7 @@ class Trackers:
             self.wandb.finish()
 
 
-def newest_synthesized(pool: DataPool, n: int = 4) -> list:
+def newest_synthesized(pool: DataPool, n: int = PAIRS) -> list:
     """The n newest synthesized samples of the pool, each as (source | synthesized image with gold boxes, caption)."""
     newest = sorted((s for s in pool.samples.values() if s.generation > 0), key=lambda s: s.meta.get("step", 0))[-n:]
     out = []
@@ -110,7 +114,7 @@ def newest_synthesized(pool: DataPool, n: int = 4) -> list:
             draw = ImageDraw.Draw(image)
             for box in sample.gold_boxes():
                 draw.rectangle(box, outline=(0, 255, 0), width=2)
-            pair.append(image.resize((160, round(160 * image.height / image.width))))
+            pair.append(image.resize((PAIR_WIDTH, round(PAIR_WIDTH * image.height / image.width))))
         canvas = Image.new("RGB", (pair[0].width + pair[1].width + 4, max(p.height for p in pair)), "white")
         canvas.paste(pair[0], (0, 0))
         canvas.paste(pair[1], (pair[0].width + 4, 0))

@@ -14,6 +14,7 @@ import urllib.request
 import pytest
 from PIL import Image
 
+from common import wait_for_file
 from shapes import shapes_sample
 from synthesis import DataServerClient
 
@@ -28,11 +29,9 @@ def start_server(state_dir, *extra):
     p = subprocess.Popen([sys.executable, os.path.join(ROOT, "server.py"), "--port", "0", "--port-file", port_file,
                           "--state-dir", state_dir, "--steps", "2", *extra], cwd=ROOT,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not os.path.exists(port_file):
-        assert p.poll() is None and time.time() < deadline, "server did not start"
-        time.sleep(0.05)
-    return p, f"http://127.0.0.1:{open(port_file).read()}"
+    assert wait_for_file(port_file, timeout=120, alive=lambda: p.poll() is None), "server did not start"
+    with open(port_file) as f:
+        return p, f"http://127.0.0.1:{f.read()}"
 
 
 def call(url, path, body=None, method=None, headers=None, raw=None):
