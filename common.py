@@ -11,9 +11,12 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import enum
+import errno
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -43,18 +46,47 @@ def opt(default, help: str, choices=None, aliases: tuple = ()):
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The module docstring as written, and every flag's default after its help."""
+    """The module docstring as written, and every flag's default after its help, unless the help states it already
+    (a default that depends on the device reads "(default: ...)" in the text, not a second "(default: None)")."""
+
+    def _get_help_string(self, action):
+        if "default:" in (action.help or "") or action.default in (None, "", argparse.SUPPRESS):
+            return action.help
+        return super()._get_help_string(action)
+
+
+# The peers' settings that have no flag of that name here, and what takes their place (TRL, transformers' Trainer)
+PEER_SETTINGS = {
+    "per_device_train_batch_size": "--batch-size (it counts prompts, each with --num-generations completions; TRL "
+                                   "counts completions)",
+    "gradient_accumulation_steps": "--batch-size and --micro-batch (a step's prompts are split into micro-batches)",
+    "logging_steps": "nothing: every step is logged",
+    "bf16": "--device (bf16 on cuda, float32 on cpu)",
+}
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with one line for a bad command line (not the usage of 60 flags), exit status 2."""
+    """argparse with one line for a bad command line (not the usage of 60 flags), exit status 2, and a suggestion for
+    a misspelt flag or a peer's setting that has another name here."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
 
     def error(self, message):
+        if message.startswith("unrecognized arguments:"):
+            hints = [self.suggest(w) for w in message.split(":", 1)[1].split() if w.startswith("-")]
+            message += "".join(f"; {h}" for h in hints if h)
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+    def suggest(self, name: str) -> str | None:
+        """What was probably meant by an unknown flag or --config key `name`."""
+        key = name.split("=")[0].lstrip("-").replace("-", "_")
+        if key in PEER_SETTINGS:
+            return f"for {key} use {PEER_SETTINGS[key]}"
+        flags = [s for a in self._actions for s in a.option_strings if s.startswith("--")]
+        near = difflib.get_close_matches("--" + key.replace("_", "-"), flags, n=1, cutoff=0.75)
+        return f"did you mean {near[0]}?" if near else None
 
 
 class ConfigParser(ArgumentParser):
@@ -86,7 +118,8 @@ class ConfigParser(ArgumentParser):
         for key, value in raw.items():
             action = by_name.get(str(key).replace("-", "_"))
             if action is None:
-                self.error(f"--config {path}: unknown field {key!r}")
+                hint = self.suggest(str(key))
+                self.error(f"--config {path}: unknown field {key!r}" + (f" ({hint})" if hint else ""))
             out[action.dest] = self._typed(action, value, f"--config {path}: {key}")
         return out
 
@@ -172,6 +205,8 @@ def atomic_write(path: str, mode: str = "w", fsync: bool = False):
     """Open a unique temporary file beside `path`, yield it, then rename it over `path`: a kill at any moment
     leaves either the old file or the new one (os.replace is atomic), and a failure removes the temporary file.
     The name is unique, so threads writing the same path never share one. fsync: survive a power loss too."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(errno.EISDIR, "is a folder, not a file", path)
     tmp = f"{path}.{uuid.uuid4().hex[:12]}.tmp"
     try:
         with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
@@ -200,6 +235,23 @@ def atomic_dir(path: str):
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def output_problem(flag: str, path: str, folder: bool = False) -> str | None:
+    """Why `path` cannot take a program's output (a folder when `folder`, else a file), or None: checked before any
+    work, so that a mistyped path is one line at the start, not a traceback at the end."""
+    if folder:
+        return f"{flag} {path}: a file, not a folder" if os.path.isfile(path) else None
+    if os.path.isdir(path):
+        return f"{flag} {path}: a folder; give the file to write"
+    parent = os.path.dirname(os.path.abspath(path))
+    return None if os.path.isdir(parent) else f"{flag} {path}: its folder {parent} does not exist"
+
+
+def device_exists(device: str) -> bool:
+    """cpu, or cuda / cuda:K of a visible GPU."""
+    m = re.fullmatch(r"cuda(?::(\d+))?", device)
+    return device == "cpu" or bool(m) and int(m[1] or 0) < torch.cuda.device_count()
 
 
 def read_jsonl(path: str, skip_bad: bool = False) -> list[dict]:

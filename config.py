@@ -14,12 +14,13 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
-from common import ArgumentParser, Dist, config_parser, opt, split_list
+from common import ArgumentParser, Dist, config_parser, device_exists, opt, output_problem, split_list
 from data import TASKS, DataError, missing_sources, read_template
 from outpaint import SEGMENTERS, default_steps
-from prompts import MATH_FORMATS, PROMPTS
-from rollout import TINY_MODELS
+from prompts import MATH_FORMATS, TEMPLATES
+from rollout import TINY_MODELS, model_problem
 from shapes import GRID
+from tracking import tracker_problem
 
 @dataclass
 class Config:
@@ -94,7 +95,7 @@ class Config:
     reward_function: str = opt("", "path.py:fn, a reward as TRL users write them: fn(completions: list[str], samples: "
                                    "list[data.Sample]) -> list[float], one per completion; added to the total (weight: "
                                    "the 4th of --reward-weights), logged as reward_custom. Checked at start-up")
-    prompt_template: str = opt("", "a file whose text replaces the built-in prompt (data.PROMPTS), with {problem} "
+    prompt_template: str = opt("", "a file whose text replaces the built-in prompt (prompts.TEMPLATES), with {problem} "
                                    "(rec, math: the row's question; ovd, isr: the detection question) and "
                                    "{categories} (ovd, isr); the format reward still checks the tags of --algo. "
                                    "Checked at start-up")
@@ -216,31 +217,41 @@ def resolve_defaults(cfg: Config) -> Config:
 def check_config(cfg: Config, files: bool = True) -> None:
     """A config that cannot run as asked stops here with one line, before anything is written. files=False skips what
     depends on this machine (files, a GPU): --print-config describes a run for another machine too."""
-    for bad, message in (machine_problems(cfg) if files else []) + value_problems(cfg):
-        if bad:
-            raise SystemExit(f"train.py: {message}")
-    if files:
-        try:
-            read_template(cfg.prompt_template, cfg.task)
-        except DataError as e:
-            raise SystemExit(f"train.py: {e}")
+    values = [message for bad, message in value_problems(cfg) if bad]
+    for problem in (machine_problems(cfg) if files else []) + values:
+        if problem:
+            raise SystemExit(f"train.py: {problem}")
 
 
-def machine_problems(cfg: Config) -> list[tuple]:
-    """(bad, message) of what this machine must have: the files named, the devices asked for."""
+def machine_problems(cfg: Config) -> list[str | None]:
+    """What this machine must have, each None or the reason it does not: the model, the files named, the output
+    folder, the devices asked for, the trackers' credentials, a readable prompt template."""
     missing = missing_sources(cfg.data)
     return [
-        (missing, f"--data {cfg.data}: no such file or dataset dir: {', '.join(missing)}"),
-        (any(not os.path.isdir(r) for r in split_list(cfg.image_root)), f"--image-root {cfg.image_root}: no such directory"),
-        (cfg.descriptions and not os.path.isfile(cfg.descriptions), f"--descriptions {cfg.descriptions}: no such file"),
-        (any(missing_sources(s) for s in cfg.eval_data), f"--eval-data {' '.join(cfg.eval_data)}: no such file or "
-                                                         "dataset dir"),
-        (cfg.device == "cuda" and not torch.cuda.is_available(), "--device cuda: no CUDA device is visible"),
-        (starts_local_server(cfg) and not device_exists(cfg.server_device),
-         f"--server-device {cfg.server_device}: no such device for the local data server (the training processes take "
-         f"the first GPUs); give --server-device cuda:0 to share one, or --server-url of a server started with "
-         f"server.py --device"),
+        cfg.device == "cuda" and not torch.cuda.is_available() and "--device cuda: no CUDA device is visible",
+        model_problem(cfg.model),
+        output_problem("--out-dir", cfg.out_dir, folder=True),
+        missing and f"--data {cfg.data}: no such file or dataset dir: {', '.join(missing)}",
+        any(not os.path.isdir(r) for r in split_list(cfg.image_root)) and f"--image-root {cfg.image_root}: no such "
+                                                                          "directory",
+        cfg.descriptions and not os.path.isfile(cfg.descriptions) and f"--descriptions {cfg.descriptions}: no such file",
+        any(missing_sources(s) for s in cfg.eval_data) and f"--eval-data {' '.join(cfg.eval_data)}: no such file or "
+                                                           "dataset dir",
+        tracker_problem(cfg.report_to),
+        starts_local_server(cfg) and not device_exists(cfg.server_device) and (
+            f"--server-device {cfg.server_device}: no such device for the local data server (the training processes "
+            f"take the first GPUs); give --server-device cuda:0 to share one, or --server-url of a server started "
+            f"with server.py --device"),
+        template_problem(cfg.prompt_template, cfg.task),
     ]
+
+
+def template_problem(path: str, task: str) -> str | None:
+    try:
+        read_template(path, task)
+    except DataError as e:
+        return str(e)
+    return None
 
 
 def value_problems(cfg: Config) -> list[tuple]:
@@ -287,6 +298,34 @@ def value_problems(cfg: Config) -> list[tuple]:
     ]
 
 
+# What a resumed run may change: how long it runs, how it is validated, logged and saved, where its data servers are.
+# Everything else is the run's own: a resume continues the same experiment.
+RESUME_MAY_CHANGE = ("max_steps", "eval_data", "eval_image_root", "eval_every", "eval_limit", "eval_before_train",
+                     "report_to", "run_name", "log_completions", "log_completions_every", "save_every",
+                     "save_total_limit", "server_url", "server_token")
+
+
+def resumed_config(cfg: Config, saved: dict) -> Config:
+    """The run's saved config, with the flags given now that a resume may change applied (and said); any other flag
+    given with a value other than the run's stops the start with one line naming them. A flag counts as given when
+    its value is not Config's default."""
+    saved = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}   # JSON has no tuples
+    default, out = Config(), Config(**{**saved, "resume": cfg.resume, "out_dir": cfg.resume})
+    given = [f.name for f in fields(Config) if f.name not in ("resume", "out_dir", "overwrite")
+             and getattr(cfg, f.name) != getattr(default, f.name)]
+    refused = [k for k in given if k not in RESUME_MAY_CHANGE and getattr(cfg, k) != saved.get(k)]
+    if refused:
+        flags = ", ".join(f"--{k.replace('_', '-')} {getattr(cfg, k)} (the run's: {saved.get(k)})" for k in refused)
+        raise SystemExit(f"train.py: --resume {cfg.resume} continues the run with its own config; {flags} would change "
+                         f"it: give another --out-dir for a new run")
+    applied = [k for k in given if k in RESUME_MAY_CHANGE and getattr(cfg, k) != saved.get(k)]
+    for k in applied:
+        setattr(out, k, getattr(cfg, k))
+    if applied and os.environ.get("RANK", "0") == "0":
+        print("resume: " + ", ".join(f"--{k.replace('_', '-')} {getattr(cfg, k)} (was {saved.get(k)})" for k in applied))
+    return out
+
+
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "final")   # any of them: the folder holds a run
 
 
@@ -298,12 +337,6 @@ def starts_local_server(cfg: Config) -> bool:
     """Whether train.py starts a data server of its own (Syn-GRPO with synthesis, or offline synthesis, and no URL)."""
     synthesizes = (cfg.algo == "syn-grpo" and cfg.synthesize) or cfg.offline_synthesis
     return synthesizes and not cfg.server_url
-
-
-def device_exists(device: str) -> bool:
-    """cpu, or cuda:K of a visible GPU."""
-    m = re.fullmatch(r"cuda(?::(\d+))?", device)
-    return device == "cpu" or bool(m) and int(m[1] or 0) < torch.cuda.device_count()
 
 
 def _is_number(v: str) -> bool:
@@ -325,6 +358,8 @@ def prepare_config(cfg: Config, files: bool = True) -> Config:
                          "with --overwrite, or give another --out-dir")
     if cfg.resume:
         path = os.path.join(cfg.resume, "config.json")
+        if not os.path.isdir(cfg.resume):
+            raise SystemExit(f"train.py: --resume {cfg.resume}: no such directory")
         if not os.path.isfile(path):
             raise SystemExit(f"train.py: --resume {cfg.resume}: no config.json there (not a run directory)")
         with open(path) as f:
@@ -332,9 +367,7 @@ def prepare_config(cfg: Config, files: bool = True) -> Config:
         unknown = sorted(set(saved) - {f.name for f in fields(Config)})
         if unknown:
             raise SystemExit(f"train.py: {path} has fields this version does not know: {', '.join(unknown)}")
-        max_steps = cfg.max_steps
-        cfg = Config(**{**saved, "resume": cfg.resume, "out_dir": cfg.resume})
-        cfg.max_steps = max_steps if max_steps is not None else cfg.max_steps
+        cfg = resumed_config(cfg, saved)
     cfg = resolve_defaults(cfg)
     check_config(cfg, files=files)
     return cfg
@@ -342,8 +375,10 @@ def prepare_config(cfg: Config, files: bool = True) -> Config:
 
 def command_line(description: str = "") -> ArgumentParser:
     """train.py's command line: a flag per Config field, --config FILE, and the actions --print-config and --plan."""
-    templates = "\n".join(f"  {k}: {v}" for k, v in PROMPTS.items())
-    p = config_parser(Config, description=description, epilog="Prompt templates (data.PROMPTS):\n" + templates)
+    templates = "\n".join(f"  {k}: {v}" for k, v in TEMPLATES.items())
+    p = config_parser(Config, description=description, epilog="The built-in prompts, as --prompt-template files "
+                      "(prompts.TEMPLATES; {problem} is the row's question, for ovd and isr the detection question "
+                      "with the row's categories):\n" + templates)
     p.add_argument("--print-config", action="store_true", help="print the resolved config (the defaults of --device "
                    "filled in) as JSON and exit, without loading a model")
     p.add_argument("--plan", action="store_true", help="print the memory one step of this run needs per training GPU "

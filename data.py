@@ -30,7 +30,7 @@ from typing import Optional
 
 from PIL import Image
 
-from common import CACHE, ArgumentParser, HelpFormatter, atomic_write, split_list
+from common import CACHE, ArgumentParser, HelpFormatter, atomic_write, output_problem, split_list
 from prompts import DESCRIPTIONS, TEMPLATE_FIELDS, format_output
 from shapes import BACKGROUNDS, GRID, make_shapes
 
@@ -195,6 +195,20 @@ def is_box(b) -> bool:
             and b[2] > b[0] and b[3] > b[1])
 
 
+BOX_SLACK = 1.0   # pixels a box may stand beyond its image (COCO's float boxes overshoot the edge by rounding)
+
+
+def box_problem(b, size) -> str | None:
+    """Why `b` cannot be a box of an image of `size` (width, height; 0 = unknown, unchecked), or None: the one rule
+    for boxes wherever they enter (data files, the data server's jobs)."""
+    if not is_box(b):
+        return f"{str(b)[:80]} is not [x1, y1, x2, y2] of numbers with x2 > x1 and y2 > y1"
+    w, h = size
+    if w > 0 and h > 0 and (min(b[0], b[1]) < -BOX_SLACK or b[2] > w + BOX_SLACK or b[3] > h + BOX_SLACK):
+        return f"{[round(v, 2) for v in b]} lies outside the {w}x{h} image"
+    return None
+
+
 def iou(a, b) -> float:
     """Continuous IoU of two [x1, y1, x2, y2] boxes (0 for degenerate ones)."""
     iw = min(a[2], b[2]) - max(a[0], b[0])
@@ -255,6 +269,8 @@ def parse_row(row: dict, task: str, image_root: str, where: str, need_image: boo
         sol = row.get("solution")
         if not is_box(sol):
             bad(f"'solution' must be [x1, y1, x2, y2] with x2 > x1, y2 > y1; got {sol!r}")
+        if box_problem(sol, (w, h)):
+            bad(f"'solution' {box_problem(sol, (w, h))}")
         s.problem, s.solution = row["problem"], [float(v) for v in sol]
     elif task in ("ovd", "isr"):
         cats, objs = row.get("categories"), row.get("objects")
@@ -265,6 +281,8 @@ def parse_row(row: dict, task: str, image_root: str, where: str, need_image: boo
         for j, o in enumerate(objs):
             if not isinstance(o, dict) or not is_box(o.get("bbox")) or not isinstance(o.get("label"), str):
                 bad(f"objects[{j}] must be {{'bbox': [x1,y1,x2,y2] (x2>x1, y2>y1), 'label': str}}; got {o!r}")
+            if box_problem(o["bbox"], (w, h)):
+                bad(f"objects[{j}] 'bbox' {box_problem(o['bbox'], (w, h))}")
         s.categories = list(cats)
         s.objects = [{"bbox": [float(v) for v in o["bbox"]], "label": o["label"]} for o in objs]
     elif task == "math":
@@ -507,7 +525,12 @@ def is_coco(source: str) -> bool:
     return head.lstrip().startswith("{") and '"annotations"' in head
 
 
-def read_source(source: str, task: str, image_root: str = "", strict: bool = True, log=print, need_images: bool = True,
+def warn(message: str) -> None:
+    """Skipped rows and other notes go to stderr, beside the errors; stdout keeps the program's output."""
+    print(message, file=sys.stderr)
+
+
+def read_source(source: str, task: str, image_root: str = "", strict: bool = True, log=warn, need_images: bool = True,
                 image_dir: str = IMAGE_CACHE, max_boxes_per_category: int = 0) -> list[Sample]:
     """The samples of one source of any format. A row's id is its own, else <file stem>-<line or index>. strict: the
     first bad row raises DataError naming file and line; else bad rows are reported through `log` and skipped."""
@@ -534,6 +557,23 @@ def read_source(source: str, task: str, image_root: str = "", strict: bool = Tru
     return samples
 
 
+def read_rows_or_stop(spec: str, task: str, image_root: str = "", strict: bool = False, prog: str = "",
+                      **kw) -> list[Sample]:
+    """read_data for a program: its bad rows are reported on stderr when some row is good; when none is (or --strict
+    meets a bad one), one line says so, with how many were bad and the first reason."""
+    bad = []
+    try:
+        samples = read_data(spec, task, image_root, strict=strict, log=bad.append, **kw)
+    except DataError as e:   # --strict's first bad row, or sources that cannot be read together
+        raise SystemExit(f"{prog}: {e}")
+    if not samples:
+        why = f": {len(bad)} bad rows, the first {bad[0].removeprefix('skipping bad row: ')}" if bad else " (empty)"
+        raise SystemExit(f"{prog}: no valid {task} row in {spec}{why}")
+    for b in bad:
+        warn(b)
+    return samples
+
+
 def source_name(source: str) -> str:
     """A source's short name: its file stem (refcoco_val), or the dataset's name and split (geometry3k-test)."""
     return os.path.splitext(os.path.basename(source.rstrip("/")))[0].replace("@", "-")
@@ -544,7 +584,7 @@ def missing_sources(spec: str) -> list[str]:
     return [s for s in split_list(spec) if not hub_name(s) and not os.path.exists(s)]
 
 
-def read_data(spec: str, task: str, image_root: str = "", strict: bool = True, log=print, need_images: bool = True,
+def read_data(spec: str, task: str, image_root: str = "", strict: bool = True, log=warn, need_images: bool = True,
               image_dir: str = IMAGE_CACHE, max_boxes_per_category: int = 0) -> list[Sample]:
     """--data as users give it: one source, or several comma-separated (VLM-R1's `a.jsonl:b.jsonl`) with one
     --image-root for all or one each. With several, each id is prefixed by its source's name (VLM-R1's files each
@@ -693,6 +733,9 @@ def main(argv=None) -> None:
         if path is not None and not os.path.isfile(path)]
     if missing:
         raise SystemExit(f"data.py {a.cmd}: {', '.join(missing)}: no such file")
+    out = getattr(a, "out", None)
+    if out and output_problem("--out", out, folder=a.cmd == "shapes"):
+        raise SystemExit(f"data.py {a.cmd}: {output_problem('--out', out, folder=a.cmd == 'shapes')}")
     try:
         run_command(a)
     except DataError as e:
@@ -707,6 +750,8 @@ def run_command(a) -> None:
             raise SystemExit(f"data.py shapes: {e}")
     elif a.cmd == "context":
         samples = read_data(a.file, "rec", a.image_root, strict=False)
+        if not samples:
+            raise DataError(f"no valid rec row in {a.file}: nothing written")
         n = add_context_objects(samples, a.coco)
         write_samples(samples, a.out, image_root=a.image_root or os.path.dirname(os.path.abspath(a.file)))
         print(f"{a.out}: {n} of {len(samples)} rows have context objects")
@@ -718,14 +763,18 @@ def run_command(a) -> None:
         for b in bad:
             print(b)
         if a.cmd == "convert":
+            if not good:
+                raise DataError(f"no valid {a.task} row in {a.file}: nothing written")
             write_samples(good, a.out, image_root=out_dir)
             print(f"{a.out}: {len(good)} rows written, {len(bad)} bad rows skipped")
             return
         print(f"{len(good)} valid rows, {len(bad)} bad rows")
         sys.exit(1 if bad else 0)
     else:
-        write_samples(coco_to_samples(a.coco_json, a.image_root, a.task, a.max_boxes_per_category), a.out,
-                    image_root=a.image_root)
+        samples = coco_to_samples(a.coco_json, a.image_root, a.task, a.max_boxes_per_category)
+        if not samples:
+            raise DataError(f"no image of {a.coco_json} keeps an annotated object: nothing written")
+        write_samples(samples, a.out, image_root=a.image_root)
         print(a.out)
 
 

@@ -15,6 +15,7 @@ Generation is greedy by default; `--limit N --seed S` evaluates VLM-R1's random 
 """
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import random
@@ -25,11 +26,11 @@ from dataclasses import dataclass
 import numpy as np
 
 import rewards as R
-from common import ArgumentParser, opt, parse_config, read_jsonl, write_jsonl
+from common import ArgumentParser, atomic_write, opt, output_problem, parse_config, read_jsonl, write_jsonl
 from prompts import MATH_FORMATS
 from data import (QWEN_MAX_PIXELS, QWEN_MIN_PIXELS, TASKS, DataError, DataPool, Sample, load_image, missing_sources,
-                  read_data, read_template, smart_resize, source_name)
-from rollout import Sampling, encode_prompt, load_engine
+                  read_rows_or_stop, read_template, smart_resize, source_name)
+from rollout import Sampling, encode_prompt, load_engine, model_problem
 
 
 @dataclass
@@ -65,16 +66,13 @@ class EvalConfig:
 
 
 def load_split(path: str, task: str, image_root: str = "", limit: int = 0, seed: int = 42,
-               max_boxes_per_category: int = 0, need_images: bool = True) -> list[Sample]:
+               max_boxes_per_category: int = 0, need_images: bool = True, prog: str = "eval.py") -> list[Sample]:
     """A benchmark split in any format train.py's --data takes (data.read_data: our JSONL, VLM-R1's JSONL or JSON
     lists such as its RefCOCO val / LISA test files, COCO detection JSON for ovd/isr, Hugging Face datasets). Bad
     rows are reported and skipped. need_images=False (scoring saved predictions): a row whose image is not there is
-    kept if it gives its width and height."""
-    try:
-        samples = read_data(path, task, image_root, strict=False, log=lambda m: print(m, file=sys.stderr),
-                            need_images=need_images, max_boxes_per_category=max_boxes_per_category)
-    except DataError as e:
-        raise SystemExit(f"eval.py: {e}")
+    kept if it gives its width and height. A split with no valid row stops `prog` with one line."""
+    samples = read_rows_or_stop(path, task, image_root, prog=prog, need_images=need_images,
+                                max_boxes_per_category=max_boxes_per_category)
     if limit and len(samples) > limit:   # VLM-R1: random.seed(42); random.shuffle(data); data[:2000]
         samples = list(samples)
         random.Random(seed).shuffle(samples)
@@ -200,16 +198,14 @@ def evaluate(cfg: EvalConfig) -> dict:
         template = read_template(cfg.prompt_template, cfg.task)
     except DataError as e:
         raise SystemExit(f"eval.py: {e}")
+    splits = {path: load_split(path, cfg.task, cfg.image_root, cfg.limit, cfg.seed) for path in cfg.data}   # or stop
     engine, processor = load_engine(cfg.model, cfg.backend, chunk=cfg.batch_size, max_model_len=cfg.max_model_len,
                                     gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
                                     min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
     os.makedirs(cfg.out_dir, exist_ok=True)
     results = {}
-    for path in cfg.data:
+    for path, samples in splits.items():
         split = source_name(path)
-        samples = load_split(path, cfg.task, cfg.image_root, cfg.limit, cfg.seed)
-        if not samples:
-            raise SystemExit(f"eval.py: no valid {cfg.task} row in {path}")
         rows = predict(engine, processor, samples, cfg.algo, cfg.max_new_tokens, cfg.batch_size,
                        math_format=cfg.math_format, template=template)
         write_jsonl(os.path.join(cfg.out_dir, f"predictions_{split}.jsonl"), rows)
@@ -221,10 +217,10 @@ def evaluate(cfg: EvalConfig) -> dict:
 
 def write_results(out_dir: str, task: str, results: dict, name: str) -> None:
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
+    with atomic_write(os.path.join(out_dir, "results.json")) as f:
         json.dump({"task": task, "model": name, "results": results}, f, indent=1)
     table = markdown_table(task, results, name)
-    with open(os.path.join(out_dir, "results.md"), "w") as f:
+    with atomic_write(os.path.join(out_dir, "results.md")) as f:
         f.write(table + "\n")
     print(table)
 
@@ -238,18 +234,21 @@ class ScoreConfig:
                                "{id, boxes[, labels]} in original pixels or {id, answer}")
     image_root: str = opt("", "image folder of the gold file; rows that give width and height need no image")
     out_dir: str = opt("", "write results.json / results.md here ('' = print the metrics as JSON)")
+    allow_partial: bool = opt(False, "score even when some gold rows have no prediction (they count as wrong) or some "
+                                     "predictions have ids the gold file does not")
 
 
-def score_command(task: str, data: str, predictions: str, image_root: str = "", out_dir: str = "") -> dict:
-    """Score saved predictions against a gold file: no model, and no image for rows that carry width and height."""
+def score_command(task: str, data: str, predictions: str, image_root: str = "", out_dir: str = "",
+                  allow_partial: bool = False) -> dict:
+    """Score saved predictions against a gold file: no model, and no image for rows that carry width and height.
+    The coverage is printed (matched, missing and unknown ids); below full coverage it stops unless allow_partial
+    (a gold row without a prediction then counts as wrong)."""
     for name, path in (("--data", data), ("--predictions", predictions)):
         if not path or (missing_sources(path) if name == "--data" else not os.path.isfile(path)):
             raise SystemExit(f"eval.py score: {name} {path or '(missing)'}: no such file")
-    samples = load_split(data, task, image_root, need_images=False)
-    if not samples:
-        raise SystemExit(f"eval.py score: no scorable row in {data} (each needs its image, or width and height)")
+    samples = load_split(data, task, image_root, need_images=False, prog="eval.py score")
     by_id = {s.id: s for s in samples}
-    preds = {}
+    preds, unknown = {}, []
     with open(predictions, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             try:
@@ -258,7 +257,9 @@ def score_command(task: str, data: str, predictions: str, image_root: str = "", 
             except (ValueError, KeyError, TypeError):
                 print(f"{predictions}:{lineno}: not a prediction row, ignored", file=sys.stderr)
                 continue
-            if sid in by_id:
+            if sid not in by_id:
+                unknown.append(sid)
+            else:
                 try:
                     preds[sid] = parse_prediction(row, by_id[sid])
                 except Exception as e:   # a malformed prediction scores as no answer, never a crash
@@ -266,12 +267,25 @@ def score_command(task: str, data: str, predictions: str, image_root: str = "", 
                     preds[sid] = None
     if not preds:
         raise SystemExit(f"eval.py score: no row of {predictions} has the id of a row of {data}")
+    check_coverage(samples, preds, unknown, allow_partial)
     res = {source_name(data): score_split(task, samples, preds)}
     if out_dir:
         write_results(out_dir, task, res, os.path.basename(predictions))
     else:
         print(json.dumps(res))
     return res
+
+
+def check_coverage(samples: list[Sample], preds: dict, unknown: list, allow_partial: bool) -> None:
+    """Say how many gold rows have a prediction; stop below full coverage unless asked to score anyway."""
+    missing = [s.id for s in samples if s.id not in preds]
+    if (missing or unknown) and not allow_partial:
+        example = lambda ids: f" (e.g. {', '.join(ids[:3])})" if ids else ""
+        raise SystemExit(f"eval.py score: predictions for {len(preds)} of {len(samples)} gold rows: {len(missing)} "
+                         f"missing{example(missing)}, {len(unknown)} ids not in the gold file{example(unknown)}; "
+                         "--allow-partial scores them anyway (a missing row counts as wrong)")
+    print(f"coverage: {len(preds)} of {len(samples)} gold rows have a prediction; {len(missing)} missing, "
+          f"{len(unknown)} unknown ids", file=sys.stderr)
 
 
 CURVES = ("reward", "reward_accuracy", "entropy", "diversity", "diversity_smoothed", "reward_diversity")
@@ -344,24 +358,37 @@ def gallery_command(run_dir: str, rows: int = 6) -> str:
     return path
 
 
+COMMANDS = ("score", "plot", "gallery")   # and, without one, the evaluation of a model
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:
+        near = difflib.get_close_matches(argv[0], COMMANDS, n=1)
+        raise SystemExit(f"eval.py: unknown command {argv[0]!r}: one of {', '.join(COMMANDS)}, or flags alone to "
+                         f"evaluate a model" + (f" (did you mean {near[0]}?)" if near else ""))
     if argv and argv[0] == "score":
         c = parse_config(ScoreConfig, argv[1:], description=ScoreConfig.__doc__)
-        return score_command(c.task, c.data, c.predictions, c.image_root, c.out_dir)
+        if c.out_dir and output_problem("--out-dir", c.out_dir, folder=True):
+            raise SystemExit(f"eval.py score: {output_problem('--out-dir', c.out_dir, folder=True)}")
+        return score_command(c.task, c.data, c.predictions, c.image_root, c.out_dir, c.allow_partial)
     if argv and argv[0] in ("plot", "gallery"):
         p = ArgumentParser(prog=f"eval.py {argv[0]}")
         p.add_argument("run_dir", help="a train.py --out-dir (metrics.jsonl; pool.json for the gallery)")
         a = p.parse_args(argv[1:])
+        need = "metrics.jsonl" if argv[0] == "plot" else "pool.json"
+        if not os.path.isfile(os.path.join(a.run_dir, need)):
+            raise SystemExit(f"eval.py {argv[0]}: {a.run_dir} is not a training run (no {need} there)")
         out = plot_command(a.run_dir) if argv[0] == "plot" else gallery_command(a.run_dir)
         print(out)
         return out
     cfg = parse_config(EvalConfig, argv, description=__doc__)
     if not cfg.data:
         raise SystemExit("eval.py: --data is required (one or more benchmark files)")
-    for path in cfg.data:
-        if missing_sources(path):
-            raise SystemExit(f"eval.py: --data {path}: no such file")
+    problems = [model_problem(cfg.model), output_problem("--out-dir", cfg.out_dir, folder=True)]
+    for problem in problems + [f"--data {p}: no such file" for p in cfg.data if missing_sources(p)]:
+        if problem:
+            raise SystemExit(f"eval.py: {problem}")
     return evaluate(cfg)
 
 

@@ -116,8 +116,9 @@ def plan_memory(cfg: Config, setting: PlanSetting, counts: dict, config) -> dict
         vllm = {"reserved": (cfg.vllm_gpu_memory_utilization * setting.gpu_memory_gb * GIB if cfg.device == "cuda"
                              else weights + kv_space), "weights": weights,
                 "kv_cache_step": kv_per_token * seqs_per_gpu * (prompt_len + cfg.max_new_tokens)}
-        parts["vllm"] = 0 if cfg.vllm_sleep_mode else vllm["reserved"]   # asleep during the update: freed
-    peak_update = sum(parts.values())
+        parts["vllm"] = vllm["reserved"]
+    asleep = cfg.vllm_sleep_mode and "vllm" in parts                # vLLM's share is freed during the update
+    peak_update = sum(v for k, v in parts.items() if not (k == "vllm" and asleep))
     peak_rollout = sum(parts[k] for k in ("weights", "optimizer", "reference")) + vllm.get("reserved", 0)
     peak = max(peak_update, peak_rollout)
     return {"model": cfg.model, "device": cfg.device, "gpus": n, **{k: counts[k] for k in counts},
@@ -125,6 +126,7 @@ def plan_memory(cfg: Config, setting: PlanSetting, counts: dict, config) -> dict
             "completion_len": cfg.max_new_tokens, "sequences_per_gpu": seqs_per_gpu, "micro_batch": micro,
             "per_gpu_bytes": {k: int(v) for k, v in parts.items()}, "vllm_bytes": {k: int(v) for k, v in vllm.items()},
             "peak_bytes": int(peak), "peak_phase": "update" if peak_update >= peak_rollout else "rollout",
+            "phase_bytes": {"update": int(peak_update), "rollout": int(peak_rollout)}, "vllm_asleep_in_update": asleep,
             "gpu_memory_bytes": int(setting.gpu_memory_gb * GIB),   # vLLM must hold its weights in its share too
             "fits": peak <= setting.gpu_memory_gb * GIB and (not vllm or vllm["weights"] < vllm["reserved"]),
             "vllm_kv_fits": not vllm or vllm["weights"] + vllm["kv_cache_step"] <= vllm["reserved"]}
@@ -138,19 +140,22 @@ PLAN_REMEDIES = (("--gradient-checkpointing", dict(gradient_checkpointing=True))
 
 
 def plan_remedies(cfg: Config, setting: PlanSetting, counts: dict, config) -> list[dict]:
-    """The peak after each change of PLAN_REMEDIES that the run has not made (LoRA: single-process only), after
-    doubling the training GPUs (FSDP), and after all of them together."""
+    """The peak after each change of PLAN_REMEDIES that the run has not made and that lowers it (LoRA: single-process
+    only), after doubling the training GPUs (FSDP), and after all of them together (LoRA then on the GPUs the run
+    has: the code supports no LoRA under FSDP)."""
+    peak = lambda change: plan_memory(replace(cfg, **{k: v for k, v in change.items() if k != "gpus"}),
+                                      replace(setting, gpus=change.get("gpus", setting.gpus)), counts, config)
+    now = peak({})["peak_bytes"]
     changes = [(f, c) for f, c in PLAN_REMEDIES if any(getattr(cfg, k) != v for k, v in c.items())
                and not (c.get("lora_r") and setting.gpus > 1)]
     if not cfg.lora_r:
         changes.append((f"{2 * setting.gpus} training GPUs (torchrun)", {"gpus": 2 * setting.gpus}))
-    changes.append(("all of these", {k: v for _, c in changes for k, v in c.items()}))   # micro-batch: the last, 1
-    out = []
-    for flags, change in changes:
-        s = replace(setting, gpus=change.get("gpus", setting.gpus))
-        c = replace(cfg, **{k: v for k, v in change.items() if k != "gpus"})
-        p = plan_memory(c, s, counts, config)
-        out.append({"flags": flags, "peak_bytes": p["peak_bytes"], "fits": p["fits"]})
+    changes = [(f, c) for f, c in changes if peak(c)["peak_bytes"] < now]       # only what changes the peak
+    together = {k: v for _, c in changes for k, v in c.items()}                  # micro-batch: the last, 1
+    if together.get("lora_r"):
+        together.pop("gpus", None)
+    out = [{"flags": f, "peak_bytes": p["peak_bytes"], "fits": p["fits"]}
+           for f, p in ((f, peak(c)) for f, c in changes + [("all of these", together)] * bool(changes))]
     return out
 
 
@@ -165,7 +170,10 @@ def print_plan(plan: dict, remedies: list[dict]) -> None:
           f"{plan['completion_len']} completion tokens")
     print("per GPU (GB):")
     for k, v in plan["per_gpu_bytes"].items():
-        print(f"  {k:<12}{gb(v)}")
+        note = "  (rollout phase only: asleep during the update)" if k == "vllm" and plan["vllm_asleep_in_update"] else ""
+        print(f"  {k:<12}{gb(v)}{note}")
+    print(f"  {'update':<12}{gb(plan['phase_bytes']['update'])}  (every part above in the update phase)")
+    print(f"  {'rollout':<12}{gb(plan['phase_bytes']['rollout'])}  (weights, optimizer, reference and vLLM's share)")
     print(f"  {'peak':<12}{gb(plan['peak_bytes'])}  ({plan['peak_phase']} phase; CUDA context and allocator "
           f"slack, ~1-2 GB, come on top): {'fits' if plan['fits'] else 'does NOT fit'}")
     if plan["vllm_bytes"]:

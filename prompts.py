@@ -71,6 +71,18 @@ def build_prompt(sample, algo: str = "grpo", math_format: str = "boxed", templat
 
 TEMPLATE_FIELDS = ("problem", "categories")   # what a --prompt-template may use (data.read_template checks it)
 
+# The built-in prompts as a --prompt-template file writes them ({problem}: rec and math, the row's question, e.g.
+# REC_QUESTION filled in; ovd and isr, OVD_QUESTION with the row's {categories}): what train.py --help shows
+_literal = lambda text: text.replace("{", "{{").replace("}", "}}")   # a template file writes braces twice
+TEMPLATES = {
+    "rec": "{problem}" + _literal(THINK_ANSWER + JSON_ANSWER),
+    "rec/syn-grpo": "{problem}" + _literal(SYN_TAGS + JSON_ANSWER),
+    "ovd, isr": "{problem}" + _literal(THINK_ANSWER),
+    "ovd, isr/syn-grpo": "{problem}" + _literal(SYN_TAGS),
+    "math": "{problem}" + _literal(MATH_SUFFIX),
+    "math/think": "{problem}" + _literal(MATH_THINK),
+}
+
 
 # ----------------------------------------------------------------------------------------------------
 # The answer's tags

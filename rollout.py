@@ -19,9 +19,11 @@ prompts are never truncated (open-r1-multimodal#28).
 """
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -167,6 +169,29 @@ def resolve_model(name: str) -> str:
             build_tiny(path, vocab="qwen" if name == "tiny-qwen-vocab" else "small")
         return path
     return name
+
+
+def model_problem(name: str, flag: str = "--model") -> str | None:
+    """Why `name` cannot be loaded here, or None; checked before anything loads, so that a typo is one line rather
+    than a traceback after a minute of Hub retries. A name is a tiny model, a checkpoint dir (config.json and
+    weights), or a Hub id `org/name` (with HF_HUB_OFFLINE=1 it must be in the local cache)."""
+    if name in TINY_MODELS:
+        return None
+    if os.path.isdir(name):
+        files = set(os.listdir(name))
+        weights = any(f.endswith((".safetensors", ".bin")) or f.endswith(".index.json") for f in files)
+        return None if "config.json" in files and weights else (
+            f"{flag} {name}: a folder without a model (a checkpoint dir holds config.json and its weights)")
+    near = difflib.get_close_matches(name, TINY_MODELS, n=1, cutoff=0.6)
+    if os.path.sep in name.rstrip("/") and not re.fullmatch(r"[\w.-]+/[\w.-]+", name) or os.path.exists(name):
+        return f"{flag} {name}: no such checkpoint dir"
+    if "/" not in name:
+        hint = f"; did you mean {near[0]}?" if near else ""
+        return f"{flag} {name}: not a tiny model ({', '.join(TINY_MODELS)}), a checkpoint dir or a Hub id org/name{hint}"
+    from huggingface_hub import constants, try_to_load_from_cache
+    if constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return f"{flag} {name}: not in the local Hugging Face cache, and HF_HUB_OFFLINE=1 forbids a download"
+    return None
 
 
 def pixel_limits(min_pixels: int = 0, max_pixels: int = 0) -> dict:

@@ -19,9 +19,11 @@ API (JSON bodies; `Authorization: Bearer TOKEN` on every request when --token is
   GET /results?after=SEQ&limit=N
                   -> {"results": [{"seq", "job_id", "sample_id", "status", "boxes", "image_b64" | "error"}],
                       "next": SEQ}   (finished jobs in completion order; pass "next" back as "after")
-  GET /health     -> {"ok", "queued", "done", "failed", "workers"}
-Errors: 400 malformed (with a message), 401 bad or missing token, 403 image path outside --image-root,
-404 unknown job or route, 405 wrong method, 413 body or image over the limits, 429 queue full.
+  GET /health     -> {"ok", "queued", "done", "failed", "workers"}   (ok: a worker is alive to make images)
+Errors: 400 malformed (with a message; a box outside its image too), 401 bad or missing token, 403 image path
+outside --image-root, 404 unknown job or route, 405 wrong method, 413 body or image over the limits, 429 queue full.
+Settings under which no job could be served (a busy port, a missing --image-root, a device not there, limits
+below 1) stop the start with one line.
 
 Nothing accepted is lost: a job is written to --state-dir (atomically) before its 202, and its result is written
 (atomically) before it is reported; after a crash the restarted server re-queues every accepted job that has no
@@ -36,6 +38,7 @@ import io
 import json
 import os
 import queue
+import socket
 import sys
 import threading
 import time
@@ -46,8 +49,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from PIL import Image
 
-from common import atomic_write, opt, parse_config
-from data import is_box
+from common import atomic_write, device_exists, opt, output_problem, parse_config
+from data import box_problem, is_box
 from outpaint import SEGMENTERS, default_steps, load_pipeline, load_segmenter, outpaint
 
 
@@ -113,6 +116,8 @@ def _open_image(fp, max_pixels: int) -> Image.Image:
         return im.convert("RGB")
     except BadRequest:
         raise
+    except Image.DecompressionBombError as e:   # PIL's own limit, caught before ours on some headers: the same 413
+        raise BadRequest(413, f"image over the pixel limit ({e})")
     except Exception as e:   # PIL raises many types for bad bytes
         raise BadRequest(400, f"not a readable image: {type(e).__name__}")
 
@@ -152,6 +157,9 @@ def validate_job(body: dict, cfg: ServerConfig) -> tuple[dict, Image.Image]:
             image = _open_image(f, cfg.max_image_pixels)
     else:
         raise BadRequest(400, "one of image_b64 (base64 string) or image (path string) is required")
+    for b in boxes:
+        if box_problem(b, image.size):
+            raise BadRequest(400, f"bad box: {box_problem(b, image.size)}")
     key = body.get("key")
     if key is not None and (not isinstance(key, str) or len(key) > 256):
         raise BadRequest(400, "key must be a string of at most 256 characters")
@@ -305,8 +313,8 @@ def worker_loop(store: JobStore, jobs: queue.Queue, cfg: ServerConfig, stop: thr
 class API:
     """The data server's endpoints, free of HTTP: each method returns (status, JSON body) or raises BadRequest."""
 
-    def __init__(self, store: JobStore, jobs: queue.Queue, cfg: ServerConfig):
-        self.store, self.jobs, self.cfg = store, jobs, cfg
+    def __init__(self, store: JobStore, jobs: queue.Queue, cfg: ServerConfig, workers_alive=lambda: 1):
+        self.store, self.jobs, self.cfg, self.workers_alive = store, jobs, cfg, workers_alive
 
     def authorize(self, header: str) -> None:
         if self.cfg.token and not hmac.compare_digest(header.encode(), f"Bearer {self.cfg.token}".encode()):
@@ -352,7 +360,8 @@ class API:
         return 200, {"results": out, "next": out[-1]["seq"] if out else after}
 
     def health(self) -> tuple[int, dict]:
-        return 200, {"ok": True, **self.store.counts(), "workers": self.cfg.workers}
+        alive = self.workers_alive()   # ok: some worker can still turn jobs into images
+        return 200, {"ok": alive > 0, **self.store.counts(), "workers": alive}
 
 
 @dataclass
@@ -447,23 +456,60 @@ class DataServer(ThreadingHTTPServer):
     daemon_threads = True
 
 
+def check_config(cfg: ServerConfig) -> None:
+    """Settings under which no job could ever be served stop the start with one line (before the pipeline loads)."""
+    problems = [
+        min(cfg.workers, cfg.queue_size, cfg.max_body_bytes, cfg.max_image_pixels, cfg.max_boxes, cfg.steps) < 1 and
+        "--workers, --queue-size, --max-body-bytes, --max-image-pixels, --max-boxes and --steps must be at least 1",
+        (cfg.work_size < 0 or cfg.work_size % 8 or cfg.threads < 0 or cfg.request_timeout <= 0) and
+        "--work-size must be a multiple of 8 (0: the source's size), --threads >= 0, --request-timeout > 0",
+        not 0 <= cfg.port <= 65535 and f"--port {cfg.port}: not a port (0 = any free one)",
+        cfg.image_root and not os.path.isdir(cfg.image_root) and f"--image-root {cfg.image_root}: no such directory",
+        not device_exists(cfg.device) and f"--device {cfg.device}: no such device here",
+        output_problem("--state-dir", cfg.state_dir, folder=True),
+        cfg.port_file and output_problem("--port-file", cfg.port_file),
+        port_problem(cfg.host, cfg.port),
+    ]
+    for problem in problems:
+        if problem:
+            raise SystemExit(f"server.py: {problem}")
+
+
+def port_problem(host: str, port: int) -> str | None:
+    """Whether the address can be listened on, tried before a minute of pipeline loading."""
+    if not 0 < port <= 65535:
+        return None
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port))
+    except OSError as e:
+        return f"cannot listen on {host}:{port}: {e.strerror}"
+    return None
+
+
 def serve(cfg: ServerConfig) -> None:
     if cfg.steps is None:
         cfg.steps = default_steps(cfg.pipeline)
+    check_config(cfg)
     if cfg.threads:
         import torch
         torch.set_num_threads(cfg.threads)
+    models = load_worker_models(cfg)    # before the state dir: a pipeline that cannot load leaves nothing behind
     store = JobStore(cfg.state_dir)
     jobs: queue.Queue = queue.Queue()
     for job_id in store.pending:        # recovered after a crash: finish what was accepted
         jobs.put(job_id)
     stop = threading.Event()
     threads = [threading.Thread(target=worker_loop, args=(store, jobs, cfg, stop, pipe, segmenter), daemon=True)
-               for pipe, segmenter in load_worker_models(cfg)]
+               for pipe, segmenter in models]
     for t in threads:
         t.start()
-    httpd = DataServer((cfg.host, cfg.port), Handler)
-    httpd.api = API(store, jobs, cfg)
+    try:
+        httpd = DataServer((cfg.host, cfg.port), Handler)
+    except OSError as e:   # taken between the check and now
+        raise SystemExit(f"server.py: cannot listen on {cfg.host}:{cfg.port}: {e.strerror}")
+    httpd.api = API(store, jobs, cfg, workers_alive=lambda: sum(t.is_alive() for t in threads))
     port = httpd.server_address[1]
     if cfg.port_file:
         with atomic_write(cfg.port_file) as f:

@@ -39,10 +39,11 @@ import torch
 from tqdm import tqdm
 
 import rewards as R
-from common import append_jsonl, config_from, config_parser, opt, read_jsonl
+from common import (append_jsonl, atomic_write, config_from, config_parser, opt, output_problem, read_jsonl,
+                    write_jsonl)
 from data import DataError, Sample, load_image, missing_sources, read_data, write_samples
 from shapes import make_shapes
-from rollout import Sampling, encode_prompt, load_engine
+from rollout import Sampling, encode_prompt, load_engine, model_problem
 
 STAGES = ("run", "passrate", "select", "synthesize", "verify", "export", "selfq")
 
@@ -274,9 +275,7 @@ def passrate(cfg, models, seeds) -> dict:
 def select(cfg, seeds, rates) -> list[Sample]:
     """Seeds the target already solves at least select_min times of N -> selected.jsonl."""
     chosen = [s for s in seeds if s.id in rates and rates[s.id]["pass_count"] >= cfg.select_min]
-    with open(out_path(cfg, "selected.jsonl"), "w") as f:
-        for s in chosen:
-            f.write(json.dumps({"id": s.id, "pass_count": rates[s.id]["pass_count"]}) + "\n")
+    write_jsonl(out_path(cfg, "selected.jsonl"), [{"id": s.id, "pass_count": rates[s.id]["pass_count"]} for s in chosen])
     return chosen
 
 
@@ -400,11 +399,53 @@ def print_table(stats: dict) -> None:
         print(f"| {k.ljust(w)} | {v:5d} |")
 
 
+# Settings that do not change what a stage writes: any other one changed on a rerun would mix rows made two ways
+NEUTRAL = ("stage", "out_dir", "batch", "api_key_env", "max_model_len", "vllm_gpu_memory_utilization", "backend",
+           "attempts", "export_mode", "mode")   # selfq's --mode writes a file of its own
+
+
+def check_config(cfg: SynthConfig) -> None:
+    """Files, models and counts in their meaningful range, before anything is loaded or written."""
+    counts = (cfg.num_rollouts, cfg.shapes_n, cfg.max_new_tokens, cfg.synth_max_tokens, cfg.attempts, cfg.batch,
+              cfg.questions_per_image)
+    problems = [
+        cfg.data and missing_sources(cfg.data) and f"--data {cfg.data}: no such file or dataset dir",
+        output_problem("--out-dir", cfg.out_dir, folder=True),
+        model_problem(cfg.model),
+        cfg.synthesizer and not cfg.api_url and model_problem(cfg.synthesizer, "--synthesizer"),
+        min(counts) < 1 and "--num-rollouts, --shapes-n, --max-new-tokens, --synth-max-tokens, --attempts, --batch "
+                            "and --questions-per-image must be at least 1",
+        (not 0 <= cfg.t_min <= cfg.num_rollouts or not 0 <= cfg.select_min <= cfg.num_rollouts or cfg.delta < 0) and
+        f"--t-min and --select-min must be in [0, --num-rollouts {cfg.num_rollouts}], --delta >= 0",
+        (cfg.temperature <= 0 or cfg.synth_temperature <= 0) and "--temperature and --synth-temperature must be > 0",
+    ]
+    for problem in problems:
+        if problem:
+            raise SystemExit(f"synth.py: {problem}")
+
+
+def keep_settings(cfg: SynthConfig) -> None:
+    """An out-dir's rows are reused by later stages and reruns: only with the settings they were made with. The first
+    run writes OUT/settings.json; a later one with other settings stops with one line naming them."""
+    path = out_path(cfg, "settings.json")
+    now = {k: v for k, v in asdict(cfg).items() if k not in NEUTRAL}
+    if os.path.exists(path):
+        with open(path) as f:
+            before = json.load(f)
+        changed = [k for k in now if json.loads(json.dumps(now[k])) != before.get(k)]
+        if changed:
+            flags = ", ".join(f"--{k.replace('_', '-')} {now[k]} (its rows: {before.get(k)})" for k in changed)
+            raise SystemExit(f"synth.py: {cfg.out_dir} holds rows made with other settings: {flags}; give another "
+                             "--out-dir")
+    with atomic_write(path) as f:
+        json.dump(now, f, indent=1)
+
+
 def main(cfg: SynthConfig) -> dict:
-    if cfg.data and missing_sources(cfg.data):
-        raise SystemExit(f"synth.py: --data {cfg.data}: no such file or dataset dir")
+    check_config(cfg)
     os.makedirs(cfg.out_dir, exist_ok=True)
-    with open(out_path(cfg, f"config_{cfg.stage}.json"), "w") as f:
+    keep_settings(cfg)
+    with atomic_write(out_path(cfg, f"config_{cfg.stage}.json")) as f:
         json.dump(asdict(cfg), f, indent=1)
     seeds, models = load_seeds(cfg), Models(cfg)
     if cfg.stage == "selfq":
@@ -435,7 +476,7 @@ def main(cfg: SynthConfig) -> dict:
         print(f"training data: {path}  (python train.py --task math --data {path})")
     stats = summary(cfg, seeds)
     print_table(stats)
-    with open(out_path(cfg, "summary.json"), "w") as f:
+    with atomic_write(out_path(cfg, "summary.json")) as f:
         json.dump(stats, f, indent=1)
     return stats
 

@@ -25,6 +25,22 @@ TRL_NAMES = {"reward_accuracy": "rewards/accuracy/mean", "reward_format": "rewar
 SYN_KEYS = ("diversity", "score_", "pool_", "jobs_", "batch_synth_frac")
 
 
+def tracker_problem(report_to) -> str | None:
+    """Why a tracker of --report-to cannot start here, or None: checked before the model loads (wandb without
+    credentials failed only after it, with a traceback)."""
+    if "wandb" not in report_to:
+        return None
+    if os.environ.get("WANDB_MODE") in ("offline", "disabled", "dryrun") or os.environ.get("WANDB_API_KEY"):
+        return None
+    netrc = os.path.join(os.path.expanduser("~"), ".netrc")   # where `wandb login` keeps the key
+    if os.path.isfile(netrc):
+        with open(netrc, encoding="utf-8", errors="replace") as f:
+            if "api.wandb.ai" in f.read():
+                return None
+    return ("--report-to wandb: no W&B credentials (WANDB_API_KEY, or `wandb login`); WANDB_MODE=offline logs "
+            "without an account or a network (`wandb sync` uploads later)")
+
+
 def tracker_name(key: str) -> str:
     """metrics.jsonl key -> tracker name (README "Trackers"): TRL's where TRL has the metric (reward, kl, entropy,
     frac_reward_zero_std, loss keep theirs), timing/<phase>, syn/<key> for Syn-GRPO's own, eval/<split>/<metric>."""

@@ -41,10 +41,10 @@ from tqdm import tqdm
 import rewards as R
 from checkpoint import (clear_run, load_checkpoint, policy_state, rotate_checkpoints, save_checkpoint, save_final, save_hf,
                         trim_logs)
-from common import (SEED_STRIDE, Dist, Stream, all_gather, all_reduce_sum, append_jsonl, atomic_write, config_from, derive_seed,
-                    mean_over_ranks, rank_share, setup_distributed)
+from common import (CACHE, SEED_STRIDE, Dist, Stream, all_gather, all_reduce_sum, append_jsonl, atomic_write, config_from,
+                    derive_seed, mean_over_ranks, rank_share, setup_distributed)
 from config import Config, check_distributed, command_line, prepare_config, reward_weights
-from data import DataError, DataPool, gold_completion, read_data, read_template, source_name
+from data import DataPool, gold_completion, read_rows_or_stop, read_template, source_name
 from eval import load_split, predict, score_rows
 from plan import plan_command
 from rollout import (Completion, HFRollout, MicroBatch, Prompt, Sampling, VLLMRollout, completion_logprobs,
@@ -266,6 +266,25 @@ def update_policy(model, ref, optimizer, sched, batches: list[MicroBatch], cfg: 
     return stats
 
 
+class NoSignal:
+    """A run that cannot learn says so: when every group's rewards have been equal (no advantage, no gradient) for
+    STEPS steps in a row, one warning names the likely causes."""
+    STEPS = 5
+
+    def __init__(self):
+        self.streak, self.warned = 0, False
+
+    def see(self, frac_zero_std: float, d: Dist) -> None:
+        self.streak = self.streak + 1 if frac_zero_std >= 1.0 else 0
+        if self.streak == self.STEPS and not self.warned and d.main:
+            self.warned = True
+            tqdm.write(f"warning: every group's rewards were equal for {self.STEPS} steps in a row, so GRPO learns "
+                       "nothing (loss 0). Likely causes: a warm start too short for the model to answer in the format "
+                       "(--sft-steps; the tiny models need 600), a reward that does not fit the data (--task, "
+                       "--reward, --reward-weights), or answers in another box frame (--min-pixels / --max-pixels)",
+                       file=sys.stderr)
+
+
 class PhaseTimer:
     """Seconds spent in each phase of one step, logged as time_<phase> and time_step."""
 
@@ -331,16 +350,10 @@ def shard_policy(model) -> None:
 def load_data(cfg: Config) -> DataPool:
     if cfg.data:
         path = cfg.data
-    else:   # the built-in shapes dataset, written once next to the runs
+    else:   # the built-in shapes dataset, written once into the cache (a start that stops leaves no run folder)
         lo, hi = (int(v) for v in cfg.shapes_objects.split("-"))
-        path = make_shapes(cfg.task, cfg.shapes_n, os.path.join(os.path.dirname(os.path.abspath(cfg.out_dir)), "data"),
-                           seed=cfg.seed, objects=(lo, hi))
-    try:
-        samples = read_data(path, cfg.task, cfg.image_root, strict=cfg.strict)
-    except DataError as e:   # --strict's first bad row, or sources that cannot be read together
-        raise SystemExit(f"train.py: {e}")
-    if not samples:
-        raise SystemExit(f"train.py: no valid samples in {path}")
+        path = make_shapes(cfg.task, cfg.shapes_n, os.path.join(CACHE, "shapes"), seed=cfg.seed, objects=(lo, hi))
+    samples = read_rows_or_stop(path, cfg.task, cfg.image_root, cfg.strict, "train.py")
     if cfg.max_samples and cfg.max_samples < len(samples):   # a seeded subset, in the file's order
         keep = sorted(random.Random(derive_seed(cfg.seed, Stream.SUBSET)).sample(range(len(samples)), cfg.max_samples))
         samples = [samples[i] for i in keep]
@@ -472,12 +485,13 @@ def set_up(cfg: Config, d: Dist) -> Run:
         torch.use_deterministic_algorithms(True, warn_only=True)
         if d.world > 1:   # N ranks share the machine's cores
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // d.world))
-    model, processor = load_model(cfg, d, device, dtype)
     ckpt_path = os.path.join(cfg.out_dir, "checkpoint.pt")
     resuming = bool(cfg.resume) and os.path.exists(ckpt_path)
-    pool, warm_started = load_data(cfg), False
-    custom_reward, eval_splits = load_custom_reward(cfg, pool), load_eval_splits(cfg)   # broken ones stop here
+    # the data, the custom reward and the validation splits before the model: a broken one stops the start at once
+    eval_splits, pool, warm_started = load_eval_splits(cfg), load_data(cfg), False
+    custom_reward = load_custom_reward(cfg, pool)
     template = read_template(cfg.prompt_template, cfg.task)       # checked in check_config
+    model, processor = load_model(cfg, d, device, dtype)
     if d.main:   # only now, every check passed: a start that stops earlier leaves --out-dir as it was
         start_run_dir(cfg, resuming)
     if not resuming:
@@ -530,10 +544,8 @@ def load_eval_splits(cfg: Config) -> dict:
     """--eval-data as eval.py reads benchmark splits: name -> samples (a seeded subset under --eval-limit)."""
     splits = {}
     for source in cfg.eval_data:
-        samples = load_split(source, cfg.task, cfg.eval_image_root, limit=cfg.eval_limit)
-        if not samples:
-            raise SystemExit(f"train.py: --eval-data {source}: no valid {cfg.task} row")
-        splits[source_name(source)] = samples
+        splits[source_name(source)] = load_split(source, cfg.task, cfg.eval_image_root, limit=cfg.eval_limit,
+                                                 prog="train.py --eval-data")
     return splits
 
 
@@ -587,7 +599,7 @@ def main(cfg: Config) -> dict:
         trackers.scalars(validate(engine, run, cfg, d, updates=0), step=0)
     bar = tqdm(range(run.start, run.max_steps), initial=run.start, total=run.max_steps, desc=cfg.algo,
                dynamic_ncols=True, disable=not d.main)
-    row = {}
+    row, flat = {}, NoSignal()
     for step in bar:
         timer = PhaseTimer()
         with timer("weight_push"):        # the engine samples from the current policy
@@ -607,6 +619,7 @@ def main(cfg: Config) -> dict:
         row = log_step(row, ro, scored, exchanged.sent, cfg, d)
         trackers.log(row, ro, scored, run.pool)
         bar.set_postfix(reward=f"{row['reward']:.3f}", acc=f"{row['reward_accuracy']:.3f}")
+        flat.see(row["frac_reward_zero_std"], d)
         last = step + 1 == run.max_steps
         if run.eval_splits and (last or cfg.eval_every and (step + 1) % cfg.eval_every == 0):   # --eval-data
             trackers.scalars(validate(engine, run, cfg, d, updates=step + 1), step=step + 1)
@@ -620,12 +633,15 @@ def main(cfg: Config) -> dict:
     return row
 
 
-if __name__ == "__main__":
-    args = command_line(__doc__).parse_args()
+def cli(argv=None) -> None:
+    """`python train.py [flags]`: --plan, --print-config, or the run."""
+    args = command_line(__doc__).parse_args(argv)
     if args.plan:
-        plan_command(config_from(Config, args), args)
-        sys.exit(0)
+        return plan_command(config_from(Config, args), args)
     if args.print_config:
-        print(json.dumps(asdict(prepare_config(config_from(Config, args), files=False)), indent=1))
-        sys.exit(0)
+        return print(json.dumps(asdict(prepare_config(config_from(Config, args), files=False)), indent=1))
     main(config_from(Config, args))
+
+
+if __name__ == "__main__":
+    cli()

@@ -47,3 +47,20 @@ def test_sft_uses_its_own_weight_decay(monkeypatch, tmp_path):
     with pytest.raises(Stop):
         train.sft_phase(cfg, torch.nn.Linear(1, 1), None, pool)
     assert seen == [0.25]
+
+
+def test_resume_applies_the_flags_a_resume_may_change_and_refuses_the_others(tmp_path, capsys):
+    import json
+    from dataclasses import asdict
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(asdict(prepare_config(Config(out_dir=str(run)), files=False))))
+    cfg = prepare_config(Config(resume=str(run), max_steps=300, report_to=("tensorboard",), eval_every=5))
+    assert (cfg.max_steps, cfg.report_to, cfg.eval_every, cfg.lr) == (300, ("tensorboard",), 5, 2e-4)
+    assert "resume: --max-steps 300 (was 100), --report-to ('tensorboard',) (was ('none',))" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        prepare_config(Config(resume=str(run), lr=1e-3, batch_size=8, max_steps=300))
+    assert str(e.value) == (f"train.py: --resume {run} continues the run with its own config; --batch-size 8 (the "
+                            "run's: 4), --lr 0.001 (the run's: 0.0002) would change it: give another --out-dir for a new "
+                            "run")
+    assert prepare_config(Config(resume=str(run), lr=2e-4)).lr == 2e-4     # the run's own value: nothing changes

@@ -273,3 +273,15 @@ def test_data_py_check_and_convert_take_every_format(tmp_path, img, capsys):
 
 
 # -- --prompt-template ---------------------------------------------------------------------------------------------
+
+
+def test_a_box_outside_its_image_is_a_bad_row_everywhere_data_enters(tmp_path, img):
+    """The same rule (data.box_problem) in data.py check, in training's reader and at the data server's door."""
+    from data import box_problem
+    src = write(tmp_path, [{"image": img, "problem": "q", "solution": [1, 1, 30, 40]},
+                           {"image": img, "problem": "q", "solution": [150, 150, 900, 900]},
+                           {"image": img, "categories": ["a"], "objects": [{"bbox": [-20, 0, 5, 5], "label": "a"}]}])
+    rows = read_data(src, "rec", strict=False, log=(bad := []).append)
+    assert len(rows) == 1 and "lies outside the" in bad[0] and ":2:" in bad[0]
+    assert box_problem([0, 0, 100.5, 64], (100, 64)) is None                 # COCO's rounding past the edge
+    assert box_problem([5, 5, 4, 9], (0, 0)).endswith("with x2 > x1 and y2 > y1")

@@ -61,7 +61,7 @@ def test_score_command_on_hostile_predictions(tmp_path, shapes_dir):
             json.dumps({"id": samples[4].id, "completion": "<answer>" + "[" * 10000 + "</answer>"})]
     pred = tmp_path / "p.jsonl"
     pred.write_text("\n".join(rows) + "\n")
-    res = E.score_command("ovd", gold, str(pred), out_dir=str(tmp_path / "o"))
+    res = E.score_command("ovd", gold, str(pred), out_dir=str(tmp_path / "o"), allow_partial=True)   # 1 row missing
     (m,) = res.values()
     assert 0 < m["mAP"] < 1 and 0 < m["GR"] < 1
     assert (tmp_path / "o" / "results.md").read_text().startswith("| split | mAP")
@@ -139,6 +139,20 @@ def test_plot_and_gallery(tmp_path, shapes_dir):
     assert Image.open(g).size[0] > Image.open(g).size[1]     # one row, three columns
 
 
+def test_score_reports_its_coverage_and_stops_below_full_unless_asked(tmp_path, shapes_dir, capsys):
+    gold = make_shapes("rec", 6, shapes_dir)
+    samples = read_data(gold, "rec")
+    pred = tmp_path / "p.jsonl"
+    pred.write_text(json.dumps({"id": samples[0].id, "boxes": [samples[0].solution]}) + "\n"
+                    + json.dumps({"id": "stranger", "boxes": [[0, 0, 1, 1]]}) + "\n")
+    with pytest.raises(SystemExit) as e:
+        E.main(["score", "--task", "rec", "--data", gold, "--predictions", str(pred)])
+    assert "predictions for 1 of 6 gold rows: 5 missing" in str(e.value) and "1 ids not in the gold file" in str(e.value)
+    (m,) = E.main(["score", "--task", "rec", "--data", gold, "--predictions", str(pred), "--allow-partial"]).values()
+    assert m["n"] == 6 and m["accuracy"] == pytest.approx(1 / 6)        # the missing rows count as wrong
+    assert "coverage: 1 of 6 gold rows have a prediction; 5 missing, 1 unknown ids" in capsys.readouterr().err
+
+
 def test_score_needs_no_image_when_rows_give_their_size_and_refuses_an_unscorable_split(tmp_path, shapes_dir):
     """Predictions in original pixels are scored without the images when the gold rows carry width and height;
     a gold file with no scorable row, or predictions that match no row, stop with one line instead of n = 0."""
@@ -156,7 +170,7 @@ def test_score_needs_no_image_when_rows_give_their_size_and_refuses_an_unscorabl
     sizeless = tmp_path / "elsewhere" / "sizeless.jsonl"
     sizeless.write_text("".join(json.dumps({k: v for k, v in {**s.to_row(), "image": "gone.png"}.items()
                                             if k not in ("width", "height")}) + "\n" for s in samples))
-    with pytest.raises(SystemExit, match="no scorable row"):
+    with pytest.raises(SystemExit, match="no valid ovd row in .*6 bad rows, the first .*image not found"):
         E.score_command("ovd", str(sizeless), str(pred))
     other = tmp_path / "other.jsonl"
     other.write_text(json.dumps({"id": "nobody", "boxes": []}) + "\n")

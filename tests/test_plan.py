@@ -2,6 +2,7 @@
 tiny model, and `train.py --plan` on the command line."""
 import copy
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -98,3 +99,26 @@ def test_plan_on_the_command_line_offline_as_json_and_as_a_table():
     assert r.returncode == 0 and "does NOT fit" in r.stdout and "--lora-r 64" in r.stdout, r.stdout + r.stderr[-2000:]
     r = run_train("--plan", "--model", "no/such-model", timeout=120)
     assert r.returncode == 1 and r.stderr.strip().startswith("train.py --plan: no config for --model no/such-model")
+
+
+def test_the_plan_lists_only_remedies_that_lower_the_peak_and_that_the_code_supports():
+    """At 24 GB, --max-pixels 401408 and --rollout-backend hf changed nothing (43.27 -> 43.27) and 'all of these'
+    combined LoRA with 2 training GPUs, which the code does not support."""
+    cfg = prepare_config(Config(device="cuda"), files=False)
+    setting = plan.PlanSetting(gpus=1, gpu_memory_gb=24)
+    config = plan.plan_model_config(cfg.model)
+    counts = plan.count_parameters(config)
+    now = plan.plan_memory(cfg, setting, counts, config)
+    remedies = plan.plan_remedies(cfg, setting, counts, config)
+    flags = [r["flags"] for r in remedies]
+    assert all(r["peak_bytes"] < now["peak_bytes"] for r in remedies)
+    assert "--lora-r 64" in flags and "2 training GPUs (torchrun)" in flags and flags[-1] == "all of these"
+    assert "--max-pixels 401408" not in flags and "--rollout-backend hf" not in flags
+    single = plan.plan_memory(replace(cfg, gradient_checkpointing=True, micro_batch=1, freeze_vision=True,
+                                      max_new_tokens=512, lora_r=64), setting, counts, config)
+    assert remedies[-1]["peak_bytes"] == single["peak_bytes"]      # LoRA's "all of these" stays on one GPU
+    # every part of the peak is shown: the rollout phase is weights + optimizer + reference + vLLM's share
+    parts = now["per_gpu_bytes"]
+    assert now["phase_bytes"]["rollout"] == pytest.approx(parts["weights"] + parts["optimizer"] + parts["reference"]
+                                                          + parts["vllm"], abs=4)
+    assert now["peak_bytes"] == max(now["phase_bytes"].values()) and now["vllm_asleep_in_update"]

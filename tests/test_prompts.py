@@ -39,3 +39,17 @@ def test_a_prompt_template_replaces_the_built_in_prompt_and_bad_ones_say_what_is
             read_template(str(t), "rec")
     with pytest.raises(DataError, match="No such file"):
         read_template(str(tmp_path / "none.txt"), "rec")
+
+
+def test_every_template_train_py_help_shows_is_one_prompt_template_takes(tmp_path):
+    from prompts import TEMPLATES
+    for name, text in TEMPLATES.items():
+        (tmp_path / "t.txt").write_text(text)
+        for task in ("ovd", "isr") if name.startswith("ovd") else (name.split("/")[0],):
+            assert read_template(str(tmp_path / "t.txt"), task) == text
+    m = Sample(id="c", task="math", image="", problem="How many?")
+    assert build_prompt(m, template=TEMPLATES["math"]) == build_prompt(m)          # \\boxed{} written {{}} in the file
+    s = Sample(id="a", task="rec", image="", problem="Find the cat.")
+    assert build_prompt(s, "grpo", template=TEMPLATES["rec"]) == build_prompt(s, "grpo")   # the same text as built in
+    o = Sample(id="b", task="ovd", image="", categories=["cat"])
+    assert build_prompt(o, "syn-grpo", template=TEMPLATES["ovd, isr/syn-grpo"]) == build_prompt(o, "syn-grpo")

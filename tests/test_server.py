@@ -482,3 +482,30 @@ def test_server_cli_rejects_a_bad_flag_in_one_line():
     r = subprocess.run([sys.executable, os.path.join(ROOT, "server.py"), "--segmenter", "bogus"], cwd=ROOT,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "invalid choice: 'bogus'" in r.stderr
+
+
+def test_one_box_rule_at_the_door_and_health_that_says_when_no_worker_can_run(tmp_path):
+    """A box outside its image is refused (it was accepted, then 'done'); an image past PIL's own bomb limit is a 413
+    like ours; /health is ok only while a worker can still make images."""
+    import queue
+    from server import API, BadRequest, JobStore, ServerConfig, validate_job
+    img, _ = shapes_sample("rec", 0)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    job = {"sample_id": "s", "description": "a beach", "image_b64": base64.b64encode(buf.getvalue()).decode()}
+    w, h = img.size
+    assert validate_job({**job, "boxes": [[0, 0, w, h]]}, ServerConfig())[0]["boxes"] == [[0, 0, w, h]]
+    with pytest.raises(BadRequest) as e:
+        validate_job({**job, "boxes": [[w - 10, 0, w + 90, 20]]}, ServerConfig())
+    assert e.value.code == 400 and f"outside the {w}x{h} image" in e.value.message
+    big = io.BytesIO()
+    Image.new("1", (20000, 20000)).save(big, format="PNG")        # 400 Mpx: over PIL's limit before ours is read
+    with pytest.raises(BadRequest) as e:
+        validate_job({**job, "image_b64": base64.b64encode(big.getvalue()).decode(), "boxes": []},
+                     ServerConfig(max_image_pixels=10 ** 12))
+    assert e.value.code == 413
+    alive = [1]
+    api = API(JobStore(str(tmp_path / "state")), queue.Queue(), ServerConfig(), workers_alive=lambda: alive[0])
+    assert api.health()[1]["ok"] is True
+    alive[0] = 0
+    assert api.health()[1] == {**api.health()[1], "ok": False, "workers": 0}

@@ -191,3 +191,19 @@ def test_synth_takes_a_config_file_like_every_program(tmp_path):
     (tmp_path / "s.yaml").write_text("num_rollouts: 8\nt_min: 2\n")
     cfg = parse_args(["verify", "--config", str(tmp_path / "s.yaml"), "--t-min", "3"])
     assert (cfg.stage, cfg.num_rollouts, cfg.t_min) == ("verify", 8, 3)
+
+
+def test_counts_out_of_range_and_changed_settings_stop_before_anything_is_made(tmp_path):
+    """synth.py passrate --num-rollouts 0 wrote n = 0 rows that a corrected rerun in the same out-dir then reused."""
+    out = str(tmp_path / "o")
+    for bad in (dict(num_rollouts=0), dict(t_min=20), dict(batch=0), dict(temperature=0)):
+        with pytest.raises(SystemExit, match="synth.py: "):
+            synth.main(SynthConfig(out_dir=out, **bad))
+    assert not os.path.exists(out)
+    os.makedirs(out)
+    synth.keep_settings(SynthConfig(out_dir=out, num_rollouts=2))
+    synth.keep_settings(SynthConfig(out_dir=out, num_rollouts=2, stage="verify", batch=4))   # neutral: no change
+    with pytest.raises(SystemExit) as e:
+        synth.keep_settings(SynthConfig(out_dir=out, num_rollouts=16, model="tiny-qwen-vocab"))
+    assert str(e.value) == (f"synth.py: {out} holds rows made with other settings: --model tiny-qwen-vocab (its rows: "
+                            "tiny), --num-rollouts 16 (its rows: 2); give another --out-dir")

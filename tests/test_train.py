@@ -267,7 +267,7 @@ def test_majority_reward_never_reads_the_gold_answer(tmp_path, math_model):
     (["--gamma", "1.5"], "--gamma must be in [0, 1]"),
     (["--algo", "syn-grpo", "--task", "math"], "tasks rec, ovd and isr"),
     (["--reward", "majority", "--task", "ovd"], "tasks rec and math"),
-    (["--resume", "no/such/run"], "no config.json"),
+    (["--resume", "no/such/run"], "no such directory"),
     (["--rollout-backend", "vllm", "--max-model-len", "64"], "leaves no room for the prompt"),
     (["--vllm-gpu-memory-utilization", "0"], "--vllm-gpu-memory-utilization must be in (0, 1]"),
     (["--save-total-limit", "-1"], "--save-total-limit must be >= 0"),
@@ -564,7 +564,7 @@ def test_a_start_that_fails_its_checks_writes_nothing(tmp_path):
     import train
     (tmp_path / "empty.jsonl").write_text("")
     out = tmp_path / "run"
-    with pytest.raises(SystemExit, match="no valid samples"):
+    with pytest.raises(SystemExit, match="no valid rec row"):
         train.main(Config(out_dir=str(out), data=str(tmp_path / "empty.jsonl"), sft_steps=0, max_steps=1))
     assert not out.exists() or not any(out.iterdir())
 
@@ -580,3 +580,16 @@ def test_resume_auto_restarts_a_run_killed_before_its_first_checkpoint(tmp_path)
     (out / "final").mkdir()                                             # a finished run without checkpoint.pt
     with pytest.raises(SystemExit, match="holds a run"):
         prepare_config(Config(out_dir=str(out), resume="auto"))
+
+
+def test_a_run_that_cannot_learn_says_so(capsys):
+    from common import Dist
+    from train import NoSignal
+    flat = NoSignal()
+    for frac in [1.0] * 4 + [0.5] + [1.0] * 4:          # a step with some spread starts the count again
+        flat.see(frac, Dist())
+    assert "warning" not in capsys.readouterr().err
+    for _ in range(10):
+        flat.see(1.0, Dist())
+    out = capsys.readouterr().err
+    assert out.count("warning: every group's rewards were equal for 5 steps in a row") == 1 and "--sft-steps" in out
