@@ -448,10 +448,11 @@ def _image_file(value, image_dir: str):
     if not os.path.exists(path):
         os.makedirs(image_dir, exist_ok=True)
         try:
-            Image.open(io.BytesIO(data)).convert("RGB").save(path + ".tmp.png")
+            image = Image.open(io.BytesIO(data)).convert("RGB")
         except (OSError, ValueError):
             return ""               # parse_row then reports the row's missing image
-        os.replace(path + ".tmp.png", path)
+        with atomic_write(path, "wb") as f:
+            image.save(f, format="PNG")
     return path
 
 
