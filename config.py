@@ -106,7 +106,8 @@ class Config:
     gamma: float = opt(0.7, "EMA weight of the diversity smoothing (paper: 0.7, Table 4)")
     server_url: str = opt("", "data server URL(s), comma-separated ('' = train.py starts a local one)")
     server_token: str = opt("", "bearer token of the data server(s)")
-    pipeline: str | None = opt(None, "outpainting pipeline of the local data server: tiny, sdxl or a pipeline dir "
+    pipeline: str | None = opt(None, "outpainting pipeline of the local data server: tiny, procedural (a background "
+                                     "drawn from the description's words: procedural.py), sdxl or a pipeline dir "
                                      "(default: sdxl, the paper's SDXL + ControlNet, on GPU; tiny on CPU)")
     pipeline_steps: int | None = opt(None, "denoising steps of the local data server (default: 20 for sdxl, diffusers' "
                                            "recipe for this pipeline and ControlNet; 2 for the random-weight tiny one)")

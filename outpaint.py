@@ -26,6 +26,7 @@ import torch
 from PIL import Image, ImageFilter
 
 from common import CACHE, atomic_dir
+from procedural import ProceduralPipeline
 from shapes import COLORS, FURNITURE
 
 GPU_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
@@ -135,15 +136,20 @@ def _random_tiny_pipeline():
         tokenizer_2=tok, unet=unet, controlnet=controlnet, scheduler=scheduler, requires_aesthetics_score=False)
 
 
+
 def default_steps(pipeline: str) -> int:
     """Denoising steps of a pipeline unless asked otherwise: 2 for the random-weight tiny one (it draws noise at any
-    step count; measured on CPU), 20 for SDXL + ControlNet (diffusers' example for the canny SDXL ControlNet), the
-    same for a saved pipeline dir. The one rule for train.py's local server and server.py alone."""
-    return 2 if pipeline == "tiny" else 20
+    step count; measured on CPU), 1 for the procedural one (it has no steps), 20 for SDXL + ControlNet (diffusers'
+    example for the canny SDXL ControlNet), the same for a saved pipeline dir. The one rule for train.py's local
+    server and server.py alone."""
+    return {"tiny": 2, "procedural": 1}.get(pipeline, 20)
 
 
 def load_pipeline(name: str = "tiny", device: str = "cpu"):
-    """`tiny` (built offline, cached), a saved pipeline dir, or `sdxl` = SDXL base + an SDXL ControlNet (GPU)."""
+    """`tiny` (built offline, cached), `procedural` (procedural.py: a background drawn from the description's words,
+    no weights), a saved pipeline dir, or `sdxl` = SDXL base + an SDXL ControlNet (GPU)."""
+    if name == "procedural":
+        return ProceduralPipeline()
     from diffusers import ControlNetModel, StableDiffusionXLControlNetInpaintPipeline
     if name == "tiny":
         path = os.path.join(CACHE, "pipelines", f"tiny-sdxl-controlnet-inpaint-v{TINY_PIPELINE_VERSION}")
@@ -153,7 +159,7 @@ def load_pipeline(name: str = "tiny", device: str = "cpu"):
     elif os.path.isdir(name):
         pipe = StableDiffusionXLControlNetInpaintPipeline.from_pretrained(name)
     elif name != "sdxl":
-        raise ValueError(f"{name!r} is not tiny, sdxl or a saved pipeline directory")
+        raise ValueError(f"{name!r} is not tiny, procedural, sdxl or a saved pipeline directory")
     else:
         dtype = torch.float16 if device.startswith("cuda") else torch.float32
         controlnet = ControlNetModel.from_pretrained(GPU_CONTROLNET, torch_dtype=dtype)

@@ -1,7 +1,7 @@
 """The Syn-GRPO data server (paper §3.3.1, "decoupled design ... via Python's HTTPServer").
 
     python server.py --device cuda:1 --port 8000 --pipeline sdxl --segmenter ben2   # the paper's (20 steps)
-    python server.py [--pipeline tiny|sdxl|DIR] [--steps N] [--workers N] [--state-dir D]
+    python server.py [--pipeline tiny|procedural|sdxl|DIR] [--steps N] [--workers N] [--state-dir D]
 
 A dumb HTTP boundary around a bounded job queue, top to bottom: `validate_job` (pure checks of a POST body),
 `JobStore` (jobs and results on disk, behind its own lock), `worker_loop` (threads, each with its own outpainting
@@ -60,8 +60,9 @@ class ServerConfig:
                                  "--token")
     port: int = opt(8000, "port to listen on; 0 = any free port (written to --port-file)")
     port_file: str = opt("", "write the bound port to this file (atomically) once listening")
-    pipeline: str = opt("tiny", "outpainting pipeline: tiny (random weights, built offline), sdxl (SDXL + ControlNet "
-                                "from the hub, GPU) or a saved pipeline dir")
+    pipeline: str = opt("tiny", "outpainting pipeline: tiny (random weights, built offline), procedural (a background "
+                                "drawn from the description's words, no weights), sdxl (SDXL + ControlNet from the "
+                                "hub, GPU) or a saved pipeline dir")
     segmenter: str = opt("", "foreground matte refining the keep-mask inside the boxes: '' (box mask alone), ben2 "
                              "(the paper's BEN2, GPU), palette (the shapes data's object colours) or color (flat "
                              "backgrounds)", choices=SEGMENTERS)
