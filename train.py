@@ -360,6 +360,13 @@ def load_data(cfg: Config) -> DataPool:
     return DataPool(samples)
 
 
+def epoch_steps(pool: DataPool, epochs: int, batch_size: int) -> int:
+    """Steps of --epochs over the original samples: slots that offline synthesis added do not lengthen the run (the
+    'GRPO + Offline Generation' row trained twice the samples of every other row when they did)."""
+    originals = sum(pool.samples[slot].generation == 0 for slot in pool.slots)
+    return math.ceil(epochs * originals / batch_size)
+
+
 def load_model(cfg: Config, d: Dist, device: str, dtype: torch.dtype):
     """The policy: vision tower frozen or not, gradient checkpointing, FSDP2 under torchrun."""
     model, processor = load_policy(cfg.model, dtype=dtype, device=device, min_pixels=cfg.min_pixels,
@@ -510,7 +517,7 @@ def set_up(cfg: Config, d: Dist) -> Run:
         start, pool = load_checkpoint(ckpt_path, model, optimizer, sched, smoother, synthesis, d)
         if d.main:
             trim_logs(cfg.out_dir, start)   # lines logged after the checkpoint will be logged again
-    max_steps = cfg.max_steps or math.ceil(cfg.epochs * len(pool) / cfg.batch_size)
+    max_steps = cfg.max_steps or epoch_steps(pool, cfg.epochs, cfg.batch_size)
     return Run(model, processor, ref, optimizer, sched, pool, smoother, synthesis, start, max_steps,
                template=template, custom_reward=custom_reward, eval_splits=eval_splits)
 

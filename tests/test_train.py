@@ -593,3 +593,14 @@ def test_a_run_that_cannot_learn_says_so(capsys):
         flat.see(1.0, Dist())
     out = capsys.readouterr().err
     assert out.count("warning: every group's rewards were equal for 5 steps in a row") == 1 and "--sft-steps" in out
+
+
+def test_offline_synthesis_does_not_lengthen_the_run():
+    from data import DataPool, Sample
+    from train import epoch_steps
+    pool = DataPool([Sample(id=f"s{i}", task="rec", image="", problem="q", solution=[0, 0, 1, 1]) for i in range(10)])
+    assert epoch_steps(pool, 5, 4) == 13
+    for i in range(10):                     # offline synthesis: one image beside each source, in a slot of its own
+        pool.add(f"s{i}", Sample(id=f"s{i}~x", task="rec", image="", problem="q", solution=[0, 0, 1, 1]))
+    pool.replace("s0", Sample(id="s0~y", task="rec", image="", problem="q", solution=[0, 0, 1, 1]))   # online
+    assert len(pool) == 20 and epoch_steps(pool, 5, 4) == 13
