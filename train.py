@@ -331,6 +331,55 @@ def log_step(row: dict, ro: Rollout, scored: Scored, sent: list, cfg: Config, d:
 
 
 # ----------------------------------------------------------------------------------------------------
+# Supervised fine-tuning: the warm start before RL, and the whole of --algo sft
+
+
+def sft_phase(cfg, model, processor, pool, d: Dist = Dist(), template: str = "") -> int:
+    """Supervised fine-tuning on the gold answers (cross-entropy on completion tokens only): the warm start before RL,
+    or the whole of --algo sft (--sft-steps, or --epochs over the data when 0). 2B samples a step, drawn uniformly;
+    ranks split them, micro-batched, and the loss is normalised by every rank's tokens together, so the gradient is
+    that of one process. template: --prompt-template's text, as in the rollouts. Returns the steps trained."""
+    labelled = [i for i in range(len(pool)) if pool.get(i).task != "math" or pool.get(i).answer is not None]
+    n = 2 * cfg.batch_size
+    steps = cfg.sft_steps or (math.ceil(cfg.epochs * len(labelled) / n) if cfg.algo == "sft" else 0)
+    if cfg.algo == "sft" and not labelled:   # a run that trains nothing must not save the model as if trained
+        raise SystemExit("train.py: --algo sft needs labelled samples; every row of the data lacks its answer")
+    if steps and not labelled:
+        print("sft: no labelled samples (unlabelled math data): skipping the warm start")
+        return 0
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.sft_lr,
+                                  weight_decay=cfg.sft_weight_decay) if steps else None
+    banned, eos = vision_token_ids(processor), processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    fmt = cfg.sft_format or ("grpo" if cfg.algo == "sft" else cfg.algo)
+    rng = random.Random(cfg.seed)   # the warm start's draws, as measured (the tiny models' warm starts depend on them)
+    for step in tqdm(range(steps), desc="sft", dynamic_ncols=True, disable=not d.main):
+        idx = [labelled[rng.randrange(len(labelled))] for _ in range(n)]
+        idx = [idx[k] for k in rank_share(len(idx), d)]
+        prompts = [encode_prompt(processor, pool.get(i), fmt, math_format=cfg.math_format, template=template)
+                   for i in idx]
+        seqs = [(k, processor.tokenizer(gold_completion(p.sample, p.input_size, fmt, idx[k], cfg.math_format),
+                                        add_special_tokens=False)["input_ids"] + [eos]) for k, p in enumerate(prompts)]
+        batches = [make_batch(prompts, seqs[i:i + cfg.micro_batch], processor.tokenizer.pad_token_id)
+                   for i in range(0, len(seqs), cfg.micro_batch)]
+        _, norm = loss_normaliser(batches, replace(cfg, loss_type="dapo"), d)
+        optimizer.zero_grad(set_to_none=True)
+        loss = 0.0
+        for b in batches:
+            logp, _ = completion_logprobs(model, b, banned)
+            part = -(logp * b.completion_mask).sum() / norm
+            part.backward()
+            loss += part.item() / d.world
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        if step % 20 == 0 or step == steps - 1:   # the mean token loss over every rank's sequences
+            row = {"phase": "sft", "sft_step": step, "sft_loss": sum(all_gather(loss, d))}
+            if d.main:
+                append_jsonl(os.path.join(cfg.out_dir, "metrics.jsonl"), [row])
+    return steps
+
+
+
+# ----------------------------------------------------------------------------------------------------
 # Set-up: data, model, warm start, reference, optimizer, resume, rollout engine
 
 def shard_policy(model) -> None:
@@ -378,50 +427,6 @@ def load_model(cfg: Config, d: Dist, device: str, dtype: torch.dtype):
     if d.world > 1:
         shard_policy(model)
     return model, processor
-
-
-def sft_phase(cfg, model, processor, pool, d: Dist = Dist(), template: str = "") -> int:
-    """Supervised fine-tuning on the gold answers (cross-entropy on completion tokens only): the warm start before RL,
-    or the whole of --algo sft (--sft-steps, or --epochs over the data when 0). 2B samples a step, drawn uniformly;
-    ranks split them, micro-batched, and the loss is normalised by every rank's tokens together, so the gradient is
-    that of one process. template: --prompt-template's text, as in the rollouts. Returns the steps trained."""
-    labelled = [i for i in range(len(pool)) if pool.get(i).task != "math" or pool.get(i).answer is not None]
-    n = 2 * cfg.batch_size
-    steps = cfg.sft_steps or (math.ceil(cfg.epochs * len(labelled) / n) if cfg.algo == "sft" else 0)
-    if cfg.algo == "sft" and not labelled:   # a run that trains nothing must not save the model as if trained
-        raise SystemExit("train.py: --algo sft needs labelled samples; every row of the data lacks its answer")
-    if steps and not labelled:
-        print("sft: no labelled samples (unlabelled math data): skipping the warm start")
-        return 0
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.sft_lr,
-                                  weight_decay=cfg.sft_weight_decay) if steps else None
-    banned, eos = vision_token_ids(processor), processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
-    fmt = cfg.sft_format or ("grpo" if cfg.algo == "sft" else cfg.algo)
-    rng = random.Random(cfg.seed)   # the warm start's draws, as measured (the tiny models' warm starts depend on them)
-    for step in tqdm(range(steps), desc="sft", dynamic_ncols=True, disable=not d.main):
-        idx = [labelled[rng.randrange(len(labelled))] for _ in range(n)]
-        idx = [idx[k] for k in rank_share(len(idx), d)]
-        prompts = [encode_prompt(processor, pool.get(i), fmt, math_format=cfg.math_format, template=template)
-                   for i in idx]
-        seqs = [(k, processor.tokenizer(gold_completion(p.sample, p.input_size, fmt, idx[k], cfg.math_format),
-                                        add_special_tokens=False)["input_ids"] + [eos]) for k, p in enumerate(prompts)]
-        batches = [make_batch(prompts, seqs[i:i + cfg.micro_batch], processor.tokenizer.pad_token_id)
-                   for i in range(0, len(seqs), cfg.micro_batch)]
-        _, norm = loss_normaliser(batches, replace(cfg, loss_type="dapo"), d)
-        optimizer.zero_grad(set_to_none=True)
-        loss = 0.0
-        for b in batches:
-            logp, _ = completion_logprobs(model, b, banned)
-            part = -(logp * b.completion_mask).sum() / norm
-            part.backward()
-            loss += part.item() / d.world
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        optimizer.step()
-        if step % 20 == 0 or step == steps - 1:   # the mean token loss over every rank's sequences
-            row = {"phase": "sft", "sft_step": step, "sft_loss": sum(all_gather(loss, d))}
-            if d.main:
-                append_jsonl(os.path.join(cfg.out_dir, "metrics.jsonl"), [row])
-    return steps
 
 
 def add_lora(cfg: Config, model):
