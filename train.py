@@ -378,7 +378,6 @@ def sft_phase(cfg, model, processor, pool, d: Dist = Dist(), template: str = "")
     return steps
 
 
-
 # ----------------------------------------------------------------------------------------------------
 # Set-up: data, model, warm start, reference, optimizer, resume, rollout engine
 
