@@ -77,6 +77,10 @@ class ArgumentParser(argparse.ArgumentParser):
         if message.startswith("unrecognized arguments:"):
             hints = [self.suggest(w) for w in message.split(":", 1)[1].split() if w.startswith("-")]
             message += "".join(f"; {h}" for h in hints if h)
+        choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)$", message)
+        if choice:                          # a misspelt value or subcommand: the nearest of the choices
+            near = difflib.get_close_matches(choice[1], re.findall(r"'([^']*)'", choice[2]), n=1, cutoff=0.6)
+            message += f"; did you mean {near[0]!r}?" if near else ""
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
     def suggest(self, name: str) -> str | None:

@@ -67,6 +67,7 @@ def busy_port() -> socket.socket:
 CASES = [
     # train.py: flags, config files, data, models, runs, trackers, values
     ("train", ["--algo", "grp"], "invalid choice: 'grp'"),
+    ("train", ["--algo", "syn_grpo"], "did you mean 'syn-grpo'?"),
     ("train", ["--task", "recc"], "invalid choice: 'recc'"),
     ("train", ["--learnig-rate", "1e-4"], "did you mean --learning-rate?"),
     ("train", ["--learning_rate", "1e-4"], "did you mean --learning-rate?"),
@@ -144,6 +145,7 @@ CASES = [
     ("server", ["--segmenter", "sam"], "invalid choice: 'sam'"),
     # synth.py
     ("synth", ["rum"], "invalid choice: 'rum'"),
+    ("synth", ["selfq", "--mode", "in_context"], "did you mean 'in-context'?"),
     ("synth", ["selfq", "--mode", "indirect"], "invalid choice: 'indirect'"),
     ("synth", ["passrate", "--num-rollouts", "0"], "--num-rollouts"),
     ("synth", ["verify", "--t-min", "20"], "--t-min and --select-min must be in [0, --num-rollouts 16]"),
@@ -153,7 +155,7 @@ CASES = [
     ("synth", ["run", "--synthesizer", "emptydir"], "--synthesizer emptydir: a folder without a model"),
     # data.py
     ("data", ["shapes", "--objects", "3", "1", "--out", "s"], "one per grid cell"),
-    ("data", ["shape", "--out", "s"], "invalid choice: 'shape'"),
+    ("data", ["shape", "--out", "s"], "did you mean 'shapes'?"),
     ("data", ["check", "nope.jsonl", "--task", "rec"], "nope.jsonl: no such file"),
     ("data", ["convert", "empty.jsonl", "--task", "rec", "--out", "x.jsonl"], "no valid rec row"),
     ("data", ["convert", "good.jsonl", "--task", "rec", "--out", "emptydir"], "--out emptydir: a folder"),

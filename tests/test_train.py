@@ -290,7 +290,8 @@ def test_a_bad_command_line_stops_with_one_line_before_writing_anything(tmp_path
 def test_a_bad_flag_ends_the_process_without_a_traceback(tmp_path):
     r = run_train("--algo", "syn_grpo", "--out-dir", str(tmp_path / "run"), timeout=120)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
-        "train.py: error: argument --algo: invalid choice: 'syn_grpo' (choose from 'sft', 'grpo', 'syn-grpo') (see --help)"]
+        "train.py: error: argument --algo: invalid choice: 'syn_grpo' (choose from 'sft', 'grpo', 'syn-grpo'); did you mean "
+        "'syn-grpo'? (see --help)"]
     r = run_train("--batch-size", "0", "--out-dir", str(tmp_path / "run"), timeout=120)
     assert r.returncode == 1 and r.stderr.strip() == "train.py: --batch-size must be at least 1 (prompts per step)"
     assert not (tmp_path / "run").exists()
