@@ -324,26 +324,25 @@ def syn_warm_start(tmp_path_factory):
 
 @pytest.mark.slow
 def test_syn_grpo_learns_on_the_images_it_synthesizes(tmp_path, syn_warm_start):
-    """A shortened embedded Syn-GRPO run (local data server, palette matte, CPU defaults) from its warm start: with
-    128 slots an epoch is 32 steps, so steps 32-39 train on synthesized images, some second-generation. Against the
-    same run without learning (lr 1e-12, the same slots), over steps 1-39 (step 0 is the same in both): the diversity
-    reward is learned (measured 0.63 vs 0.55) and localisation holds (accuracy 0.81 vs 0.83; at this scale the warm
-    start already localises, and accuracy does not rise above it: README, "Syn-GRPO on a CPU"). A step's diversity
-    reward varies by ~0.08 around its mean, so the means are taken over every step after the first (the last 20
-    alone leave a 0.07 gain within ~2 standard errors)."""
+    """The embedded Syn-GRPO default's 100 steps (local data server, palette matte, CPU defaults) from its warm start:
+    with 128 slots an epoch is 32 steps, so from step 32 on the batches hold synthesized images, later ones of the
+    second generation and more. Against the same run without learning (lr 1e-12, the same slots), over the last 20
+    steps: the diversity reward is learned (measured at 0e8e32c: 0.763 vs 0.566, paired difference 0.198 +- 0.026
+    s.e.) and localisation holds (0.843 vs 0.771). The gain comes late: over steps 1-39 it was 0.593 vs 0.581 (the
+    seed streams of d8a8917 changed the data order; a 40-step window had shown 0.63 vs 0.55 before them), so the
+    test runs the whole default length."""
     import train
     from data import DataPool
     runs = {}
     for name, lr in (("learn", None), ("still", 1e-12)):
         out = str(tmp_path / name)
-        train.main(Config(model=syn_warm_start, algo="syn-grpo", out_dir=out, sft_steps=0, max_steps=40, seed=0,
-                          lr=lr, save_every=40))
+        train.main(Config(model=syn_warm_start, algo="syn-grpo", out_dir=out, sft_steps=0, max_steps=100, seed=0,
+                          lr=lr, save_every=100))
         runs[name] = metrics(out)
-    after0 = lambda name, key: np.mean([x[key] for x in runs[name][1:]])
     last20 = lambda name, key: np.mean([x[key] for x in runs[name][-20:]])
-    assert after0("learn", "reward_diversity") > after0("still", "reward_diversity") + 0.02
-    assert after0("learn", "reward_accuracy") > max(0.6, after0("still", "reward_accuracy") - 0.08)
-    assert last20("learn", "batch_synth_frac") >= 0.25
+    assert last20("learn", "reward_diversity") > last20("still", "reward_diversity") + 0.05
+    assert last20("learn", "reward_accuracy") > max(0.6, last20("still", "reward_accuracy") - 0.08)
+    assert last20("learn", "batch_synth_frac") >= 0.5
     pool = DataPool.load(os.path.join(tmp_path, "learn", "pool.json"))
     assert max(s.generation for s in pool.samples.values()) >= 2
     assert all(x["jobs_failed"] == 0 for x in runs["learn"])
