@@ -43,7 +43,10 @@ class EvalConfig:
     image_root: str = opt("", "image paths in the files are relative to this folder ('' = each file's folder)")
     out_dir: str = opt("runs/eval", "predictions_<split>.jsonl, results.json and results.md go here")
     backend: str = opt("hf", "generation backend", choices=("hf", "vllm"))
-    max_new_tokens: int = opt(256, "completion length limit (VLM-R1's REC evaluation: 256)")
+    max_new_tokens: int = opt(1024, "completion length limit, the same for every format: 1,024, the paper's training "
+                                     "length (VLM-R1's), so that a four-tag answer, after <think>, <score> and "
+                                     "<description>, is not cut off where a two-tag one is not (VLM-R1's REC evaluation "
+                                     "used 256: give --max-new-tokens 256 to match it)")
     limit: int = opt(0, "a random subset of this many rows per split (VLM-R1: 2000); 0 = every row")
     seed: int = opt(42, "seed of that subset (VLM-R1: 42)")
     batch_size: int = opt(16, "prompts per generation call")

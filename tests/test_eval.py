@@ -178,3 +178,27 @@ def test_score_needs_no_image_when_rows_give_their_size_and_refuses_an_unscorabl
         E.score_command("ovd", gold, str(other))
     with pytest.raises(SystemExit, match="no such file"):
         E.main(["score", "--task", "ovd", "--data", str(tmp_path / "nope.jsonl"), "--predictions", str(pred)])
+
+
+def test_a_four_tag_answer_is_not_cut_off_by_the_default_length(tmp_path, shapes_dir, monkeypatch):
+    """A Syn-GRPO model answers after <think>, <score> and <description>: with VLM-R1's 256 tokens a long description
+    leaves its answer out, where a GRPO model's fits; the default budget is the same for both formats and holds it."""
+    from prompts import format_output
+    from rollout import Completion, load_processor
+    data = make_shapes("rec", 2, shapes_dir, split="test", objects=(1, 1))
+
+    class Engine:      # writes the gold box after a 300-word description, one "token" a word, cut at max_tokens
+        def generate(self, prompts, sampling, seeds=None):
+            out = []
+            for p in prompts:
+                box = [round(v * s / o) for v, s, o in zip(p.sample.solution, p.input_size * 2,
+                                                          (p.sample.width, p.sample.height) * 2)]
+                words = format_output("syn-grpo", think="t", score="0.50", description=" ".join(["sky"] * 300),
+                                      answer=json.dumps({"bbox_2d": box})).split(" ")
+                out.append([Completion(text=" ".join(words[:sampling.max_tokens]), token_ids=[], logprobs=[])])
+            return out
+    monkeypatch.setattr(E, "load_engine", lambda *a, **k: (Engine(), load_processor("tiny")))
+    full = E.evaluate(E.EvalConfig(task="rec", data=(data,), algo="syn-grpo", out_dir=str(tmp_path / "a")))
+    cut = E.evaluate(E.EvalConfig(task="rec", data=(data,), algo="syn-grpo", out_dir=str(tmp_path / "b"),
+                                  max_new_tokens=256))
+    assert list(full.values())[0]["accuracy"] == 1.0 and list(cut.values())[0]["accuracy"] == 0.0
