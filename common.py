@@ -252,6 +252,13 @@ def output_problem(flag: str, path: str, folder: bool = False) -> str | None:
     return None if os.path.isdir(parent) else f"{flag} {path}: its folder {parent} does not exist"
 
 
+def stop_at_first(prog: str, problems) -> None:
+    """Stop the program with one line, the first problem of `problems` (each None, False, '' or the reason)."""
+    for problem in problems:
+        if problem:
+            raise SystemExit(f"{prog}: {problem}")
+
+
 def device_exists(device: str) -> bool:
     """cpu, or cuda / cuda:K of a visible GPU."""
     m = re.fullmatch(r"cuda(?::(\d+))?", device)

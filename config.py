@@ -14,7 +14,7 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
-from common import ArgumentParser, Dist, config_parser, device_exists, opt, output_problem, split_list
+from common import ArgumentParser, Dist, config_parser, device_exists, opt, output_problem, split_list, stop_at_first
 from data import TASKS, DataError, missing_sources, read_template
 from outpaint import SEGMENTERS, default_steps
 from prompts import MATH_FORMATS, TEMPLATES
@@ -219,9 +219,7 @@ def check_config(cfg: Config, files: bool = True) -> None:
     """A config that cannot run as asked stops here with one line, before anything is written. files=False skips what
     depends on this machine (files, a GPU): --print-config describes a run for another machine too."""
     values = [message for bad, message in value_problems(cfg) if bad]
-    for problem in (machine_problems(cfg) if files else []) + values:
-        if problem:
-            raise SystemExit(f"train.py: {problem}")
+    stop_at_first("train.py", (machine_problems(cfg) if files else []) + values)
 
 
 def machine_problems(cfg: Config) -> list[str | None]:

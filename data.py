@@ -30,7 +30,7 @@ from typing import Optional
 
 from PIL import Image
 
-from common import CACHE, ArgumentParser, HelpFormatter, atomic_write, output_problem, split_list
+from common import CACHE, ArgumentParser, HelpFormatter, atomic_write, output_problem, split_list, stop_at_first
 from prompts import DESCRIPTIONS, TEMPLATE_FIELDS, format_output
 from shapes import BACKGROUNDS, GRID, make_shapes
 
@@ -735,8 +735,7 @@ def main(argv=None) -> None:
     if missing:
         raise SystemExit(f"data.py {a.cmd}: {', '.join(missing)}: no such file")
     out = getattr(a, "out", None)
-    if out and output_problem("--out", out, folder=a.cmd == "shapes"):
-        raise SystemExit(f"data.py {a.cmd}: {output_problem('--out', out, folder=a.cmd == 'shapes')}")
+    stop_at_first(f"data.py {a.cmd}", [out and output_problem("--out", out, folder=a.cmd == "shapes")])
     try:
         run_command(a)
     except DataError as e:

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 
 import rewards as R
-from common import ArgumentParser, atomic_write, opt, output_problem, parse_config, read_jsonl, write_jsonl
+from common import (ArgumentParser, atomic_write, opt, output_problem, parse_config, read_jsonl, stop_at_first,
+                    write_jsonl)
 from prompts import MATH_FORMATS
 from data import (QWEN_MAX_PIXELS, QWEN_MIN_PIXELS, TASKS, DataError, DataPool, Sample, load_image, missing_sources,
                   read_rows_or_stop, read_template, smart_resize, source_name)
@@ -372,8 +373,7 @@ def main(argv=None):
                          f"evaluate a model" + (f" (did you mean {near[0]}?)" if near else ""))
     if argv and argv[0] == "score":
         c = parse_config(ScoreConfig, argv[1:], description=ScoreConfig.__doc__)
-        if c.out_dir and output_problem("--out-dir", c.out_dir, folder=True):
-            raise SystemExit(f"eval.py score: {output_problem('--out-dir', c.out_dir, folder=True)}")
+        stop_at_first("eval.py score", [c.out_dir and output_problem("--out-dir", c.out_dir, folder=True)])
         return score_command(c.task, c.data, c.predictions, c.image_root, c.out_dir, c.allow_partial)
     if argv and argv[0] in ("plot", "gallery"):
         p = ArgumentParser(prog=f"eval.py {argv[0]}")
@@ -388,10 +388,8 @@ def main(argv=None):
     cfg = parse_config(EvalConfig, argv, description=__doc__)
     if not cfg.data:
         raise SystemExit("eval.py: --data is required (one or more benchmark files)")
-    problems = [model_problem(cfg.model), output_problem("--out-dir", cfg.out_dir, folder=True)]
-    for problem in problems + [f"--data {p}: no such file" for p in cfg.data if missing_sources(p)]:
-        if problem:
-            raise SystemExit(f"eval.py: {problem}")
+    stop_at_first("eval.py", [model_problem(cfg.model), output_problem("--out-dir", cfg.out_dir, folder=True)]
+                  + [f"--data {p}: no such file" for p in cfg.data if missing_sources(p)])
     return evaluate(cfg)
 
 

@@ -150,13 +150,14 @@ def plan_remedies(cfg: Config, setting: PlanSetting, counts: dict, config) -> li
                and not (c.get("lora_r") and setting.gpus > 1)]
     if not cfg.lora_r:
         changes.append((f"{2 * setting.gpus} training GPUs (torchrun)", {"gpus": 2 * setting.gpus}))
-    changes = [(f, c) for f, c in changes if peak(c)["peak_bytes"] < now]       # only what changes the peak
-    together = {k: v for _, c in changes for k, v in c.items()}                  # micro-batch: the last, 1
+    plans = [(f, c, peak(c)) for f, c in changes]
+    plans = [(f, c, p) for f, c, p in plans if p["peak_bytes"] < now]          # only what changes the peak
+    together = {k: v for _, c, _ in plans for k, v in c.items()}                 # micro-batch: the last, 1
     if together.get("lora_r"):
         together.pop("gpus", None)
-    out = [{"flags": f, "peak_bytes": p["peak_bytes"], "fits": p["fits"]}
-           for f, p in ((f, peak(c)) for f, c in changes + [("all of these", together)] * bool(changes))]
-    return out
+    if plans:
+        plans.append(("all of these", together, peak(together)))
+    return [{"flags": f, "peak_bytes": p["peak_bytes"], "fits": p["fits"]} for f, _, p in plans]
 
 
 def print_plan(plan: dict, remedies: list[dict]) -> None:

@@ -49,7 +49,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from PIL import Image
 
-from common import atomic_write, device_exists, opt, output_problem, parse_config
+from common import atomic_write, device_exists, opt, output_problem, parse_config, stop_at_first
 from data import box_problem, is_box
 from outpaint import SEGMENTERS, default_steps, load_pipeline, load_segmenter, outpaint
 
@@ -471,9 +471,7 @@ def check_config(cfg: ServerConfig) -> None:
         cfg.port_file and output_problem("--port-file", cfg.port_file),
         port_problem(cfg.host, cfg.port),
     ]
-    for problem in problems:
-        if problem:
-            raise SystemExit(f"server.py: {problem}")
+    stop_at_first("server.py", problems)
 
 
 def port_problem(host: str, port: int) -> str | None:

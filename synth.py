@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 import rewards as R
 from common import (append_jsonl, atomic_write, config_from, config_parser, opt, output_problem, read_jsonl,
-                    write_jsonl)
+                    stop_at_first, write_jsonl)
 from data import DataError, Sample, load_image, missing_sources, read_data, write_samples
 from shapes import make_shapes
 from rollout import Sampling, encode_prompt, load_engine, model_problem
@@ -419,9 +419,7 @@ def check_config(cfg: SynthConfig) -> None:
         f"--t-min and --select-min must be in [0, --num-rollouts {cfg.num_rollouts}], --delta >= 0",
         (cfg.temperature <= 0 or cfg.synth_temperature <= 0) and "--temperature and --synth-temperature must be > 0",
     ]
-    for problem in problems:
-        if problem:
-            raise SystemExit(f"synth.py: {problem}")
+    stop_at_first("synth.py", problems)
 
 
 def keep_settings(cfg: SynthConfig) -> None:
