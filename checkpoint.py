@@ -6,7 +6,7 @@
   * `OUT/checkpoint-<step>/` and `OUT/final/`: Hugging Face model dirs (LoRA merged, lm_head stored once when tied)
     that eval.py, train.py --model and vLLM load directly (`save_hf`), the oldest removed past --save-total-limit.
   * `trim_logs`: on resume, the log lines written after the checkpoint go (they will be written again);
-    `clear_run`: with --overwrite, what an earlier run wrote goes.
+    `holds_run`: whether a folder holds a run; `clear_run`: with --overwrite, what an earlier run wrote goes.
 Sharded (FSDP2) runs save full, unsharded states, so a checkpoint is the same for any number of processes.
 """
 from __future__ import annotations
@@ -135,6 +135,13 @@ def save_final(cfg, model, processor, d: Dist = Dist()):
 
 RUN_OUTPUTS = ("config.json", "metrics.jsonl", "completions.jsonl", "checkpoint.pt", "pool.json", "wandb_run_id", "final",
                "reference", "synth", "server", "tensorboard", "wandb")
+
+
+RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "final")   # any of them: the folder holds a run
+
+
+def holds_run(out_dir: str) -> bool:
+    return any(os.path.exists(os.path.join(out_dir, f)) for f in RUN_FILES)
 
 
 def clear_run(out_dir: str) -> None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
+from checkpoint import holds_run
 from common import ArgumentParser, Dist, config_parser, device_exists, opt, output_problem, split_list, stop_at_first
 from data import TASKS, DataError, missing_sources, read_template
 from outpaint import SEGMENTERS, default_steps
@@ -323,13 +324,6 @@ def resumed_config(cfg: Config, saved: dict) -> Config:
     if applied and os.environ.get("RANK", "0") == "0":
         print("resume: " + ", ".join(f"--{k.replace('_', '-')} {getattr(cfg, k)} (was {saved.get(k)})" for k in applied))
     return out
-
-
-RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "final")   # any of them: the folder holds a run
-
-
-def holds_run(out_dir: str) -> bool:
-    return any(os.path.exists(os.path.join(out_dir, f)) for f in RUN_FILES)
 
 
 def starts_local_server(cfg: Config) -> bool:
