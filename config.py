@@ -69,7 +69,9 @@ class Config:
     sft_weight_decay: float = opt(0.01, "AdamW weight decay of SFT (torch's AdamW default, and verl's; "
                                         "--weight-decay is GRPO's)")
     sft_format: str | None = opt(None, "output format of the SFT targets (default: that of --algo; grpo for --algo "
-                                       "sft): syn-grpo trains a model for a later Syn-GRPO run", choices=("grpo", "syn-grpo"))
+                                       "sft): syn-grpo trains a model for a later Syn-GRPO run; both alternates the two, "
+                                       "so that one model answers in the format its prompt asks for",
+                                 choices=("grpo", "syn-grpo", "both"))
     # GRPO objective
     beta: float | None = opt(None, "coefficient of KL(pi || pi_ref), k3 estimator (default: 0.01 on GPU, verl's "
                                    "Qwen2.5-VL GRPO recipe; 0 on CPU = no reference model)")
@@ -194,7 +196,7 @@ def resolve_defaults(cfg: Config) -> Config:
     # collapses its output); GRPO at lr 2e-4 (1e-3 undid the warm start's localisation, IoU 0.46 -> 0.17); 64 new
     # tokens (at 48 GRPO learned to cut boxes short, IoU 0); one shape per REC image (the tiny model learns to
     # localise a lone shape in CPU minutes, not yet to pick the described one of two).
-    syn = cfg.algo == "syn-grpo" or cfg.sft_format == "syn-grpo"
+    syn = cfg.algo == "syn-grpo" or cfg.sft_format in ("syn-grpo", "both")
     cfg.pipeline = cfg.pipeline or ("sdxl" if gpu else "tiny")
     d = dict(batch_size=20 if gpu else 4, num_generations=6, lr=1e-6 if gpu else 2e-4,
              sft_steps=(1200 if syn else 600) if random_init else 0, sft_lr=1e-5 if gpu else 1e-3,

@@ -8,8 +8,10 @@ its colour, contrast and scale. Words it does not know still choose, by a hash, 
 an image. Some descriptions make the task harder (a background in a target's own colour, busy clutter) and some
 easier (a plain pale one): a description changes difficulty, which is what the paper's method needs to matter.
 
-It never draws stripes: the shapes dataset's out-of-domain family (shapes.BACKGROUNDS) stays one the synthesizer
-cannot make. It is called exactly as the diffusers pipelines are (outpaint.outpaint pastes the kept pixels back).
+It never draws stripes: the shapes dataset's far out-of-domain families (shapes.BACKGROUNDS) stay ones the
+synthesizer cannot make; its near out-of-domain family is this model's families at parameters its words never
+choose (`held_out`). It is called exactly as the diffusers pipelines are (outpaint.outpaint pastes the kept pixels
+back). A leaf module: its colour words carry their own RGB (near the shapes' palette: a red wall hides a red shape).
 """
 from __future__ import annotations
 
@@ -20,8 +22,6 @@ from types import SimpleNamespace
 
 import numpy as np
 from PIL import Image, ImageDraw
-
-from shapes import COLORS
 
 FAMILIES = ("solid", "gradient", "noise", "clutter", "checker", "dots")
 
@@ -34,7 +34,7 @@ FAMILY_WORDS = {
     "checker": ("checker", "checkered", "tiles", "tiled", "brick", "chess", "grid", "mosaic"),
     "dots": ("dots", "dotted", "spotted", "confetti", "polka", "bubbles", "stars", "leaves"),
 }
-COLOR_WORDS = {**{name: rgb for name, rgb in COLORS.items()},       # the shapes' own colours: a target can vanish
+COLOR_WORDS = {"red": (215, 45, 45), "green": (45, 165, 65), "blue": (45, 85, 215), "yellow": (230, 195, 35),
                "white": (245, 245, 245), "snowy": (240, 242, 246), "frozen": (205, 225, 240), "grey": (150, 150, 150),
                "gray": (150, 150, 150), "dark": (45, 45, 50), "black": (20, 20, 20), "night": (25, 30, 60),
                "pink": (240, 170, 200), "brown": (130, 90, 60), "brick": (165, 70, 50), "purple": (140, 80, 170),
@@ -65,6 +65,17 @@ def describe(description: str) -> Background:
         palette = sorted(COLOR_WORDS.values())
         color = palette[(digest // len(FAMILIES)) % len(palette)]
     return Background(family, tuple(color), pick(CONTRAST_WORDS) or 0.6, pick(SCALE_WORDS) or 10)
+
+
+HELD_OUT_SCALES = (6, 14, 18)  # pattern units no description chooses (SCALE_WORDS give 4 or 24, else 10)
+
+
+def held_out(rng) -> Background:
+    """A background of this model's families at parameters no description chooses (the near out-of-domain split):
+    any RGB colour (its words name 24 fixed ones), a contrast in [0.3, 0.9] (its words give 0.25, 0.6 or 1.0) and a
+    scale of HELD_OUT_SCALES. rng: a random.Random."""
+    color = tuple(rng.randint(0, 255) for _ in range(3))
+    return Background(rng.choice(FAMILIES), color, round(rng.uniform(0.3, 0.9), 3), rng.choice(HELD_OUT_SCALES))
 
 
 def render(bg: Background, width: int, height: int, seed: int) -> Image.Image:

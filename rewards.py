@@ -513,6 +513,7 @@ def score_groups(texts: list[list[str]], samples: list[Sample], input_sizes: lis
         acc, fmt = torch.tensor(agreement), torch.zeros_like(fmt)
     v = [diversity(a.tolist()) for a in acc]                     # Eq. 4 of each prompt, from the reward's accuracy
     stats["diversity"] = float(np.mean(v))
+    stats["variance"] = stats["diversity"] / 4   # Eq. 4 itself: the group's variance, before the normalisation
     div, descriptions = torch.zeros_like(acc), [None] * len(texts)
     if algo == "syn-grpo":
         v_smoothed, _, v_global = smooth(v)

@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from common import write_jsonl
+from procedural import held_out, render
 from prompts import REC_QUESTION
 
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30)}
@@ -21,15 +22,23 @@ SHAPES = ("circle", "square", "triangle")
 FURNITURE = {"bed": (150, 110, 200), "sofa": (200, 120, 60), "table": (120, 80, 40), "wardrobe": (90, 90, 90)}
 
 
-BACKGROUNDS = ("pale", "stripes")   # training draws pale ones; stripes are an out-of-domain family for evaluation
+# Background families. Training draws `pale`; the others are test splits out of its domain:
+#   stripes  pale diagonal stripes of two tints: a new family, but no harder (the first miniature Table 1's split)
+#   near     the testbed synthesizer's own families (procedural.py) at parameters its words never choose: what
+#            synthesized training images can prepare a model for
+#   far      diagonal stripes of two colours of any brightness and saturation: a family no synthesizer here draws (procedural.py never
+#            draws stripes), defined here independently of it
+BACKGROUNDS = ("pale", "stripes", "near", "far")
 
 
 def _background(rng: random.Random, w: int, h: int, family: str = "pale") -> Image.Image:
-    """Pale solid, gradient or noise backgrounds (kept light so every shape colour stands out); or, for
-    evaluation out of domain, pale diagonal stripes of two tints (a family neither training nor the tiny
-    synthesizer, which draws speckled textures, ever shows)."""
-    if family == "stripes":
-        a, b = (np.array([rng.randint(200, 250) for _ in range(3)], dtype=np.float32) for _ in range(2))
+    """A background of `family` (BACKGROUNDS): pale solid, gradient or noise ones (kept light so every shape colour
+    stands out), or one of the out-of-domain families."""
+    if family == "near":
+        return render(held_out(rng), w, h, seed=rng.getrandbits(32))
+    if family in ("stripes", "far"):
+        lo, hi = (200, 250) if family == "stripes" else (0, 255)
+        a, b = (np.array([rng.randint(lo, hi) for _ in range(3)], dtype=np.float32) for _ in range(2))
         period, slope = rng.choice((8, 12, 16)), rng.choice((-1, 1))
         yy, xx = np.mgrid[0:h, 0:w]
         band = (((xx + slope * yy) // (period // 2)) % 2).astype(bool)[..., None]
@@ -69,7 +78,8 @@ def _mask_box(mask: np.ndarray) -> list:
 
 
 HELD_OUT_OFFSET = 10_000_000   # indices of any other split start here: disjoint from train's for any n below it
-SHAPES_VERSION = 6   # bump when the generator changes: cached files carry it in their name
+SHAPES_VERSION = 6   # bump when the generator (or procedural.render, which draws `near`) changes: cached files
+                     # carry it in their name
 GRID = 2   # shapes sit centred in the cells of a 2x2 grid, in two sizes: with the tiny models' 112x112 input
            # (4x4 merged image tokens) each cell is 2x2 tokens, and the boxes take few distinct values. A 4x4 grid
            # (one token a cell) is beyond what the tiny model learns in CPU minutes: 3,000 SFT steps stayed blind.

@@ -191,8 +191,9 @@ class Synthesis:
         if not urls:
             self.server_proc, url = start_local_server(cfg)
             urls = [url]
-            if cfg.device == "cpu":   # its core is the server's: one more trainer thread would oversubscribe the CPU,
-                torch.set_num_threads(max(1, self.threads - 1))   # measured 2x slower steps on 2 cores
+            if cfg.device == "cpu" and cfg.pipeline != "procedural":   # its core is the server's: one more trainer
+                torch.set_num_threads(max(1, self.threads - 1))   # thread would oversubscribe the CPU, measured 2x slower
+                # steps on 2 cores; the procedural pipeline takes milliseconds an image and leaves the trainer both
         self.client = DataServerClient(urls, cfg.server_token, log=tqdm.write)
         if cfg.descriptions:   # the same descriptions in turn, whatever the model writes
             with open(cfg.descriptions) as f:

@@ -237,11 +237,13 @@ def update_policy(model, ref, optimizer, sched, batches: list[MicroBatch], cfg: 
                   banned: list[int]) -> dict:
     """mu optimizer steps on the step's micro-batches; returns the mean loss, KL, clip fraction, entropy and the
     largest trainer-vs-engine log-prob gap."""
-    stats = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": 0.0, "logp_engine_gap": 0.0}
+    stats = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": 0.0, "entropy_per_completion": 0.0,
+             "logp_engine_gap": 0.0}
     if not batches:
         return stats
     model.train()
     n_tok, norm = loss_normaliser(batches, cfg, d)
+    n_seq = sum(len(b.completion_mask) for b in batches)
     old, refs = fixed_logprobs(model, ref, batches, cfg, banned)
     gap = []
     for it in range(cfg.mu):
@@ -259,6 +261,9 @@ def update_policy(model, ref, optimizer, sched, batches: list[MicroBatch], cfg: 
                 stats["kl"] += ((kl * mask).sum() / n_tok).item() / cfg.mu
             stats["clip_frac"] += ((clipped.float() * mask).sum() / n_tok).item() / cfg.mu
             stats["entropy"] += ((ent.detach() * mask).sum() / n_tok).item() / cfg.mu
+            # the paper's H(q) (Fig. 2): each completion's mean token entropy, then the mean over completions
+            per_completion = (ent.detach() * mask).sum(1) / mask.sum(1).clamp(min=1)                  # (n,)
+            stats["entropy_per_completion"] += (per_completion.sum() / n_seq).item() / cfg.mu
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         optimizer.step()
         sched.step()
@@ -313,7 +318,18 @@ def step_metrics(step: int, ro: Rollout, scored: Scored, update: dict, jobs: dic
             "completion_len": float(np.mean(lens)), "lr": lr,
             "completions_clipped": float(np.mean([not c.finished for g in ro.groups for c in g])),
             **pool.stats(), **jobs,
-            "batch_synth_frac": float(np.mean([p.sample.generation > 0 for p in ro.prompts])), **timer.row()}
+            "batch_synth_frac": float(np.mean([p.sample.generation > 0 for p in ro.prompts])),
+            **variance_by_origin(ro, scored), **timer.row()}
+
+
+def variance_by_origin(ro: Rollout, scored: Scored) -> dict:
+    """Eq. 4's V(q), the mean over this step's synthesized prompts and over its original ones (None where there
+    are none): do synthesized images keep the groups' answers diverse (Fig. 2)?"""
+    v = [R.diversity(a.tolist()) / 4 for a in scored.rewards.accuracy]
+    synth = [p.sample.generation > 0 for p in ro.prompts]
+    mean = lambda xs: float(np.mean(xs)) if xs else None
+    return {"variance_synth": mean([x for x, s in zip(v, synth) if s]),
+            "variance_original": mean([x for x, s in zip(v, synth) if not s])}
 
 
 def log_step(row: dict, ro: Rollout, scored: Scored, sent: list, cfg: Config, d: Dist) -> dict:
@@ -351,13 +367,15 @@ def sft_phase(cfg, model, processor, pool, d: Dist = Dist(), template: str = "")
                                   weight_decay=cfg.sft_weight_decay) if steps else None
     banned, eos = vision_token_ids(processor), processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
     fmt = cfg.sft_format or ("grpo" if cfg.algo == "sft" else cfg.algo)
+    formats = ("grpo", "syn-grpo") if fmt == "both" else (fmt,)   # both: a step's k-th sequence in formats[k % 2]
     rng = random.Random(cfg.seed)   # the warm start's draws, as measured (the tiny models' warm starts depend on them)
     for step in tqdm(range(steps), desc="sft", dynamic_ncols=True, disable=not d.main):
         idx = [labelled[rng.randrange(len(labelled))] for _ in range(n)]
-        idx = [idx[k] for k in rank_share(len(idx), d)]
-        prompts = [encode_prompt(processor, pool.get(i), fmt, math_format=cfg.math_format, template=template)
-                   for i in idx]
-        seqs = [(k, processor.tokenizer(gold_completion(p.sample, p.input_size, fmt, idx[k], cfg.math_format),
+        mine = rank_share(len(idx), d)
+        idx, fmts = [idx[k] for k in mine], [formats[k % len(formats)] for k in mine]
+        prompts = [encode_prompt(processor, pool.get(i), f, math_format=cfg.math_format, template=template)
+                   for i, f in zip(idx, fmts)]
+        seqs = [(k, processor.tokenizer(gold_completion(p.sample, p.input_size, fmts[k], idx[k], cfg.math_format),
                                         add_special_tokens=False)["input_ids"] + [eos]) for k, p in enumerate(prompts)]
         batches = [make_batch(prompts, seqs[i:i + cfg.micro_batch], processor.tokenizer.pad_token_id)
                    for i in range(0, len(seqs), cfg.micro_batch)]
