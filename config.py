@@ -376,11 +376,15 @@ def command_line(description: str = "") -> ArgumentParser:
                       "with the row's categories):\n" + templates)
     p.add_argument("--print-config", action="store_true", help="print the resolved config (the defaults of --device "
                    "filled in) as JSON and exit, without loading a model")
+    p.add_argument("--preflight", action="store_true", help="check what the run needs of this machine (data, writable "
+                   "folders, segmenter, the pipeline's weights, data servers, GPU assignment, --plan's verdict) without "
+                   "loading a model; a table, then one line per failure and exit status 1 (every run does it too)")
     p.add_argument("--plan", action="store_true", help="print the memory one step of this run needs per training GPU "
                    "(no weights loaded; with --device cuda on any machine), whether it fits and what would make it fit")
     p.add_argument("--json", action="store_true", help="with --plan: one JSON object instead of the table")
     p.add_argument("--gpu-memory-gb", type=float, default=80.0, help="with --plan: memory of each GPU")
-    p.add_argument("--plan-gpus", type=int, default=1, help="with --plan: training GPUs (torchrun processes, FSDP)")
+    p.add_argument("--plan-gpus", type=int, default=1, help="with --plan and --preflight: training GPUs (torchrun "
+                   "processes, FSDP)")
     p.add_argument("--plan-image-size", default="640x480", help="with --plan: WIDTHxHEIGHT of a typical image")
     return p
 

@@ -47,6 +47,7 @@ from config import Config, check_distributed, command_line, prepare_config, rewa
 from data import DataPool, gold_completion, read_rows_or_stop, read_template, source_name
 from eval import load_split, predict, score_rows
 from plan import plan_command
+from preflight import preflight
 from rollout import (Completion, HFRollout, MicroBatch, Prompt, Sampling, VLLMRollout, completion_logprobs,
                      encode_prompt, engine_gap, load_policy, make_batch, max_num_seqs, resolve_model, vision_token_ids)
 from shapes import make_shapes
@@ -614,6 +615,7 @@ def main(cfg: Config) -> dict:
     cfg = prepare_config(cfg)                 # resume's saved config, device defaults, checks (nothing written yet)
     d = setup_distributed()
     check_distributed(cfg, d)
+    preflight(cfg, world=int(os.environ.get("LOCAL_WORLD_SIZE", d.world)), data=False, show=False)   # set_up reads data
     run = set_up(cfg, d)                      # data, model, SFT warm start, reference, optimizer, resume
     if cfg.algo == "sft":
         finish(cfg, run, d)
@@ -663,10 +665,14 @@ def main(cfg: Config) -> dict:
 
 
 def cli(argv=None) -> None:
-    """`python train.py [flags]`: --plan, --print-config, or the run."""
+    """`python train.py [flags]`: --plan, --preflight, --print-config, or the run."""
     args = command_line(__doc__).parse_args(argv)
     if args.plan:
         return plan_command(config_from(Config, args), args)
+    if args.preflight:   # the layout of --plan-gpus training processes: the data server's default GPU follows them
+        os.environ.setdefault("LOCAL_WORLD_SIZE", str(args.plan_gpus))
+        preflight(prepare_config(config_from(Config, args)), world=args.plan_gpus)
+        return print("preflight: every check passed")
     if args.print_config:
         return print(json.dumps(asdict(prepare_config(config_from(Config, args), files=False)), indent=1))
     main(config_from(Config, args))

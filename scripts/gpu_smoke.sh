@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The first command on a new GPU box (README "First GPU run"): the stack's versions, the memory plan, 3 GRPO steps of
-# Qwen2.5-VL-3B with vLLM rollouts, one SDXL outpainting job through server.py, and eval.py on 20 samples; then a
-# pass/fail table with each step's time and peak memory (host RSS and, on a GPU, the most any GPU held).
+# The first command on a new GPU box (README "First GPU run"): the stack's versions, the memory plan, the preflight of
+# a Syn-GRPO run, 3 GRPO steps of Qwen2.5-VL-3B with vLLM rollouts, one SDXL outpainting job through server.py, one
+# Syn-GRPO step with a local data server on a GPU of its own (cuda:1), and eval.py on 20 samples; then a pass/fail
+# table with each step's time and peak memory (host RSS and, on a GPU, the most any GPU held).
 #
 #   bash scripts/gpu_smoke.sh            # on a CUDA machine, after `bash install.sh --gpu`
 #   bash scripts/gpu_smoke.sh --tiny     # the same steps on the tiny random-weight models, on CPU (CI runs this)
@@ -85,11 +86,16 @@ assert $TINY or gpus, 'no CUDA device visible'
 # 2. the memory plan of the step below (no weights loaded)
 step plan "grep -q 'peak' '$OUT/plan.log'" "$PY" train.py --plan --device "$DEVICE" --model "$MODEL" --rollout-backend vllm \
   "${TRAIN[@]}"
-# 3. three GRPO steps with vLLM rollouts on the built-in shapes data, a Hugging Face checkpoint at the end
+# 3. the preflight of the Syn-GRPO step below: writable folders, segmenter, pipeline weights, GPU assignment, plan
+printf 'a sunny beach\na snowy road\n' > "$OUT/descriptions.txt"
+SYN=(--algo syn-grpo --pipeline "$PIPELINE" --descriptions "$OUT/descriptions.txt" --synchronous-synthesis)
+step preflight "grep -q 'every check passed' '$OUT/preflight.log'" "$PY" train.py --preflight --model "$MODEL" \
+  --device "$DEVICE" --rollout-backend vllm --out-dir "$OUT/syn" "${TRAIN[@]}" "${SYN[@]}"
+# 4. three GRPO steps with vLLM rollouts on the built-in shapes data, a Hugging Face checkpoint at the end
 step train "test -f '$OUT/train/checkpoint-3/config.json' && grep -c '\"step\"' '$OUT/train/metrics.jsonl'" \
   "$PY" train.py --model "$MODEL" --device "$DEVICE" --rollout-backend vllm --max-steps 3 --save-every 3 \
   --out-dir "$OUT/train" --overwrite "${TRAIN[@]}"
-# 4. one outpainting job through the data server: submitted, generated, returned with its boxes
+# 5. one outpainting job through the data server: submitted, generated, returned with its boxes
 cat > "$OUT/server_job.py" <<'EOF'
 """Start server.py, submit one job for a shapes image, wait for its result, stop the server."""
 import os, subprocess, sys, time
@@ -121,7 +127,11 @@ finally:
 EOF
 step server "grep -q 'job done' '$OUT/server.log'" env PYTHONPATH="$PWD" "$PY" "$OUT/server_job.py" "$OUT" "$PIPELINE" \
   "${SERVER[@]}"
-# 5. eval.py on 20 held-out samples with the checkpoint of step 3
+# 6. one Syn-GRPO step: its description to a local data server (a GPU of its own), the image back in the pool
+step syn-grpo "grep -q '\"jobs_absorbed\": [1-9]' '$OUT/syn/metrics.jsonl'" "$PY" train.py --model "$MODEL" \
+  --device "$DEVICE" --rollout-backend vllm --max-steps 1 --save-every 0 --out-dir "$OUT/syn" --overwrite "${TRAIN[@]}" \
+  "${SYN[@]}"
+# 7. eval.py on 20 held-out samples with the checkpoint of step 3
 VAL=$("$PY" data.py shapes --task rec --n 20 --split val --objects 1 1 --out "$OUT/data" 2>/dev/null | tail -n 1)
 step eval "test -f '$OUT/eval/results.json'" "$PY" eval.py --model "$OUT/train/checkpoint-3" --task rec --data "$VAL" \
   --backend vllm --limit 20 --out-dir "$OUT/eval" "${EVAL[@]}"

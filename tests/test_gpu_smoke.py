@@ -15,7 +15,8 @@ def test_gpu_smoke_tiny_passes_every_step(tmp_path):
     logs = "".join(f"--- {p.name}\n{p.read_text()[-1500:]}" for p in sorted(out.glob("*.log")))
     assert r.returncode == 0, r.stdout + r.stderr + logs
     rows = [line for line in r.stdout.splitlines() if line.startswith("| ") and "result" not in line]
-    assert [row.split("|")[1].strip() for row in rows] == ["versions", "plan", "train", "server", "eval"]
+    assert [row.split("|")[1].strip() for row in rows] == ["versions", "plan", "preflight", "train", "server",
+                                                                 "syn-grpo", "eval"]
     assert all(row.split("|")[2].strip() == "PASS" for row in rows), r.stdout
     assert (out / "eval" / "results.json").exists() and (out / "train" / "checkpoint-3").is_dir()
 
