@@ -697,7 +697,9 @@ def command_line() -> ArgumentParser:
     sp.add_argument("--objects", type=int, nargs=2, default=(2, 4), metavar=("MIN", "MAX"),
                     help=f"number of shapes per image (at most {GRID * GRID}, one per grid cell)")
     sp.add_argument("--background", choices=BACKGROUNDS, default="pale",
-                    help="pale (training's) or stripes (an out-of-domain family for evaluation)")
+                    help="pale (training's), or an out-of-domain family for evaluation: stripes (pale, no harder), "
+                         "near (the procedural synthesizer's families at parameters no description chooses), far "
+                         "(saturated stripes, which nothing here draws)")
     sp.add_argument("--out", required=True, help="folder for the JSONL file and images/")
     cp = sub.add_parser("check", help="validate data of any format and report every bad row", formatter_class=HelpFormatter)
     cp.add_argument("file", help="the data: one source or several comma-separated, any format of README \"Data\"")

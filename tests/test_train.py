@@ -386,6 +386,31 @@ def test_syn_grpo_without_the_diversity_reward_has_none_and_sends_the_first_desc
     assert torch.equal(off.total, off.accuracy + off.format)
 
 
+def test_sft_on_both_formats_pairs_each_prompt_with_the_target_of_its_own_format(tmp_path, tiny, monkeypatch):
+    """--sft-format both (the shared warm start of experiments/paper.py): a step's sequences alternate two-tag and
+    four-tag, and each target is in the format its prompt asks for, so one model learns to answer in either."""
+    import copy
+
+    import train
+    from data import DataPool, read_data
+    from shapes import make_shapes
+    seen = []
+    encode, gold = train.encode_prompt, train.gold_completion
+    monkeypatch.setattr(train, "encode_prompt", lambda proc, s, algo, **kw: seen.append(["prompt", algo]) or
+                        encode(proc, s, algo, **kw))
+    monkeypatch.setattr(train, "gold_completion", lambda s, size, algo, *a: seen.append(["target", algo]) or
+                        gold(s, size, algo, *a))
+    pool = DataPool(read_data(make_shapes("rec", 8, str(tmp_path / "shapes"), objects=(1, 1)), "rec"))
+    cfg = train.prepare_config(train.Config(algo="sft", sft_steps=2, sft_format="both", out_dir=str(tmp_path / "o")),
+                               files=False)
+    os.makedirs(cfg.out_dir)
+    model, proc = tiny
+    assert train.sft_phase(cfg, copy.deepcopy(model), proc, pool) == 2
+    prompts, targets = [a for k, a in seen if k == "prompt"], [a for k, a in seen if k == "target"]
+    assert prompts == targets == ["grpo", "syn-grpo"] * (2 * cfg.batch_size)   # 2 steps of 2B sequences
+    assert cfg.sft_steps == 2 and cfg.max_new_tokens == 112                    # four-tag lengths for the four-tag half
+
+
 @pytest.mark.slow
 def test_sft_trains_any_model_over_its_epochs_and_refuses_to_train_nothing(tmp_path, tiny):
     """--algo sft on a model that is not one of the tiny names (as on a GPU: --sft-steps 0 = --epochs over the data)
