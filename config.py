@@ -119,8 +119,9 @@ class Config:
     max_pending_jobs: int | None = opt(None, "jobs in flight at most; a step submits no more while this many are "
                                              "unfinished (default: 0 = no limit on GPU; 2 x batch size on CPU)")
     segmenter: str | None = opt(None, "foreground matte of the local data server's keep-mask: '' (the boxes alone), "
-                                      "palette, color or ben2 (default: palette for the built-in shapes data; ben2, the "
-                                      "paper's, with the sdxl pipeline; else '')", choices=SEGMENTERS)
+                                      "palette, color, ben2, sam (box-prompted SAM from transformers) or tiny-sam "
+                                      "(default: palette for the built-in shapes data; ben2, the paper's, with the sdxl "
+                                      "pipeline; else '')", choices=SEGMENTERS)
     server_device: str | None = opt(None, "device of the local data server (default: cpu on CPU; on GPU the first GPU "
                                           "after the training processes', cuda:N for N = LOCAL_WORLD_SIZE, as the paper "
                                           "gives the server a GPU of its own; cuda:0 shares the trainer's)")

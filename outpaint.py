@@ -174,44 +174,101 @@ class Segmenter:
     """A foreground matte (image -> 'L' image, 255 = foreground) and the pixels it is grown by in the keep-mask (a
     soft matte loses object edges without a margin; an exact one needs none, and a margin would keep a ring of the
     old background: a cue to the answer)."""
-    matte: Callable
+    matte: Callable       # (image, boxes) -> 'L' image; only the box-prompted SAM reads the boxes
     grow: int = 1
 
-    def __call__(self, img: Image.Image) -> Image.Image:
-        return self.matte(img)
+    def __call__(self, img: Image.Image, boxes: list = ()) -> Image.Image:
+        return self.matte(img, boxes)
+
+
+BEN2_WEIGHTS = "PramaLLC/BEN2"
+SAM_CHECKPOINT = "facebook/sam-vit-base"   # SAM's smallest (94M): the matte is only refined inside the gold boxes
+TINY_SAM_VERSION = 1   # bump when the tiny SAM changes: the cached one carries it in its directory name
+TINY_SAM_SIZE = 256    # the tiny SAM's input side (SAM's is 1024)
+
+
+def build_tiny_sam(out_dir: str, seed: int = 0) -> str:
+    """A random-weight SAM (transformers' SamModel, ~100k parameters, input side TINY_SAM_SIZE) and its processor,
+    saved to out_dir (atomic): the `tiny-sam` segmenter runs the real box-prompted code path on a CPU."""
+    from transformers import SamConfig, SamImageProcessor, SamModel, SamProcessor
+    s = TINY_SAM_SIZE
+    cfg = SamConfig(vision_config=dict(hidden_size=32, output_channels=32, num_hidden_layers=2, num_attention_heads=2,
+                                       image_size=s, patch_size=16, mlp_dim=64, global_attn_indexes=[1], window_size=4,
+                                       num_pos_feats=16),
+                    prompt_encoder_config=dict(hidden_size=32, image_size=s, patch_size=16, image_embedding_size=s // 16,
+                                               mask_input_channels=4),
+                    mask_decoder_config=dict(hidden_size=32, mlp_dim=64, num_hidden_layers=2, num_attention_heads=2,
+                                             iou_head_hidden_dim=32))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = SamModel(cfg).eval()
+    proc = SamProcessor(image_processor=SamImageProcessor(size={"longest_edge": s}, pad_size={"height": s, "width": s}))
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        proc.save_pretrained(tmp)
+    return out_dir
+
+
+def sam_segmenter(name: str, device: str = "cpu") -> "Segmenter":
+    """SAM prompted with each gold box (transformers' SamModel: no extra package); the matte is the union of the
+    boxes' masks. `sam`: SAM_CHECKPOINT from the Hub; `tiny-sam`: random weights, built offline and cached."""
+    from transformers import SamModel, SamProcessor
+    path = SAM_CHECKPOINT
+    if name == "tiny-sam":
+        path = os.path.join(CACHE, "segmenters", f"tiny-sam-v{TINY_SAM_VERSION}")
+        if not os.path.exists(os.path.join(path, "config.json")):
+            build_tiny_sam(path)
+    model, proc = SamModel.from_pretrained(path).to(device).eval(), SamProcessor.from_pretrained(path)
+
+    @torch.no_grad()
+    def sam_matte(img: Image.Image, boxes: list) -> Image.Image:
+        img = img.convert("RGB")
+        if not len(boxes):
+            return Image.new("L", img.size, 0)
+        inputs = proc(images=img, input_boxes=[[list(map(float, b)) for b in boxes]], return_tensors="pt").to(device)
+        out = model(**inputs, multimask_output=False)
+        masks = proc.image_processor.post_process_masks(out.pred_masks.cpu(), inputs["original_sizes"].cpu(),
+                                                        inputs["reshaped_input_sizes"].cpu())[0]   # (boxes, 1, h, w)
+        return Image.fromarray(masks.any(0)[0].numpy().astype(np.uint8) * 255)
+    return Segmenter(sam_matte, grow=2)   # a soft matte, as BEN2's: a margin keeps the object's edge
 
 
 def load_segmenter(name: str = "", device: str = "cpu") -> Segmenter | None:
     """A foreground segmenter, or None for the box mask alone.
 
-    "ben2": BEN2 (the paper's Background Erase Network; `pip install ben2`, weights from the hub, GPU);
+    "ben2": BEN2 (the paper's Background Erase Network; weights from the hub, GPU; not on PyPI:
+    `pip install git+https://github.com/PramaLLC/BEN2`, which the preflight names when it is missing);
     "palette": the shapes dataset's object colours, exactly (they survive every generation: kept pixels are pasted
     back bit for bit), so that synthesized-from-synthesized images keep a clean matte;
-    "color": pixels far from the image's median colour (flat backgrounds)."""
+    "color": pixels far from the image's median colour (flat backgrounds);
+    "sam": SAM prompted with the gold boxes (transformers; weights from the Hub), a segmenter that installs with the
+    rest; "tiny-sam": the same code with random weights, built offline (tests, CPU)."""
     if not name:
         return None
     if name == "palette":
         palette = np.array(list(COLORS.values()) + list(FURNITURE.values()), dtype=np.int16)   # (K, 3)
 
-        def palette_matte(img: Image.Image) -> Image.Image:
+        def palette_matte(img: Image.Image, boxes: list = ()) -> Image.Image:
             arr = np.asarray(img.convert("RGB")).astype(np.int16)
             hit = (arr[:, :, None, :] == palette[None, None]).all(-1).any(-1)
             return Image.fromarray(hit.astype(np.uint8) * 255)
         return Segmenter(palette_matte, grow=0)
     if name == "color":
-        def color_matte(img: Image.Image) -> Image.Image:
+        def color_matte(img: Image.Image, boxes: list = ()) -> Image.Image:
             arr = np.asarray(img.convert("RGB")).astype(np.int16)
             bg = np.median(arr.reshape(-1, 3), axis=0)
             return Image.fromarray((np.abs(arr - bg).max(-1) > 48).astype(np.uint8) * 255)
         return Segmenter(color_matte, grow=1)
     if name == "ben2":
         from ben2 import AutoModel   # optional dependency, GPU machines only
-        model = AutoModel.from_pretrained("PramaLLC/BEN2").to(device).eval()
-        return Segmenter(lambda img: model.inference(img.convert("RGB")).split()[-1], grow=2)   # RGBA: alpha is the matte
-    raise ValueError(f"unknown segmenter {name!r}; expected '', 'palette', 'color' or 'ben2'")
+        model = AutoModel.from_pretrained(BEN2_WEIGHTS).to(device).eval()
+        return Segmenter(lambda img, boxes=(): model.inference(img.convert("RGB")).split()[-1], grow=2)   # alpha
+    if name in ("sam", "tiny-sam"):
+        return sam_segmenter(name, device)
+    raise ValueError(f"unknown segmenter {name!r}; expected one of {', '.join(map(repr, SEGMENTERS))}")
 
 
-SEGMENTERS = ("", "palette", "color", "ben2")
+SEGMENTERS = ("", "palette", "color", "ben2", "sam", "tiny-sam")
 
 
 def outpaint(pipe, image: Image.Image, boxes: list, description: str, seed: int = 0, steps: int = 4,
@@ -227,7 +284,7 @@ def outpaint(pipe, image: Image.Image, boxes: list, description: str, seed: int 
         canvas = Image.new("RGB", (w, h), (127, 127, 127))
         canvas.paste(image.resize((round(w * s), round(h * s)), Image.LANCZOS), (ox, oy))
         image = canvas
-    keep = keep_mask((w, h), boxes, dilate, segmenter(image) if segmenter else None,
+    keep = keep_mask((w, h), boxes, dilate, segmenter(image, boxes) if segmenter else None,
                      matte_grow=segmenter.grow if segmenter else 0)
     W = work_size or max(64, (w + 7) // 8 * 8)
     H = work_size or max(64, (h + 7) // 8 * 8)

@@ -27,9 +27,10 @@ import torch
 from common import device_exists, split_list
 from config import Config, starts_local_server
 from data import DataError, load_image, read_data
+from outpaint import BEN2_WEIGHTS, SAM_CHECKPOINT
 from plan import PlanSetting, count_parameters, plan_memory, plan_model_config
 
-BEN2_INSTALL = "pip install git+https://github.com/PramaLLC/BEN2"   # not on PyPI (install.sh --gpu runs it)
+BEN2_INSTALL = "pip install git+https://github.com/PramaLLC/BEN2"   # not on PyPI: install.sh cannot pin it
 PIPELINE_REPOS = {"sdxl": ("stabilityai/stable-diffusion-xl-base-1.0", "diffusers/controlnet-canny-sdxl-1.0")}
 HUB_TIMEOUT = 10        # seconds for the Hub or a data server to answer
 
@@ -67,8 +68,10 @@ def writable_check(name: str, path: str) -> Check:
 
 def segmenter_check(cfg: Config) -> Check:
     if cfg.segmenter == "ben2" and importlib.util.find_spec("ben2") is None:
-        return Check("segmenter", False, f"--segmenter ben2: the ben2 package is not installed; run `{BEN2_INSTALL}` "
-                                         "(or bash install.sh --gpu)")
+        return Check("segmenter", False, f"--segmenter ben2: the ben2 package is not installed; run `{BEN2_INSTALL}`, "
+                                         "or give --segmenter sam")
+    if cfg.segmenter in ("ben2", "sam"):   # their weights come from the Hub
+        return hub_check("segmenter", cfg.segmenter, [BEN2_WEIGHTS if cfg.segmenter == "ben2" else SAM_CHECKPOINT])
     return Check("segmenter", True, cfg.segmenter or "none (the boxes alone)")
 
 
@@ -80,22 +83,26 @@ def pipeline_check(cfg: Config) -> Check:
     if os.path.isdir(name):
         ok = os.path.isfile(os.path.join(name, "model_index.json"))
         return Check("pipeline", ok, f"{name}" + ("" if ok else ": no model_index.json (not a diffusers pipeline dir)"))
+    return hub_check("pipeline", name, PIPELINE_REPOS.get(name, ()))
+
+
+def hub_check(check: str, name: str, repos) -> Check:
+    """The repos' weights are in the local Hugging Face cache, or the Hub answers for them."""
     from huggingface_hub import constants, model_info, try_to_load_from_cache
-    missing = [r for r in PIPELINE_REPOS.get(name, ())
-               if not isinstance(try_to_load_from_cache(r, "model_index.json"), str)
+    missing = [r for r in repos if not isinstance(try_to_load_from_cache(r, "model_index.json"), str)
                and not isinstance(try_to_load_from_cache(r, "config.json"), str)]
     if not missing:
-        return Check("pipeline", True, f"{name}: weights in the local cache")
+        return Check(check, True, f"{name}: weights in the local cache")
     if constants.HF_HUB_OFFLINE:
-        return Check("pipeline", False, f"{name}: {', '.join(missing)} not in the local cache, and HF_HUB_OFFLINE=1 "
-                                        "forbids a download")
+        return Check(check, False, f"{name}: {', '.join(missing)} not in the local cache, and HF_HUB_OFFLINE=1 "
+                                   "forbids a download")
     try:
         for repo in missing:
             model_info(repo, timeout=HUB_TIMEOUT)
     except Exception as e:   # any failure to reach the Hub is this check's answer, never a traceback
-        return Check("pipeline", False, f"{name}: {repo} is not in the local cache and the Hub does not answer "
-                                        f"({type(e).__name__}); download it first (huggingface-cli download {repo})")
-    return Check("pipeline", True, f"{name}: {', '.join(missing)} will download from the Hub")
+        return Check(check, False, f"{name}: {repo} is not in the local cache and the Hub does not answer "
+                                   f"({type(e).__name__}); download it first (huggingface-cli download {repo})")
+    return Check(check, True, f"{name}: {', '.join(missing)} will download from the Hub")
 
 
 def server_check(urls: str) -> Check:

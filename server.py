@@ -64,7 +64,8 @@ class ServerConfig:
                                 "drawn from the description's words, no weights), sdxl (SDXL + ControlNet from the "
                                 "hub, GPU) or a saved pipeline dir")
     segmenter: str = opt("", "foreground matte refining the keep-mask inside the boxes: '' (box mask alone), ben2 "
-                             "(the paper's BEN2, GPU), palette (the shapes data's object colours) or color (flat "
+                             "(the paper's BEN2, GPU), sam (SAM prompted with the boxes, from transformers), tiny-sam "
+                             "(its random-weight twin), palette (the shapes data's object colours) or color (flat "
                              "backgrounds)", choices=SEGMENTERS)
     device: str = opt("cpu", "device of the pipelines, e.g. cuda:1")
     workers: int = opt(1, "generation threads, one pipeline each")

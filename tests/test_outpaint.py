@@ -82,6 +82,23 @@ def test_segmenter_refines_the_mask_inside_boxes(pipe):
         load_segmenter("nope")
 
 
+def test_the_sam_segmenter_is_prompted_with_the_boxes_and_its_matte_refines_them():
+    """`tiny-sam`: transformers' SamModel with random weights, built offline, prompted with each gold box; the matte
+    is the union of the boxes' masks, deterministic, empty without a box, and outpaint keeps its pixels exactly."""
+    from outpaint import load_pipeline, load_segmenter
+    seg = load_segmenter("tiny-sam")
+    img, row = shapes_sample("ovd", 6)
+    boxes = [o["bbox"] for o in row["objects"]]
+    m = seg(img, boxes)
+    assert m.mode == "L" and m.size == img.size and np.array_equal(np.asarray(m), np.asarray(seg(img, boxes)))
+    assert not np.asarray(seg(img, [])).any()
+    assert not np.array_equal(np.asarray(m), np.asarray(seg(img, boxes[:1])))     # each box prompts its own mask
+    out, new_boxes = outpaint(load_pipeline("procedural"), img, boxes, "a busy market", seed=1, steps=1, segmenter=seg)
+    keep = np.asarray(keep_mask(img.size, boxes, segment=m, matte_grow=seg.grow)) > 0
+    assert new_boxes == [list(map(float, b)) for b in boxes]
+    assert np.array_equal(np.asarray(out)[keep], np.asarray(img)[keep])
+
+
 def test_palette_matte_regenerates_the_box_around_a_shape_and_keeps_the_shape(pipe):
     """No cue to the answer: with the matte, pixels inside the box but outside the object change; the object's own
     pixels are kept exactly, in the next generation too (the matte of a synthesized image is as clean)."""

@@ -509,3 +509,20 @@ def test_one_box_rule_at_the_door_and_health_that_says_when_no_worker_can_run(tm
     assert api.health()[1]["ok"] is True
     alive[0] = 0
     assert api.health()[1] == {**api.health()[1], "ok": False, "workers": 0}
+
+
+@pytest.mark.parametrize("pipeline, segmenter", [("procedural", "tiny-sam"), ("tiny", "tiny-sam")])
+def test_a_job_through_the_server_with_the_box_prompted_sam_segmenter(tmp_path, pipeline, segmenter):
+    """The SAM segmenter (transformers' SamModel prompted with the gold boxes; here its random-weight twin) runs in
+    server.py's workers: the job finishes, its boxes unchanged."""
+    p, url = start_server(str(tmp_path / "state"), "--pipeline", pipeline, "--segmenter", segmenter)
+    try:
+        body = job(3)
+        status, reply = call(url, "/jobs", body)
+        assert status == 202, reply
+        assert wait_done(url, [reply["job_id"]]) == ["done"]
+        _, result = call(url, f"/jobs/{reply['job_id']}")
+        assert result["boxes"] == [list(map(float, b)) for b in body["boxes"]]
+    finally:
+        p.terminate()
+        p.wait()
