@@ -2,8 +2,8 @@
 says so before any method row runs, one converged warm start for every row, and paired statistics. Fig. 2 and
 Fig. 8's claim in miniature beside it.
 
-    python experiments/paper.py              # 3 seeds, 200 steps a row, 300 test images a split
-    python experiments/paper.py --quick      # 1 seed, 60 steps a row, 100 test images a split
+    python experiments/paper.py              # 3 seeds, 200 steps a row, 300 test images a split (50 min)
+    python experiments/paper.py --quick      # 1 seed, the gate and the primary contrast's rows (9 min)
     python experiments/paper.py --seeds 1 --steps 2 --sft-steps 10 --sft-chunk 5 --shapes-n 8 --eval-n 4   # CI
 
 The testbed (the predictions, written before any row ran: experiments/predictions.md):
@@ -60,6 +60,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+QUICK_ROWS = ("Original", "GRPO", "GRPO, four-tag format", "GRPO + Offline Generation", "Syn-GRPO", "Oracle (gate)")
 ROWS = ("Original", "SFT", "GRPO", "GRPO, four-tag format", "GRPO + Entropy Loss", "GRPO + Entropy Adv.",
         "GRPO + Offline Generation", "GRPO + cheap augmentation", "Syn-GRPO (w/o R_diversity)",
         "Syn-GRPO, descriptions in turn", "Syn-GRPO", "Oracle (gate)")
@@ -250,7 +251,7 @@ def one_seed(a, seed: int, work: str, descriptions: str, splits: dict, gate_firs
     data = training_file(a, seed, work)
     warm = warm_start(a, seed, work, data, splits)
     configs = row_configs(warm["model"], a, seed, work, data, descriptions)
-    order = ["Original", "Oracle (gate)"] + [r for r in ROWS if r not in ("Original", "Oracle (gate)")]
+    order = ["Original", "Oracle (gate)"] + [r for r in a.rows if r not in ("Original", "Oracle (gate)")]
     scores, records = {}, {}
     for name in order:
         t = time.time()
@@ -294,8 +295,8 @@ def paired(per_seed: dict, a_row: str, b_row: str, split: str) -> dict:
 def write_table(per_seed: dict, a, out: str, seconds: float) -> dict:
     seeds = sorted(per_seed)
     rows = [{"method": m, "seeds": len(seeds), **{k: mean_se([per_seed[s]["scores"][m][k] for s in seeds])
-                                                  for k in SPLITS}} for m in ROWS]
-    contrasts = [paired(per_seed, x, y, k) for x, y in CONTRASTS for k in SPLITS]
+                                                  for k in SPLITS}} for m in a.rows]
+    contrasts = [paired(per_seed, x, y, k) for x, y in CONTRASTS for k in SPLITS if {x, y} <= set(a.rows)]
     result = {"rows": rows, "contrasts": contrasts,
               "gate": {s: per_seed[s]["gate"] for s in seeds},
               "warm_starts": {s: per_seed[s]["warm_start"] for s in seeds},
@@ -314,10 +315,12 @@ def write_table(per_seed: dict, a, out: str, seconds: float) -> dict:
              "|---|---|---|---|"]
     lines += [f"| {r['method']} | " + " | ".join(pm(r[k]) for k in SPLITS) + " |" for r in rows]
     lines += ["", "Paired differences (points; per seed, then mean ± SE):", "",
-              "| Contrast | split | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± SE |",
+              "| Contrast | split | " + " | ".join(f"seed {s}" for s in seeds) + (" | mean ± SE |" if len(seeds) > 1
+                                                                                 else " | mean (1 seed: no SE) |"),
               "|---|---|" + "---|" * (len(seeds) + 1)]
     lines += [f"| {c['a']} − {c['b']} | {c['split']} | " + " | ".join(f"{100 * x:+.1f}" for x in c["per_seed"])
-              + f" | {100 * c['mean']:+.1f} ± {100 * c['se']:.1f} |" for c in contrasts]
+              + (f" | {100 * c['mean']:+.1f} ± {100 * c['se']:.1f} |" if len(seeds) > 1 else f" | {100 * c['mean']:+.1f} |")
+              for c in contrasts]
     lines += ["", "Gate (before the method rows): near-OOD drop of the warm start, share recovered by the oracle:", ""]
     lines += [f"- seed {s}: drop {100 * g['near_ood_drop']:.1f} points, recovered {100 * g['oracle_recovery']:.0f} % "
               f"({'passed' if g['passed'] else 'failed'})" for s, g in result["gate"].items()]
@@ -328,7 +331,7 @@ def write_table(per_seed: dict, a, out: str, seconds: float) -> dict:
     lines += ["", "Runs: images synthesized, share of synthesized prompts, Eq. 4's V(q) in the first epoch / after it "
               "(after it: synthesized / original prompts):", ""]
     f3 = lambda v: "–" if v is None else f"{v:.3f}"
-    for m in ROWS:
+    for m in a.rows:
         recs = [per_seed[s]["records"].get(m) for s in seeds]
         if not all(recs):
             continue
@@ -430,7 +433,7 @@ def gallery(work: str, seed: int, path: str, n: int = 8) -> None:
 def check_work_dir(a) -> None:
     """Runs and scores in --work-dir are reused (an interrupted experiment goes on where it stopped), so they must be
     of these settings: a work dir of other settings is one clear error, never a silently mixed table."""
-    keep = {k: v for k, v in vars(a).items() if k not in ("out", "ignore_gate", "work_dir", "quick")}
+    keep = {k: v for k, v in vars(a).items() if k not in ("out", "ignore_gate", "work_dir", "quick", "rows")}
     path = os.path.join(a.work_dir, "settings.json")
     if os.path.exists(path):
         with open(path) as f:
@@ -445,7 +448,11 @@ def check_work_dir(a) -> None:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="1 seed, 60 steps a row, 100 test images a split")
+    p.add_argument("--quick", action="store_true", help="1 seed, the rows of QUICK_ROWS (the gate's and the primary "
+                                                        "contrast's), one SFT chunk after the first stage, 100 test "
+                                                        "images a split")
+    p.add_argument("--rows", default=";".join(ROWS), help="the rows to run, separated by ';' (Original and the "
+                                                          "oracle always run: the gate needs them)")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (each: its own data, warm start and runs)")
     p.add_argument("--steps", type=int, default=200, help="RL (or extra SFT) steps of every row")
     p.add_argument("--sft-steps", type=int, default=1200, help="the warm start's first SFT stage")
@@ -461,7 +468,11 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default=os.path.join(ROOT, "experiments", "results"), help="table1.md/.json, figures")
     a = p.parse_args(argv)
     if a.quick:
-        a.seeds, a.steps, a.eval_n = 1, 60, 100
+        a.seeds, a.rows, a.sft_max_chunks, a.eval_n = 1, ";".join(QUICK_ROWS), 1, 100
+    unknown = [r for r in a.rows.split(";") if r not in ROWS]
+    if unknown:
+        raise SystemExit(f"paper.py: --rows: no row {', '.join(map(repr, unknown))}; the rows: {'; '.join(ROWS)}")
+    a.rows = [r for r in ROWS if r in a.rows.split(";") or r in ("Original", "Oracle (gate)")]
     from prompts import DESCRIPTIONS
     os.makedirs(a.out, exist_ok=True)
     os.makedirs(a.work_dir, exist_ok=True)
@@ -480,9 +491,11 @@ def main(argv=None) -> dict:
                              f"the paper's claim; change the testbed, not the method (--ignore-gate runs the rows)")
     result = write_table(per_seed, a, a.out, time.time() - t0)
     seeds = list(range(a.seeds))
-    figure2(a.work_dir, seeds, os.path.join(a.out, "fig2_entropy_variance.png"))
-    result["fig8"] = figure8(a.work_dir, seeds, steps_per_epoch(a), os.path.join(a.out, "fig8_description_families.png"))
-    gallery(a.work_dir, 0, os.path.join(a.out, "syn_gallery.png"))
+    if {"GRPO", "GRPO, four-tag format", "Syn-GRPO"} <= set(a.rows):   # the figures' rows
+        figure2(a.work_dir, seeds, os.path.join(a.out, "fig2_entropy_variance.png"))
+        result["fig8"] = figure8(a.work_dir, seeds, steps_per_epoch(a),
+                                 os.path.join(a.out, "fig8_description_families.png"))
+        gallery(a.work_dir, 0, os.path.join(a.out, "syn_gallery.png"))
     print(f"{time.time() - t0:.0f} s; {a.out}/table1.md, table1.json, fig2_entropy_variance.png, "
           f"fig8_description_families.png, syn_gallery.png")
     return result

@@ -142,7 +142,7 @@ CASES = [
     ("server", ["--state-dir", "afile"], "--state-dir afile: a file, not a folder"),
     ("server", ["--pipeline", "tinyy"], "--pipeline tinyy"),
     ("server", ["--config", "run/config.json"], "unknown field"),
-    ("server", ["--segmenter", "sam"], "invalid choice: 'sam'"),
+    ("server", ["--segmenter", "segment-anything"], "invalid choice: 'segment-anything'"),
     # synth.py
     ("synth", ["rum"], "invalid choice: 'rum'"),
     ("synth", ["selfq", "--mode", "in_context"], "did you mean 'in-context'?"),
