@@ -109,11 +109,12 @@ class Config:
     gamma: float = opt(0.7, "EMA weight of the diversity smoothing (paper: 0.7, Table 4)")
     server_url: str = opt("", "data server URL(s), comma-separated ('' = train.py starts a local one)")
     server_token: str = opt("", "bearer token of the data server(s)")
-    pipeline: str | None = opt(None, "outpainting pipeline of the local data server: tiny, procedural (a background "
-                                     "drawn from the description's words: procedural.py), sdxl or a pipeline dir "
-                                     "(default: sdxl, the paper's SDXL + ControlNet, on GPU; tiny on CPU)")
+    pipeline: str | None = opt(None, "outpainting pipeline of the local data server: tiny (random-weight SDXL + "
+                                     "ControlNet), procedural (a background drawn from the description's words: "
+                                     "procedural.py), sdxl or a pipeline dir (default: sdxl, the paper's SDXL + "
+                                     "ControlNet, on GPU; procedural on CPU)")
     pipeline_steps: int | None = opt(None, "denoising steps of the local data server (default: 20 for sdxl, diffusers' "
-                                           "recipe for this pipeline and ControlNet; 2 for the random-weight tiny one)")
+                                           "recipe for this pipeline and ControlNet; 2 for the random-weight tiny one; 1 for procedural)")
     pipeline_size: int | None = opt(None, "side in pixels the local server's pipeline runs at (default: 64 for the "
                                           "tiny pipeline, which draws noise at any size; else the image's size)")
     max_pending_jobs: int | None = opt(None, "jobs in flight at most; a step submits no more while this many are "
@@ -198,7 +199,7 @@ def resolve_defaults(cfg: Config) -> Config:
     # tokens (at 48 GRPO learned to cut boxes short, IoU 0); one shape per REC image (the tiny model learns to
     # localise a lone shape in CPU minutes, not yet to pick the described one of two).
     syn = cfg.algo == "syn-grpo" or cfg.sft_format in ("syn-grpo", "both")
-    cfg.pipeline = cfg.pipeline or ("sdxl" if gpu else "tiny")
+    cfg.pipeline = cfg.pipeline or ("sdxl" if gpu else "procedural")   # CPU: docs/syn-grpo.md "Which image model"
     d = dict(batch_size=20 if gpu else 4, num_generations=6, lr=1e-6 if gpu else 2e-4,
              sft_steps=(1200 if syn else 600) if random_init else 0, sft_lr=1e-5 if gpu else 1e-3,
              beta=0.01 if gpu else 0.0, weight_decay=0.01 if gpu else 0.0,

@@ -200,7 +200,8 @@ def test_syn_grpo_synthesized_samples_enter_the_pool_and_are_trained_on(tmp_path
     desc.write_text("a snowy forest\na sunny beach\n")
     out = str(tmp_path / "syn")
     r = run_train("--algo", "syn-grpo", "--out-dir", out, "--sft-steps", "20", "--max-steps", "4", "--shapes-n", "8",
-                  "--pipeline-steps", "2", "--descriptions", str(desc), "--synchronous-synthesis", "--save-every", "2")
+                  "--pipeline", "tiny", "--pipeline-steps", "2", "--descriptions", str(desc), "--synchronous-synthesis",
+                  "--save-every", "2")
     assert r.returncode == 0, r.stderr[-3000:]
     rows = metrics(out)
     assert sum(x["jobs_absorbed"] for x in rows) >= 4 and rows[-1]["pool_synth_frac"] > 0
@@ -324,13 +325,13 @@ def syn_warm_start(tmp_path_factory):
 
 @pytest.mark.slow
 def test_syn_grpo_learns_on_the_images_it_synthesizes(tmp_path, syn_warm_start):
-    """The embedded Syn-GRPO default's 100 steps (local data server, palette matte, CPU defaults) from its warm start:
-    with 128 slots an epoch is 32 steps, so from step 32 on the batches hold synthesized images, later ones of the
-    second generation and more. Against the same run without learning (lr 1e-12, the same slots), over the last 20
-    steps: the diversity reward is learned (measured at 0e8e32c: 0.763 vs 0.566, paired difference 0.198 +- 0.026
-    s.e.) and localisation holds (0.843 vs 0.771). The gain comes late: over steps 1-39 it was 0.593 vs 0.581 (the
-    seed streams of d8a8917 changed the data order; a 40-step window had shown 0.63 vs 0.55 before them), so the
-    test runs the whole default length."""
+    """The embedded Syn-GRPO default's 100 steps (local data server on the procedural pipeline, palette matte, CPU
+    defaults) from its warm start: with 128 slots an epoch is 32 steps, so from step 32 on the batches hold
+    synthesized images, harder than the pale originals, later ones of the second generation and more. Against the
+    same run without learning (lr 1e-12, the same slots), over the last 20 steps (measured at 6e507f0, docs/syn-grpo.md):
+    the diversity reward 0.683 vs 0.309 (paired +0.374 +- 0.038 s.e.), the accuracy reward 0.389 vs 0.219 (+0.170
+    +- 0.052), the format 0.892 vs 0.317. Both start at 0.81 accuracy; the synthesized images take it to ~0.35, and
+    only the run that learns climbs back, so the test runs the whole default length."""
     import train
     from data import DataPool
     runs = {}
@@ -340,8 +341,9 @@ def test_syn_grpo_learns_on_the_images_it_synthesizes(tmp_path, syn_warm_start):
                           lr=lr, save_every=100))
         runs[name] = metrics(out)
     last20 = lambda name, key: np.mean([x[key] for x in runs[name][-20:]])
-    assert last20("learn", "reward_diversity") > last20("still", "reward_diversity") + 0.05
-    assert last20("learn", "reward_accuracy") > max(0.6, last20("still", "reward_accuracy") - 0.08)
+    assert last20("learn", "reward_diversity") > last20("still", "reward_diversity") + 0.15
+    assert last20("learn", "reward_accuracy") > last20("still", "reward_accuracy") + 0.05
+    assert last20("learn", "reward_format") > last20("still", "reward_format") + 0.2
     assert last20("learn", "batch_synth_frac") >= 0.5
     pool = DataPool.load(os.path.join(tmp_path, "learn", "pool.json"))
     assert max(s.generation for s in pool.samples.values()) >= 2
