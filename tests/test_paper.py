@@ -61,3 +61,9 @@ def test_the_oracle_speaks_the_synthesizers_whole_vocabulary():
     from procedural import FAMILIES, describe
     rng = random.Random(0)
     assert {describe(paper.oracle_description(rng)).family for _ in range(200)} == set(FAMILIES)
+
+
+def test_rows_are_named_as_in_the_table_and_a_wrong_name_is_one_line(tmp_path):
+    with pytest.raises(SystemExit, match="--rows: no row 'Syn-GRPO, four-tag'; the rows: Original; SFT; GRPO;"):
+        paper.main(["--rows", "GRPO;Syn-GRPO, four-tag", "--work-dir", str(tmp_path)])
+    assert set(paper.QUICK_ROWS) <= set(paper.ROWS) and not os.listdir(tmp_path)   # nothing run, nothing written
