@@ -11,8 +11,10 @@ SynthRL (arXiv 2506.02096, §3 and Algorithm 1), with the target model as its ow
   synthesize  the synthesizer sees the image and the question, never the answer, and writes a harder variant.
   verify      the target model answers the variant N times, graded against the ORIGINAL answer: keep it iff
               c_cand >= --t-min (4: still solvable with the same answer) and c_cand <= c_ori - --delta (2: harder).
-              synthesize + verify repeat for up to --attempts rounds per seed; the first accepted variant wins
-              (the paper's Algorithm 1; the released code instead chains variants and keeps the hardest).
+              synthesize + verify repeat for up to --attempts rounds per seed. --keep first: the first accepted
+              variant wins (the paper's Algorithm 1). --keep hardest: SynthRL's released code
+              (evolve_instruction_verifiable.py): every round is tried, each rewrites the latest accepted variant
+              (a chain), and the accepted variant with the lowest pass count wins (ties: the earlier).
   export      train.py's math JSONL: the originals plus accepted variants (SynthRL's "A-" augmentation, which
               beat replacing the seeds), with provenance (seed id, attempts, pass counts) in each row.
 MM-UPT (arXiv 2505.22453, §3.3) `selfq`: the policy writes new questions about a seed image, from the image,
@@ -76,6 +78,9 @@ class SynthConfig:
     t_min: int = opt(4, "a variant must still be solved at least this many times of N (SynthRL: 4)")
     delta: int = opt(2, "... and at least this many times fewer than its seed (SynthRL: 2)")
     attempts: int = opt(8, "synthesize + verify rounds per seed at most")
+    keep: str = opt("first", "first: a seed's first accepted variant, and no more rounds (the paper's Algorithm 1); "
+                             "hardest: every round, each rewriting the latest accepted variant, and the accepted one "
+                             "with the lowest pass count (SynthRL's released code)", choices=("first", "hardest"))
     synth_temperature: float = opt(1.0, "sampling temperature of the synthesizer")
     synth_max_tokens: int = opt(512, "length limit of the synthesizer's reply")
     synth_prefill: str = opt("", "start the synthesizer's reply with this (e.g. 'New Question:')")
@@ -279,19 +284,35 @@ def select(cfg, seeds, rates) -> list[Sample]:
     return chosen
 
 
+def accepted_variants(cfg) -> dict:
+    """seed id -> its accepted variants (verified.jsonl rows), in attempt order."""
+    out = {}
+    for r in sorted(read_rows(out_path(cfg, "verified.jsonl")), key=lambda r: r["attempt"]):
+        if r["verdict"] == "accepted":
+            out.setdefault(r["seed_id"], []).append(r)
+    return out
+
+
 def open_seeds(cfg, selected) -> list[tuple[Sample, int]]:
-    """(seed, next attempt) for the selected seeds with no accepted variant and attempts left."""
+    """(seed, next attempt) for the selected seeds with attempts left (--keep first: and no accepted variant yet)."""
     tried = Counter(r["seed_id"] for r in read_rows(out_path(cfg, "candidates.jsonl")))
-    accepted = {r["seed_id"] for r in read_rows(out_path(cfg, "verified.jsonl")) if r["verdict"] == "accepted"}
-    return [(s, tried[s.id]) for s in selected if s.id not in accepted and tried[s.id] < cfg.attempts]
+    done = set(accepted_variants(cfg)) if cfg.keep == "first" else set()
+    return [(s, tried[s.id]) for s in selected if s.id not in done and tried[s.id] < cfg.attempts]
+
+
+def kept_variant(cfg, variants: list[dict]) -> dict:
+    """The accepted variant a seed keeps: the first, or (--keep hardest) the lowest pass count, the earlier on a tie."""
+    return variants[0] if cfg.keep == "first" else min(variants, key=lambda r: (r["pass_count"], r["attempt"]))
 
 
 def synthesize(cfg, models, selected) -> int:
     """One more attempt for every open seed -> candidates.jsonl {seed_id, attempt, text, question}."""
     path, made = out_path(cfg, "candidates.jsonl"), 0
-    todo = open_seeds(cfg, selected)
+    todo, accepted = open_seeds(cfg, selected), accepted_variants(cfg)
+    # --keep hardest chains: each round rewrites the seed's latest accepted variant (the seed until there is one)
+    start = lambda s: accepted[s.id][-1]["question"] if cfg.keep == "hardest" and s.id in accepted else s.problem
     for ch in tqdm(chunks(todo, cfg.batch), desc="synthesize", dynamic_ncols=True):
-        texts = [HARDER_PROMPT.format(question=s.problem) for s, _ in ch]
+        texts = [HARDER_PROMPT.format(question=start(s)) for s, _ in ch]
         replies = models.write([s for s, _ in ch], texts, item_seed(cfg, "synthesize", ch[0][0].id, ch[0][1]))
         rows = [{"seed_id": s.id, "attempt": k, "text": t, "question": parse_new_question(t)}
                 for (s, k), t in zip(ch, replies) if t is not None]
@@ -329,18 +350,15 @@ def verify(cfg, models, seeds, rates) -> int:
 
 
 def export(cfg, seeds, rates) -> str:
-    """synth.jsonl for train.py: originals (augment mode) and the first accepted variant of each seed."""
-    first = {}
-    for r in read_rows(out_path(cfg, "verified.jsonl")):
-        if r["verdict"] == "accepted" and (r["seed_id"] not in first or r["attempt"] < first[r["seed_id"]]["attempt"]):
-            first[r["seed_id"]] = r
+    """synth.jsonl for train.py: originals (augment mode) and each seed's kept variant (--keep)."""
+    kept = {seed_id: kept_variant(cfg, rows) for seed_id, rows in accepted_variants(cfg).items()}
     out = []
     for s in seeds:
         if cfg.export_mode == "augment":
             meta = {**s.meta, "pass_count": rates[s.id]["pass_count"]} if s.id in rates else s.meta
             out.append(replace(s, meta=meta))
-        if s.id in first:
-            r = first[s.id]
+        if s.id in kept:
+            r = kept[s.id]
             out.append(replace(s, id=f"{s.id}-synthrl{r['attempt']}", problem=r["question"], parent_id=s.id,
                                     source_id=s.root, generation=s.generation + 1,
                                     meta={"synth_method": "harder", "seed_id": s.id, "attempts": r["attempt"] + 1,

@@ -173,6 +173,42 @@ def test_api_synthesizer_never_sees_the_answer_and_failures_are_retried_later(tm
     srv.shutdown()
 
 
+class _ScriptedModels:
+    """A synthesizer that appends ' Harder.' to the question it is shown, and a target whose pass count on a question
+    is scripted by how many times it was made harder: the rounds of synth.py without a model."""
+
+    def __init__(self, passes):
+        self.passes, self.shown = passes, []
+
+    def write(self, samples, texts, seed, model=""):
+        self.shown += texts
+        questions = [t.split("Original Question:\n")[1].split("\n\n")[0] for t in texts]
+        return [f"New Question: {q} Harder." for q in questions]
+
+    def answer(self, samples, n, seed):
+        k = [self.passes[s.problem.count("Harder.")] for s in samples]
+        return [[f"\\boxed{{{s.answer}}}"] * c + ["\\boxed{999}"] * (n - c) for s, c in zip(samples, k)]
+
+
+@pytest.mark.parametrize("keep, rounds, kept_pass", [("first", 1, 10), ("hardest", 3, 6)])
+def test_keep_first_is_the_papers_algorithm_and_keep_hardest_the_released_codes_chain(tmp_path, keep, rounds, kept_pass):
+    """--keep first stops at a seed's first accepted variant; --keep hardest (SynthRL's released code) tries every
+    round, each rewriting the latest accepted variant, and keeps the accepted one with the lowest pass count."""
+    cfg = SynthConfig(stage="run", out_dir=str(tmp_path), shapes_n=1, select_min=0, attempts=3, keep=keep)
+    seeds = synth.load_seeds(cfg)
+    rates = {seeds[0].id: {"pass_count": 16}}
+    models = _ScriptedModels(passes={1: 10, 2: 6, 3: 2})   # made harder once: 10 of 16, twice: 6, three times: 2
+    for _ in range(3):
+        synth.synthesize(cfg, models, seeds)
+        synth.verify(cfg, models, seeds, rates)
+    verified = read_rows(os.path.join(str(tmp_path), "verified.jsonl"))
+    assert [r["verdict"] for r in verified] == ["accepted", "accepted", "unsolvable"][:rounds]
+    if keep == "hardest":   # each round was shown the latest accepted variant
+        assert models.shown[1].count("Harder.") == 1 and models.shown[2].count("Harder.") == 2
+    rows = [json.loads(line) for line in open(synth.export(cfg, seeds, rates))]
+    assert [r["meta"].get("pass_count") for r in rows] == [16, kept_pass]
+
+
 def test_cli_parses_every_field_and_rejects_bad_values(tmp_path, capsys):
     from synth import main, parse_args
     cfg = parse_args(["selfq", "--mode", "direct", "--num-rollouts", "4", "--out-dir", str(tmp_path / "o")])
