@@ -109,14 +109,17 @@ class Config:
     gamma: float = opt(0.7, "EMA weight of the diversity smoothing (paper: 0.7, Table 4)")
     server_url: str = opt("", "data server URL(s), comma-separated ('' = train.py starts a local one)")
     server_token: str = opt("", "bearer token of the data server(s)")
-    pipeline: str | None = opt(None, "outpainting pipeline of the local data server: tiny (random-weight SDXL + "
-                                     "ControlNet), procedural (a background drawn from the description's words: "
-                                     "procedural.py), sdxl or a pipeline dir (default: sdxl, the paper's SDXL + "
-                                     "ControlNet, on GPU; procedural on CPU)")
-    pipeline_steps: int | None = opt(None, "denoising steps of the local data server (default: 20 for sdxl, diffusers' "
-                                           "recipe for this pipeline and ControlNet; 2 for the random-weight tiny one; 1 for procedural)")
+    pipeline: str | None = opt(None, "outpainting pipeline of the local data server: sdxl-union (SDXL + ControlNet-"
+                                     "Union in inpaint mode), sdxl (SDXL + the canny ControlNet), tiny / tiny-union "
+                                     "(their random-weight twins), procedural (a background drawn from the description's "
+                                     "words: procedural.py) or a pipeline dir (default: sdxl-union on GPU, the paper's "
+                                     "'ControlNet based on SDXL' as diffusers documents it for inpainting; procedural "
+                                     "on CPU)")
+    pipeline_steps: int | None = opt(None, "denoising steps of the local data server (default: 20 for sdxl and "
+                                           "sdxl-union, diffusers' recipe for the canny ControlNet; 2 for the "
+                                           "random-weight tiny ones; 1 for procedural)")
     pipeline_size: int | None = opt(None, "side in pixels the local server's pipeline runs at (default: 64 for the "
-                                          "tiny pipeline, which draws noise at any size; else the image's size)")
+                                          "tiny pipelines, which draw noise at any size; else the image's size)")
     max_pending_jobs: int | None = opt(None, "jobs in flight at most; a step submits no more while this many are "
                                              "unfinished (default: 0 = no limit on GPU; 2 x batch size on CPU)")
     segmenter: str | None = opt(None, "foreground matte of the local data server's keep-mask: '' (the boxes alone), "
@@ -199,15 +202,16 @@ def resolve_defaults(cfg: Config) -> Config:
     # tokens (at 48 GRPO learned to cut boxes short, IoU 0); one shape per REC image (the tiny model learns to
     # localise a lone shape in CPU minutes, not yet to pick the described one of two).
     syn = cfg.algo == "syn-grpo" or cfg.sft_format in ("syn-grpo", "both")
-    cfg.pipeline = cfg.pipeline or ("sdxl" if gpu else "procedural")   # CPU: docs/syn-grpo.md "Which image model"
+    cfg.pipeline = cfg.pipeline or ("sdxl-union" if gpu else "procedural")   # docs/syn-grpo.md "Which image model"
     d = dict(batch_size=20 if gpu else 4, num_generations=6, lr=1e-6 if gpu else 2e-4,
              sft_steps=(1200 if syn else 600) if random_init else 0, sft_lr=1e-5 if gpu else 1e-3,
              beta=0.01 if gpu else 0.0, weight_decay=0.01 if gpu else 0.0,
              freeze_vision=not gpu, max_new_tokens=1024 if gpu else (112 if syn else 64),
              rollout_backend="vllm" if gpu else "hf", max_steps=0 if gpu else 100,
              shapes_objects="1-1" if cfg.task == "rec" else "1-2", shapes_n=128 if syn and not gpu else 512,
-             segmenter="palette" if not cfg.data else "ben2" if cfg.pipeline == "sdxl" else "",
-             pipeline_steps=default_steps(cfg.pipeline), pipeline_size=64 if cfg.pipeline == "tiny" else 0,
+             segmenter="palette" if not cfg.data else "ben2" if cfg.pipeline in ("sdxl", "sdxl-union") else "",
+             pipeline_steps=default_steps(cfg.pipeline),
+             pipeline_size=64 if cfg.pipeline in ("tiny", "tiny-union") else 0,
              max_model_len=4096 if gpu else 1024, vllm_sleep_mode=gpu, micro_batch=4 if gpu else 16,
              gradient_checkpointing=gpu)
     for k, v in d.items():

@@ -30,7 +30,12 @@ from procedural import ProceduralPipeline
 from shapes import COLORS, FURNITURE
 
 GPU_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
-GPU_CONTROLNET = "diffusers/controlnet-canny-sdxl-1.0"   # a canny ControlNet: its control image is an edge map
+GPU_CONTROLNET = "diffusers/controlnet-canny-sdxl-1.0"   # sdxl: a canny ControlNet, its control image an edge map
+# sdxl-union: xinsir's ControlNet-Union "promax" in inpaint mode (control mode 7, the control image the source with the
+# region to regenerate blanked), as diffusers 0.42 documents StableDiffusionXLControlNetUnionInpaintPipeline
+GPU_UNION_CONTROLNET = "brad-twinkl/controlnet-union-sdxl-1.0-promax"
+UNION_INPAINT_MODE = 7
+PIPELINES = ("procedural", "tiny", "tiny-union", "sdxl", "sdxl-union")   # or a saved pipeline dir
 TINY_PIPELINE_VERSION = 2   # bump when the tiny pipeline changes: the cached one carries it in its directory name
 
 
@@ -75,6 +80,24 @@ def canny_control(image: Image.Image, gen_mask: Image.Image) -> Image.Image:
     return Image.fromarray(np.repeat(edges[..., None], 3, axis=2))
 
 
+def union_control(image: Image.Image, gen_mask: Image.Image) -> Image.Image:
+    """The control image of ControlNet-Union's inpaint mode: the source, black where it is regenerated (diffusers'
+    example for its union inpaint pipeline). It conditions on the kept pixels and leaves the new region free, where
+    the canny map says "no edges there". gen_mask: 'L', 255 = regenerate."""
+    arr = np.asarray(image.convert("RGB")).copy()
+    arr[np.asarray(gen_mask) > 127] = 0
+    return Image.fromarray(arr)
+
+
+def control_inputs(pipe, image: Image.Image, gen_mask: Image.Image) -> dict:
+    """The pipeline's control arguments: ControlNet-Union's inpaint mode, else the canny edge map (the procedural
+    pipeline ignores them)."""
+    from diffusers import StableDiffusionXLControlNetUnionInpaintPipeline
+    if isinstance(pipe, StableDiffusionXLControlNetUnionInpaintPipeline):
+        return {"control_image": [union_control(image, gen_mask)], "control_mode": [UNION_INPAINT_MODE]}
+    return {"control_image": canny_control(image, gen_mask)}
+
+
 def zoom_boxes(boxes: list, size: tuple, zoom_out: float) -> tuple[list, tuple]:
     """Boxes after shrinking the image by 1/zoom_out into the centre of a canvas of the same size, and the
     (scale, offset_x, offset_y) used: x' = s*x + ox, y' = s*y + oy."""
@@ -88,20 +111,21 @@ def zoom_boxes(boxes: list, size: tuple, zoom_out: float) -> tuple[list, tuple]:
 # Pipelines
 
 
-def build_tiny_pipeline(out_dir: str, seed: int = 0) -> str:
-    """Random-weight StableDiffusionXLControlNetInpaintPipeline with diffusers' test-sized components, saved to
-    out_dir (atomic: common.atomic_dir)."""
+def build_tiny_pipeline(out_dir: str, seed: int = 0, union: bool = False) -> str:
+    """Random-weight StableDiffusionXLControlNetInpaintPipeline (union: ...UnionInpaintPipeline with a
+    ControlNetUnionModel) with diffusers' test-sized components, saved to out_dir (atomic: common.atomic_dir)."""
     with torch.random.fork_rng(devices=[]):   # built on first use inside a process: leave its RNG as it was
         torch.manual_seed(seed)
-        pipe = _random_tiny_pipeline()
+        pipe = _random_tiny_pipeline(union)
     with atomic_dir(out_dir) as tmp:
         pipe.save_pretrained(tmp)
     return out_dir
 
 
-def _random_tiny_pipeline():
-    from diffusers import (AutoencoderKL, ControlNetModel, EulerDiscreteScheduler,
-                           StableDiffusionXLControlNetInpaintPipeline, UNet2DConditionModel)
+def _random_tiny_pipeline(union: bool = False):
+    from diffusers import (AutoencoderKL, ControlNetModel, ControlNetUnionModel, EulerDiscreteScheduler,
+                           StableDiffusionXLControlNetInpaintPipeline, StableDiffusionXLControlNetUnionInpaintPipeline,
+                           UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
     common = dict(block_out_channels=(32, 64), layers_per_block=2, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                   attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
@@ -110,6 +134,9 @@ def _random_tiny_pipeline():
     unet = UNet2DConditionModel(sample_size=32, in_channels=4, out_channels=4,
                                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), **common)
     controlnet = ControlNetModel(in_channels=4, conditioning_embedding_out_channels=(16, 32), **common)
+    if union:   # promax's 8 control types (7: inpaint), its transformer at the tiny width
+        controlnet = ControlNetUnionModel(in_channels=4, conditioning_embedding_out_channels=(16, 32), num_control_type=8,
+                                          num_trans_channel=32, num_trans_head=2, num_proj_channel=32, **common)
     vae = AutoencoderKL(block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=4,
                         down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2)
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, steps_offset=1,
@@ -131,40 +158,47 @@ def _random_tiny_pipeline():
     with torch.no_grad():
         vae.decoder.conv_out.weight.mul_(0.8)
         vae.decoder.conv_out.bias.mul_(0.8).add_(0.7)
-    return StableDiffusionXLControlNetInpaintPipeline(
+    cls = StableDiffusionXLControlNetUnionInpaintPipeline if union else StableDiffusionXLControlNetInpaintPipeline
+    return cls(
         vae=vae, text_encoder=CLIPTextModel(tcfg), text_encoder_2=CLIPTextModelWithProjection(tcfg), tokenizer=tok,
         tokenizer_2=tok, unet=unet, controlnet=controlnet, scheduler=scheduler, requires_aesthetics_score=False)
 
 
 
 def default_steps(pipeline: str) -> int:
-    """Denoising steps of a pipeline unless asked otherwise: 2 for the random-weight tiny one (it draws noise at any
+    """Denoising steps of a pipeline unless asked otherwise: 2 for the random-weight tiny ones (they draw noise at any
     step count; measured on CPU), 1 for the procedural one (it has no steps), 20 for SDXL + ControlNet (diffusers'
-    example for the canny SDXL ControlNet), the same for a saved pipeline dir. The one rule for train.py's local
+    example for the canny SDXL ControlNet; the union one at the same cost), the same for a saved pipeline dir. The one rule for train.py's local
     server and server.py alone."""
-    return {"tiny": 2, "procedural": 1}.get(pipeline, 20)
+    return {"tiny": 2, "tiny-union": 2, "procedural": 1}.get(pipeline, 20)
 
 
 def load_pipeline(name: str = "tiny", device: str = "cpu"):
-    """`tiny` (built offline, cached), `procedural` (procedural.py: a background drawn from the description's words,
-    no weights), a saved pipeline dir, or `sdxl` = SDXL base + an SDXL ControlNet (GPU)."""
+    """`procedural` (procedural.py: a background drawn from the description's words, no weights); `tiny` and
+    `tiny-union` (random weights, built offline, cached: the canny and the union pipeline's code); `sdxl` (SDXL base
+    + the canny ControlNet) and `sdxl-union` (SDXL base + ControlNet-Union promax in inpaint mode), from the Hub (GPU);
+    or a saved pipeline dir (its model_index.json names its class)."""
     if name == "procedural":
         return ProceduralPipeline()
-    from diffusers import ControlNetModel, StableDiffusionXLControlNetInpaintPipeline
-    if name == "tiny":
-        path = os.path.join(CACHE, "pipelines", f"tiny-sdxl-controlnet-inpaint-v{TINY_PIPELINE_VERSION}")
+    from diffusers import (ControlNetModel, ControlNetUnionModel, DiffusionPipeline,
+                           StableDiffusionXLControlNetInpaintPipeline, StableDiffusionXLControlNetUnionInpaintPipeline)
+    if name in ("tiny", "tiny-union"):
+        kind = "controlnet-union-inpaint" if name == "tiny-union" else "controlnet-inpaint"
+        path = os.path.join(CACHE, "pipelines", f"tiny-sdxl-{kind}-v{TINY_PIPELINE_VERSION}")
         if not os.path.exists(os.path.join(path, "model_index.json")):
-            build_tiny_pipeline(path)
-        pipe = StableDiffusionXLControlNetInpaintPipeline.from_pretrained(path)
+            build_tiny_pipeline(path, union=name == "tiny-union")
+        pipe = DiffusionPipeline.from_pretrained(path)
     elif os.path.isdir(name):
-        pipe = StableDiffusionXLControlNetInpaintPipeline.from_pretrained(name)
-    elif name != "sdxl":
-        raise ValueError(f"{name!r} is not tiny, procedural, sdxl or a saved pipeline directory")
-    else:
+        pipe = DiffusionPipeline.from_pretrained(name)
+    elif name in ("sdxl", "sdxl-union"):
         dtype = torch.float16 if device.startswith("cuda") else torch.float32
-        controlnet = ControlNetModel.from_pretrained(GPU_CONTROLNET, torch_dtype=dtype)
-        pipe = StableDiffusionXLControlNetInpaintPipeline.from_pretrained(GPU_BASE, controlnet=controlnet,
-                                                                          torch_dtype=dtype)
+        union = name == "sdxl-union"
+        controlnet = (ControlNetUnionModel if union else ControlNetModel).from_pretrained(
+            GPU_UNION_CONTROLNET if union else GPU_CONTROLNET, torch_dtype=dtype)
+        cls = StableDiffusionXLControlNetUnionInpaintPipeline if union else StableDiffusionXLControlNetInpaintPipeline
+        pipe = cls.from_pretrained(GPU_BASE, controlnet=controlnet, torch_dtype=dtype)
+    else:
+        raise ValueError(f"{name!r} is not one of {', '.join(PIPELINES)} or a saved pipeline directory")
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device) if device != "cpu" else pipe
 
@@ -290,7 +324,7 @@ def outpaint(pipe, image: Image.Image, boxes: list, description: str, seed: int 
     H = work_size or max(64, (h + 7) // 8 * 8)
     gen_mask = Image.fromarray(255 - np.asarray(keep)).resize((W, H), Image.NEAREST)
     src = image.resize((W, H), Image.LANCZOS)
-    out = pipe(prompt=description, image=src, mask_image=gen_mask, control_image=canny_control(src, gen_mask),
+    out = pipe(prompt=description, image=src, mask_image=gen_mask, **control_inputs(pipe, src, gen_mask),
                height=H, width=W, num_inference_steps=steps, strength=1.0,   # outpainting: start from noise
                guidance_scale=5.0,   # the pipeline's default; diffusers' example for this ControlNet keeps it
                generator=torch.Generator("cpu").manual_seed(seed)).images[0]

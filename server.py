@@ -1,6 +1,6 @@
 """The Syn-GRPO data server (paper §3.3.1, "decoupled design ... via Python's HTTPServer").
 
-    python server.py --device cuda:1 --port 8000 --pipeline sdxl --segmenter ben2   # the paper's (20 steps)
+    python server.py --device cuda:1 --port 8000 --pipeline sdxl-union --segmenter ben2   # train.py's GPU default
     python server.py [--pipeline tiny|procedural|sdxl|DIR] [--steps N] [--workers N] [--state-dir D]
 
 A dumb HTTP boundary around a bounded job queue, top to bottom: `validate_job` (pure checks of a POST body),
@@ -60,9 +60,11 @@ class ServerConfig:
                                  "--token")
     port: int = opt(8000, "port to listen on; 0 = any free port (written to --port-file)")
     port_file: str = opt("", "write the bound port to this file (atomically) once listening")
-    pipeline: str = opt("tiny", "outpainting pipeline: tiny (random weights, built offline), procedural (a background "
-                                "drawn from the description's words, no weights), sdxl (SDXL + ControlNet from the "
-                                "hub, GPU) or a saved pipeline dir")
+    pipeline: str = opt("tiny", "outpainting pipeline: tiny / tiny-union (random weights, built offline: the canny / "
+                                "union pipeline's code), procedural (a background drawn from the description's words, "
+                                "no weights), sdxl-union (SDXL + ControlNet-Union in inpaint mode, train.py's GPU "
+                                "default), sdxl (SDXL + the canny ControlNet), both from the Hub (GPU), or a saved "
+                                "pipeline dir")
     segmenter: str = opt("", "foreground matte refining the keep-mask inside the boxes: '' (box mask alone), ben2 "
                              "(the paper's BEN2, GPU), sam (SAM prompted with the boxes, from transformers), tiny-sam "
                              "(its random-weight twin), palette (the shapes data's object colours) or color (flat "
@@ -76,8 +78,9 @@ class ServerConfig:
     max_body_bytes: int = opt(16 << 20, "request body limit in bytes (413 above)")
     max_image_pixels: int = opt(4096 * 4096, "image size limit in pixels, checked before decoding (413 above)")
     max_boxes: int = opt(1000, "boxes per job at most")
-    steps: int | None = opt(None, "denoising steps of the pipeline (default: 20 for sdxl or a pipeline dir, diffusers' "
-                                  "example for its ControlNet; 2 for the random-weight tiny one)")
+    steps: int | None = opt(None, "denoising steps of the pipeline (default: 20 for sdxl, sdxl-union or a pipeline "
+                                  "dir, diffusers' example for the canny ControlNet; 2 for the random-weight tiny ones; "
+                                  "1 for procedural: outpaint.default_steps, as train.py)")
     work_size: int = opt(0, "side in pixels the pipeline runs at (multiple of 8); the result is resized to the "
                             "source's size; 0 = the source's size")
     threads: int = opt(0, "torch threads of the workers (0 = torch's default); 1 leaves the other cores to a trainer "

@@ -25,11 +25,11 @@ while [ $# -gt 0 ]; do
 done
 
 if [ "$TINY" = 1 ]; then   # the tiny models on CPU: the same code paths, seconds instead of minutes
-  MODEL=tiny; DEVICE=cpu; PIPELINE=tiny; SERVER=(--device cpu --steps 2 --work-size 64 --threads 1)
+  MODEL=tiny; DEVICE=cpu; PIPELINE=tiny-union; SERVER=(--device cpu --steps 2 --work-size 64 --threads 1)
   TRAIN=(--sft-steps 0 --batch-size 2 --num-generations 2 --max-new-tokens 16)
   EVAL=(--max-new-tokens 16 --max-model-len 1024)
 else                       # the paper's model and pipeline, a small batch: this checks the stack, not the recipe
-  MODEL=Qwen/Qwen2.5-VL-3B-Instruct; DEVICE=cuda; PIPELINE=sdxl; SERVER=(--device cuda:0 --steps 20)
+  MODEL=Qwen/Qwen2.5-VL-3B-Instruct; DEVICE=cuda; PIPELINE=sdxl-union; SERVER=(--device cuda:0 --steps 20)
   TRAIN=(--batch-size 4 --num-generations 4 --max-new-tokens 256)
   EVAL=(--max-new-tokens 256)
 fi

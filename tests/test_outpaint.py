@@ -82,6 +82,26 @@ def test_segmenter_refines_the_mask_inside_boxes(pipe):
         load_segmenter("nope")
 
 
+def test_the_union_pipeline_sees_the_kept_pixels_in_inpaint_mode_and_keeps_them_exactly():
+    """`tiny-union`: StableDiffusionXLControlNetUnionInpaintPipeline with a random ControlNetUnionModel, called as
+    diffusers documents its inpainting (control mode 7, the source blacked out where it is regenerated); the canny
+    pipeline gets its edge map instead, and both paste the kept pixels back bit for bit."""
+    from outpaint import UNION_INPAINT_MODE, control_inputs, load_pipeline, union_control
+    img, row = shapes_sample("ovd", 4)
+    boxes = [o["bbox"] for o in row["objects"]]
+    gen = Image.fromarray(255 - np.asarray(keep_mask(img.size, boxes)))
+    ctrl = np.asarray(union_control(img, gen))
+    assert not ctrl[np.asarray(gen) > 127].any() and np.array_equal(ctrl[np.asarray(gen) == 0],
+                                                                     np.asarray(img)[np.asarray(gen) == 0])
+    union, canny = load_pipeline("tiny-union"), load_pipeline("tiny")
+    assert control_inputs(union, img, gen)["control_mode"] == [UNION_INPAINT_MODE]
+    assert "control_mode" not in control_inputs(canny, img, gen)
+    out, new_boxes = outpaint(union, img, boxes, "a beach", seed=1, steps=2, work_size=64)
+    keep = np.asarray(keep_mask(img.size, boxes)) > 0
+    assert new_boxes == [list(map(float, b)) for b in boxes]
+    assert np.array_equal(np.asarray(out)[keep], np.asarray(img)[keep]) and (np.asarray(out)[~keep] != np.asarray(img)[~keep]).any()
+
+
 def test_the_sam_segmenter_is_prompted_with_the_boxes_and_its_matte_refines_them():
     """`tiny-sam`: transformers' SamModel with random weights, built offline, prompted with each gold box; the matte
     is the union of the boxes' masks, deterministic, empty without a box, and outpaint keeps its pixels exactly."""
@@ -144,8 +164,9 @@ def test_one_rule_for_the_denoising_steps_of_train_py_and_server_py():
     from config import Config, prepare_config
     from outpaint import default_steps
     from server import ServerConfig
-    assert (default_steps("tiny"), default_steps("sdxl"), default_steps("/a/pipeline/dir")) == (2, 20, 20)
+    assert [default_steps(p) for p in ("tiny", "tiny-union", "procedural", "sdxl", "sdxl-union", "/a/dir")] == \
+        [2, 2, 1, 20, 20, 20]
     assert ServerConfig().steps is None     # resolved by serve() from --pipeline
-    for pipeline in ("tiny", "sdxl"):
+    for pipeline in ("tiny", "tiny-union", "sdxl", "sdxl-union"):
         cfg = prepare_config(Config(algo="syn-grpo", pipeline=pipeline, device="cpu"), files=False)
         assert cfg.pipeline_steps == default_steps(pipeline)

@@ -511,10 +511,11 @@ def test_one_box_rule_at_the_door_and_health_that_says_when_no_worker_can_run(tm
     assert api.health()[1] == {**api.health()[1], "ok": False, "workers": 0}
 
 
-@pytest.mark.parametrize("pipeline, segmenter", [("procedural", "tiny-sam"), ("tiny", "tiny-sam")])
-def test_a_job_through_the_server_with_the_box_prompted_sam_segmenter(tmp_path, pipeline, segmenter):
-    """The SAM segmenter (transformers' SamModel prompted with the gold boxes; here its random-weight twin) runs in
-    server.py's workers: the job finishes, its boxes unchanged."""
+@pytest.mark.parametrize("pipeline, segmenter", [("procedural", "tiny-sam"), ("tiny", "tiny-sam"),
+                                                 ("tiny-union", "palette")])
+def test_a_job_through_the_server_with_each_pipeline_and_segmenter(tmp_path, pipeline, segmenter):
+    """The union pipeline and the SAM segmenter (transformers' SamModel prompted with the gold boxes; here their
+    random-weight twins) run in server.py's workers: the job finishes, its boxes unchanged."""
     p, url = start_server(str(tmp_path / "state"), "--pipeline", pipeline, "--segmenter", segmenter)
     try:
         body = job(3)

@@ -465,7 +465,7 @@ def test_print_config_shows_the_gpu_defaults_without_a_gpu():
     cfg = json.loads(r.stdout)
     assert (cfg["lr"], cfg["batch_size"], cfg["num_generations"], cfg["epochs"]) == (1e-6, 20, 6, 5)   # the paper's
     assert (cfg["epsilon_low"], cfg["epsilon_high"], cfg["beta"], cfg["weight_decay"]) == (0.2, 0.2, 0.01, 0.01)
-    assert (cfg["rollout_backend"], cfg["pipeline"], cfg["segmenter"], cfg["gamma"]) == ("vllm", "sdxl", "ben2", 0.7)
+    assert (cfg["rollout_backend"], cfg["pipeline"], cfg["segmenter"], cfg["gamma"]) == ("vllm", "sdxl-union", "ben2", 0.7)
     assert (cfg["max_model_len"], cfg["vllm_gpu_memory_utilization"], cfg["vllm_sleep_mode"]) == (4096, 0.5, True)
 
 
