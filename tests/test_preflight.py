@@ -2,6 +2,8 @@
 import os
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -90,3 +92,24 @@ def test_unreachable_pipeline_weights(monkeypatch):
     monkeypatch.setattr(huggingface_hub, "model_info", unreachable)
     check = P.pipeline_check(gpu_config(pipeline="sdxl"))
     assert not check.ok and "the Hub does not answer (OSError)" in check.detail
+
+
+def test_a_run_goes_on_with_the_data_servers_that_answer():
+    class Healthy(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b'{"ok": true}')
+
+        def log_message(self, *args):
+            pass
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Healthy)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    live, dead = f"http://127.0.0.1:{srv.server_port}", "http://127.0.0.1:9"
+    try:
+        assert P.server_check(live).ok
+        one_down = P.server_check(f"{live},{dead}")
+        assert one_down.ok and "down: http://127.0.0.1:9" in one_down.detail
+        assert not P.server_check(dead).ok
+    finally:
+        srv.shutdown()
