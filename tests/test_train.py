@@ -414,6 +414,26 @@ def test_sft_on_both_formats_pairs_each_prompt_with_the_target_of_its_own_format
 
 
 @pytest.mark.slow
+def test_the_shared_warm_start_answers_in_the_format_its_prompt_asks_for(tmp_path):
+    """experiments/paper.py's one warm start for every row: 300 SFT steps on both formats (measured: format reward
+    1.0 in each on 16 held-out images) and the greedy answer follows the prompt, two tags or four."""
+    import train
+    from eval import load_split, predict
+    from rewards import score_completion
+    from rollout import HFRollout, load_policy
+    from shapes import make_shapes
+    out = str(tmp_path / "warm")
+    train.main(Config(algo="sft", sft_steps=300, sft_format="both", shapes_n=32, seed=0, out_dir=out, save_every=0))
+    model, proc = load_policy(os.path.join(out, "final"))
+    samples = load_split(make_shapes("rec", 16, str(tmp_path / "test"), seed=100, split="test", objects=(1, 1)), "rec", "")
+    for algo in ("grpo", "syn-grpo"):
+        rows = predict(HFRollout(model, proc), proc, samples, algo, 112, batch_size=16)
+        fmt = [score_completion(r["completion"], s, tuple(r["input_size"]), algo).format for r, s in zip(rows, samples)]
+        assert np.mean(fmt) >= 0.9, (algo, rows[0]["completion"])
+        assert all(("<description>" in r["completion"]) == (algo == "syn-grpo") for r in rows)
+
+
+@pytest.mark.slow
 def test_sft_trains_any_model_over_its_epochs_and_refuses_to_train_nothing(tmp_path, tiny):
     """--algo sft on a model that is not one of the tiny names (as on a GPU: --sft-steps 0 = --epochs over the data)
     changes the weights; data without a single answer stops with one line instead of saving the untrained model."""
