@@ -126,7 +126,7 @@ def server_check(urls: str) -> Check:
 
 def device_check(cfg: Config, world: int) -> Check:
     """Training ranks take cuda:0 .. cuda:N-1 (torchrun's LOCAL_RANK); vLLM shares each rank's GPU; the local data
-    server needs a GPU of its own."""
+    server takes a GPU of its own, never a training one while one is spare (a machine with none spare may share)."""
     if cfg.device != "cuda":
         return Check("devices", True, "cpu: training" + (", data server" if starts_local_server(cfg) else ""))
     visible = torch.cuda.device_count()
@@ -139,9 +139,11 @@ def device_check(cfg: Config, world: int) -> Check:
         parts.append(f"data server {cfg.server_device}")
         if not device_exists(cfg.server_device):
             problems.append(f"--server-device {cfg.server_device}: no such device")
-        elif cfg.server_device in ranks or cfg.server_device == "cuda" and "cuda:0" in ranks:
-            problems.append(f"--server-device {cfg.server_device} is a training process's GPU; give the data server "
-                            f"a GPU of its own (cuda:{world}) or --server-url")
+        elif (cfg.server_device in ranks or cfg.server_device == "cuda") and visible > world:
+            problems.append(f"--server-device {cfg.server_device} is a training process's GPU while cuda:{world} is "
+                            f"free; give the data server a GPU of its own (--server-device cuda:{world}) or --server-url")
+        elif cfg.server_device in ranks or cfg.server_device == "cuda":   # no spare GPU: sharing is the only way
+            parts[-1] += " (shares a training GPU: none is spare)"
     return Check("devices", not problems, "; ".join(problems) or ", ".join(parts))
 
 

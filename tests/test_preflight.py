@@ -65,9 +65,12 @@ def test_the_data_server_must_not_take_a_training_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 5)
     assert P.device_check(gpu_config(server_device="cuda:4"), world=4).ok               # the paper's 4 + 1
     check = P.device_check(gpu_config(server_device="cuda:1"), world=4)
-    assert not check.ok and "--server-device cuda:1 is a training process's GPU" in check.detail
+    assert not check.ok and "--server-device cuda:1 is a training process's GPU while cuda:4 is free" in check.detail
     check = P.device_check(gpu_config(server_device="cuda:7"), world=4)
     assert not check.ok and "--server-device cuda:7: no such device" in check.detail
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)                         # one GPU: sharing is the way
+    check = P.device_check(gpu_config(server_device="cuda:0"), world=1)
+    assert check.ok and "shares a training GPU" in check.detail
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert "4 training processes need 4 GPUs, 2 visible" in P.device_check(gpu_config(server_device="cuda:1"), 4).detail
 
