@@ -263,8 +263,7 @@ def update_policy(model, ref, optimizer, sched, batches: list[MicroBatch], cfg: 
             stats["clip_frac"] += ((clipped.float() * mask).sum() / n_tok).item() / cfg.mu
             stats["entropy"] += ((ent.detach() * mask).sum() / n_tok).item() / cfg.mu
             # the paper's H(q) (Fig. 2): each completion's mean token entropy, then the mean over completions
-            per_completion = (ent.detach() * mask).sum(1) / mask.sum(1).clamp(min=1)                  # (n,)
-            stats["entropy_per_completion"] += (per_completion.sum() / n_seq).item() / cfg.mu
+            stats["entropy_per_completion"] += aggregate(ent.detach(), mask, "grpo", n_seq).item() / cfg.mu
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         optimizer.step()
         sched.step()
