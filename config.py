@@ -17,7 +17,7 @@ import torch
 from checkpoint import holds_run
 from common import ArgumentParser, Dist, config_parser, device_exists, opt, output_problem, split_list, stop_at_first
 from data import TASKS, DataError, missing_sources, read_template
-from outpaint import SEGMENTERS, default_steps
+from outpaint import HUB_PIPELINES, SEGMENTERS, TINY_PIPELINES, default_steps
 from prompts import MATH_FORMATS, TEMPLATES
 from rollout import TINY_MODELS, model_problem
 from shapes import GRID
@@ -209,9 +209,9 @@ def resolve_defaults(cfg: Config) -> Config:
              freeze_vision=not gpu, max_new_tokens=1024 if gpu else (112 if syn else 64),
              rollout_backend="vllm" if gpu else "hf", max_steps=0 if gpu else 100,
              shapes_objects="1-1" if cfg.task == "rec" else "1-2", shapes_n=128 if syn and not gpu else 512,
-             segmenter="palette" if not cfg.data else "ben2" if cfg.pipeline in ("sdxl", "sdxl-union") else "",
+             segmenter="palette" if not cfg.data else "ben2" if cfg.pipeline in HUB_PIPELINES else "",
              pipeline_steps=default_steps(cfg.pipeline),
-             pipeline_size=64 if cfg.pipeline in ("tiny", "tiny-union") else 0,
+             pipeline_size=64 if cfg.pipeline in TINY_PIPELINES else 0,
              max_model_len=4096 if gpu else 1024, vllm_sleep_mode=gpu, micro_batch=4 if gpu else 16,
              gradient_checkpointing=gpu)
     for k, v in d.items():

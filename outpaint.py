@@ -35,7 +35,9 @@ GPU_CONTROLNET = "diffusers/controlnet-canny-sdxl-1.0"   # sdxl: a canny Control
 # region to regenerate blanked), as diffusers 0.42 documents StableDiffusionXLControlNetUnionInpaintPipeline
 GPU_UNION_CONTROLNET = "brad-twinkl/controlnet-union-sdxl-1.0-promax"
 UNION_INPAINT_MODE = 7
-PIPELINES = ("procedural", "tiny", "tiny-union", "sdxl", "sdxl-union")   # or a saved pipeline dir
+HUB_PIPELINES = {"sdxl": (GPU_BASE, GPU_CONTROLNET), "sdxl-union": (GPU_BASE, GPU_UNION_CONTROLNET)}   # their repos
+TINY_PIPELINES = ("tiny", "tiny-union")   # HUB_PIPELINES' random-weight twins, built offline
+PIPELINES = ("procedural", *TINY_PIPELINES, *HUB_PIPELINES)   # or a saved pipeline dir
 TINY_PIPELINE_VERSION = 2   # bump when the tiny pipeline changes: the cached one carries it in its directory name
 
 
@@ -170,7 +172,7 @@ def default_steps(pipeline: str) -> int:
     step count; measured on CPU), 1 for the procedural one (it has no steps), 20 for SDXL + ControlNet (diffusers'
     example for the canny SDXL ControlNet; the union one at the same cost), the same for a saved pipeline dir. The one rule for train.py's local
     server and server.py alone."""
-    return {"tiny": 2, "tiny-union": 2, "procedural": 1}.get(pipeline, 20)
+    return 2 if pipeline in TINY_PIPELINES else 1 if pipeline == "procedural" else 20
 
 
 def load_pipeline(name: str = "tiny", device: str = "cpu"):
@@ -182,7 +184,7 @@ def load_pipeline(name: str = "tiny", device: str = "cpu"):
         return ProceduralPipeline()
     from diffusers import (ControlNetModel, ControlNetUnionModel, DiffusionPipeline,
                            StableDiffusionXLControlNetInpaintPipeline, StableDiffusionXLControlNetUnionInpaintPipeline)
-    if name in ("tiny", "tiny-union"):
+    if name in TINY_PIPELINES:
         kind = "controlnet-union-inpaint" if name == "tiny-union" else "controlnet-inpaint"
         path = os.path.join(CACHE, "pipelines", f"tiny-sdxl-{kind}-v{TINY_PIPELINE_VERSION}")
         if not os.path.exists(os.path.join(path, "model_index.json")):
@@ -190,13 +192,13 @@ def load_pipeline(name: str = "tiny", device: str = "cpu"):
         pipe = DiffusionPipeline.from_pretrained(path)
     elif os.path.isdir(name):
         pipe = DiffusionPipeline.from_pretrained(name)
-    elif name in ("sdxl", "sdxl-union"):
+    elif name in HUB_PIPELINES:
         dtype = torch.float16 if device.startswith("cuda") else torch.float32
-        union = name == "sdxl-union"
-        controlnet = (ControlNetUnionModel if union else ControlNetModel).from_pretrained(
-            GPU_UNION_CONTROLNET if union else GPU_CONTROLNET, torch_dtype=dtype)
+        union, (base, controlnet_repo) = name == "sdxl-union", HUB_PIPELINES[name]
+        controlnet = (ControlNetUnionModel if union else ControlNetModel).from_pretrained(controlnet_repo,
+                                                                                          torch_dtype=dtype)
         cls = StableDiffusionXLControlNetUnionInpaintPipeline if union else StableDiffusionXLControlNetInpaintPipeline
-        pipe = cls.from_pretrained(GPU_BASE, controlnet=controlnet, torch_dtype=dtype)
+        pipe = cls.from_pretrained(base, controlnet=controlnet, torch_dtype=dtype)
     else:
         raise ValueError(f"{name!r} is not one of {', '.join(PIPELINES)} or a saved pipeline directory")
     pipe.set_progress_bar_config(disable=True)
@@ -216,6 +218,7 @@ class Segmenter:
 
 
 BEN2_WEIGHTS = "PramaLLC/BEN2"
+BEN2_INSTALL = "pip install git+https://github.com/PramaLLC/BEN2"   # not on PyPI: install.sh cannot pin it
 SAM_CHECKPOINT = "facebook/sam-vit-base"   # SAM's smallest (94M): the matte is only refined inside the gold boxes
 TINY_SAM_VERSION = 1   # bump when the tiny SAM changes: the cached one carries it in its directory name
 TINY_SAM_SIZE = 256    # the tiny SAM's input side (SAM's is 1024)
@@ -271,7 +274,7 @@ def load_segmenter(name: str = "", device: str = "cpu") -> Segmenter | None:
     """A foreground segmenter, or None for the box mask alone.
 
     "ben2": BEN2 (the paper's Background Erase Network; weights from the hub, GPU; not on PyPI:
-    `pip install git+https://github.com/PramaLLC/BEN2`, which the preflight names when it is missing);
+    BEN2_INSTALL, which the preflight and server.py name when it is missing);
     "palette": the shapes dataset's object colours, exactly (they survive every generation: kept pixels are pasted
     back bit for bit), so that synthesized-from-synthesized images keep a clean matte;
     "color": pixels far from the image's median colour (flat backgrounds);

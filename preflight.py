@@ -27,11 +27,9 @@ import torch
 from common import device_exists, split_list
 from config import Config, starts_local_server
 from data import DataError, load_image, read_data
-from outpaint import BEN2_WEIGHTS, GPU_BASE, GPU_CONTROLNET, GPU_UNION_CONTROLNET, SAM_CHECKPOINT
+from outpaint import BEN2_INSTALL, BEN2_WEIGHTS, HUB_PIPELINES, SAM_CHECKPOINT, TINY_PIPELINES
 from plan import PlanSetting, count_parameters, plan_memory, plan_model_config
 
-BEN2_INSTALL = "pip install git+https://github.com/PramaLLC/BEN2"   # not on PyPI: install.sh cannot pin it
-PIPELINE_REPOS = {"sdxl": (GPU_BASE, GPU_CONTROLNET), "sdxl-union": (GPU_BASE, GPU_UNION_CONTROLNET)}
 HUB_TIMEOUT = 10        # seconds for the Hub or a data server to answer
 
 
@@ -78,12 +76,12 @@ def segmenter_check(cfg: Config) -> Check:
 def pipeline_check(cfg: Config) -> Check:
     """A pipeline dir holds model_index.json; the Hub pipelines are in the local cache or the Hub answers."""
     name = cfg.pipeline
-    if name in ("tiny", "tiny-union", "procedural"):
+    if name in TINY_PIPELINES or name == "procedural":
         return Check("pipeline", True, f"{name} (built here, no download)")
     if os.path.isdir(name):
         ok = os.path.isfile(os.path.join(name, "model_index.json"))
         return Check("pipeline", ok, f"{name}" + ("" if ok else ": no model_index.json (not a diffusers pipeline dir)"))
-    return hub_check("pipeline", name, PIPELINE_REPOS.get(name, ()))
+    return hub_check("pipeline", name, HUB_PIPELINES.get(name, ()))
 
 
 def hub_check(check: str, name: str, repos) -> Check:

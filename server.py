@@ -51,7 +51,7 @@ from PIL import Image
 
 from common import atomic_write, device_exists, opt, output_problem, parse_config, stop_at_first
 from data import box_problem, is_box
-from outpaint import SEGMENTERS, default_steps, load_pipeline, load_segmenter, outpaint
+from outpaint import BEN2_INSTALL, SEGMENTERS, default_steps, load_pipeline, load_segmenter, outpaint
 
 
 @dataclass
@@ -285,7 +285,7 @@ def load_worker_models(cfg: ServerConfig) -> list[tuple]:
         return [(load_pipeline(cfg.pipeline, cfg.device), load_segmenter(cfg.segmenter, cfg.device))
                 for _ in range(cfg.workers)]
     except ImportError as e:
-        hint = " (BEN2 is not on PyPI: pip install git+https://github.com/PramaLLC/BEN2)" if cfg.segmenter == "ben2" else ""
+        hint = f" (BEN2 is not on PyPI: {BEN2_INSTALL})" if cfg.segmenter == "ben2" else ""
         raise SystemExit(f"server.py: cannot load --pipeline {cfg.pipeline} / --segmenter {cfg.segmenter!r}: {e}{hint}")
     except (OSError, ValueError) as e:
         raise SystemExit(f"server.py: cannot load --pipeline {cfg.pipeline} / --segmenter {cfg.segmenter!r}: {e}")
