@@ -332,15 +332,17 @@ def plot_command(run_dir: str) -> list[str]:
     return written
 
 
-def gallery_command(run_dir: str, rows: int = 6) -> str:
-    """A grid: each row an original image and its synthesized descendants (from the pool's lineage), gold
-    boxes drawn, each cell titled with its generation and training step (paper Fig. 5 / Fig. 8)."""
+def gallery_command(run_dir: str, rows: int = 6, cols: int = 0) -> str:
+    """A grid: each row an original image and its synthesized descendants (from the pool's lineage; the first `cols`
+    of them, 0 = all), gold boxes drawn, each cell titled with its generation, training step and the description it
+    was drawn from (paper Fig. 5 / Fig. 8)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
     pool = DataPool.load(os.path.join(run_dir, "pool.json"))
     chains = [ids for ids in pool.lineage.values() if len(ids) > 1][:rows] or [ids for ids in pool.lineage.values()][:rows]
+    chains = [c[:cols] for c in chains] if cols else chains
     cols = max(len(c) for c in chains)
     fig, axes = plt.subplots(len(chains), cols, figsize=(2.4 * cols, 2.4 * len(chains)), squeeze=False)
     for r, chain in enumerate(chains):
@@ -353,7 +355,8 @@ def gallery_command(run_dir: str, rows: int = 6) -> str:
             ax.imshow(load_image(s.image))
             for b in s.gold_boxes():
                 ax.add_patch(Rectangle((b[0], b[1]), b[2] - b[0], b[3] - b[1], fill=False, color="lime", lw=1.2))
-            title = "original" if s.generation == 0 else f"gen {s.generation}, step {s.meta.get('step', '?')}"
+            title = "original" if s.generation == 0 else (f"gen {s.generation}, step {s.meta.get('step', '?')}"
+                                                           + (f"\n{s.meta['description']}" if s.meta.get("description") else ""))
             ax.set_title(title, fontsize=7)
     fig.tight_layout()
     path = os.path.join(run_dir, "gallery.png")

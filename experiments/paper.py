@@ -43,7 +43,7 @@ Per seed:
 Writes results/table1.md and table1.json (rows as mean ± standard error over seeds, the gate, the warm starts'
 convergence, per-run synthesis counts and V(q), paired contrasts), fig2_entropy_variance.png (the paper's H(q) and
 Eq. 4's V(q) over training, GRPO vs Syn-GRPO), fig8_description_families.png (the families of the descriptions
-Syn-GRPO sent, per epoch) and syn_gallery.png (synthesized images beside their sources and descriptions).
+Syn-GRPO sent, per epoch) and syn_gallery.png (eval.py's gallery of seed 0's Syn-GRPO run: slots' lineages).
 Every trained row's final model stays in --work-dir/seedS/<row>/final for eval.py.
 """
 from __future__ import annotations
@@ -407,27 +407,13 @@ def figure8(work: str, seeds: list, steps_per_epoch: int, path: str) -> dict:
     return counts
 
 
-def gallery(work: str, seed: int, path: str, n: int = 8) -> None:
-    """Synthesized images of seed's Syn-GRPO run beside their sources, each with the description it was drawn from."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from PIL import Image
+def gallery(work: str, seed: int, path: str) -> None:
+    """eval.py's gallery of seed's Syn-GRPO run (6 slots: the original, then its first 4 synthesized generations,
+    each titled with the description it was drawn from), copied to path."""
+    import shutil
 
-    from data import DataPool
-    pool = DataPool.load(os.path.join(work, f"seed{seed}", slug("Syn-GRPO"), "pool.json"))
-    synth = [s for s in pool.samples.values() if s.generation > 0][:n]
-    if not synth:
-        return
-    fig, axes = plt.subplots(2, len(synth), figsize=(1.8 * len(synth), 4), squeeze=False)
-    for k, s in enumerate(synth):
-        source = pool.samples.get(s.parent_id) or pool.samples[s.root]
-        for r, (img, title) in enumerate(((source.image, "source"), (s.image, s.meta.get("description", "")))):
-            axes[r][k].imshow(Image.open(img)), axes[r][k].set_axis_off()
-            axes[r][k].set_title(title, fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    import eval as E
+    shutil.copyfile(E.gallery_command(os.path.join(work, f"seed{seed}", slug("Syn-GRPO")), rows=6, cols=5), path)
 
 
 def check_work_dir(a) -> None:

@@ -137,6 +137,8 @@ def test_plot_and_gallery(tmp_path, shapes_dir):
     g = E.gallery_command(str(run))
     assert os.path.getsize(g) > 3000
     assert Image.open(g).size[0] > Image.open(g).size[1]     # one row, three columns
+    wide = Image.open(g).size[0]
+    assert Image.open(E.gallery_command(str(run), cols=2)).size[0] < wide   # the original and its first generation
 
 
 def test_score_reports_its_coverage_and_stops_below_full_unless_asked(tmp_path, shapes_dir, capsys):
