@@ -26,8 +26,8 @@ FURNITURE = {"bed": (150, 110, 200), "sofa": (200, 120, 60), "table": (120, 80, 
 #   stripes  pale diagonal stripes of two tints: a new family, but no harder (the first miniature Table 1's split)
 #   near     the testbed synthesizer's own families (procedural.py) at parameters its words never choose: what
 #            synthesized training images can prepare a model for
-#   far      diagonal stripes of two colours of any brightness and saturation: a family no synthesizer here draws (procedural.py never
-#            draws stripes), defined here independently of it
+#   far      diagonal stripes of two colours of any brightness and saturation: a family no synthesizer here draws
+#            (procedural.py never draws stripes), defined here independently of it
 BACKGROUNDS = ("pale", "stripes", "near", "far")
 
 
