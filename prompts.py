@@ -29,11 +29,14 @@ THINK_ANSWER = (
     " First output the thinking process in <think> </think> tags and then output the final answer in "
     "<answer> </answer> tags."
 )
+# What the description is for, in Syn-GRPO §3.3.2's words ("a text description for generating a new high-quality
+# image (with diverse responses) from the input image"): for a zero-shot model the only pressure on what it writes.
+SYN_PURPOSE = " The description is for generating a new high-quality image (with diverse responses) from the input image."
 SYN_TAGS = (
     " First output the thinking process in <think> </think> tags, then in <score> </score> tags a number "
     "between 0 and 1 predicting how diverse your answers to this input would be, then in "
     "<description> </description> tags a description of a new image made from this one (same foreground "
-    "objects, new background), and finally the answer in <answer> </answer> tags."
+    "objects, new background), and finally the answer in <answer> </answer> tags." + SYN_PURPOSE
 )
 JSON_ANSWER = " Output the final answer in JSON format."
 MATH_SUFFIX = " Please reason step by step, and put your final answer within \\boxed{}."

@@ -31,7 +31,7 @@ from PIL import Image
 
 from common import CACHE, atomic_dir, derive_seed
 from data import Sample, load_image
-from prompts import PROMPTS, build_prompt
+from prompts import PROMPTS, SYN_PURPOSE, build_prompt
 from shapes import COLORS, FURNITURE, SHAPES
 
 TINY_MODELS = ("tiny", "tiny-qwen-vocab")
@@ -83,13 +83,19 @@ TINY_PIXELS = dict(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16)   # a 112x11
 # warm-start targets are sized in its tokens (prompts.DESCRIPTIONS: 9 each, scores 4), and byte-level BPE has no
 # out-of-vocabulary text to learn. Training on SynthRL's math/think prompt too made two descriptions and every
 # score one token longer, and the four-tag warm start then no longer bound its answer to the image.
+# For the same reason, sentences added to a prompt later (LATER_TEXT) are cut from it.
 LATER_PROMPTS = ("math/think",)
+LATER_TEXT = (SYN_PURPOSE,)
 
 
 def _corpus() -> list[str]:
-    """Text the small tokenizer is trained on: the prompts (but LATER_PROMPTS) and answer formats this codebase uses."""
+    """Text the small tokenizer is trained on: the prompts (but LATER_PROMPTS and LATER_TEXT) and answer formats
+    this codebase uses."""
     words = list(COLORS) + list(SHAPES) + list(FURNITURE) + ["left of", "right of", "the", "How many", "are in"]
-    lines = [p.replace("{", " ").replace("}", " ") for k, p in PROMPTS.items() if k not in LATER_PROMPTS] + words
+    prompts = [p for k, p in PROMPTS.items() if k not in LATER_PROMPTS]
+    for text in LATER_TEXT:
+        prompts = [p.replace(text, "") for p in prompts]
+    lines = [p.replace("{", " ").replace("}", " ") for p in prompts] + words
     lines += ['<think>The red circle is on the left.</think> <answer>{"bbox_2d": [12, 34, 56, 78]}</answer>',
               '<score>0.25</score> <description>A sunny beach with palm trees.</description>',
               '[{"bbox_2d": [1, 2, 3, 4], "label": "square"}] None \\boxed{3} 0123456789 . , : ; ! ? ( ) [ ] " \'',

@@ -53,3 +53,12 @@ def test_every_template_train_py_help_shows_is_one_prompt_template_takes(tmp_pat
     assert build_prompt(s, "grpo", template=TEMPLATES["rec"]) == build_prompt(s, "grpo")   # the same text as built in
     o = Sample(id="b", task="ovd", image="", categories=["cat"])
     assert build_prompt(o, "syn-grpo", template=TEMPLATES["ovd, isr/syn-grpo"]) == build_prompt(o, "syn-grpo")
+
+
+def test_the_syn_grpo_prompt_says_what_the_description_is_for():
+    """Syn-GRPO §3.3.2: the model writes "a text description for generating a new high-quality image (with diverse
+    responses) from the input image"; the prompt says so (the GRPO prompt has no description to explain)."""
+    from prompts import SYN_PURPOSE
+    sample = Sample(id="a", task="rec", image="a.png", problem="Where is it?", solution=[0, 0, 1, 1], width=8, height=8)
+    assert "new high-quality image (with diverse responses) from the input image" in SYN_PURPOSE
+    assert SYN_PURPOSE in build_prompt(sample, "syn-grpo") and "description" not in build_prompt(sample, "grpo")

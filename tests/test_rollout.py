@@ -1,5 +1,6 @@
 import copy
 import dataclasses
+import hashlib
 
 import pytest
 import torch
@@ -174,6 +175,13 @@ def test_the_small_vocabulary_keeps_the_warm_start_targets_of_equal_length():
     n = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])
     assert {n(d) for d in DESCRIPTIONS} == {9}
     assert {n(f"<score>{i / 100:.2f}</score>") for i in range(100)} == {9}
+
+
+def test_the_small_vocabularys_corpus_is_fixed():
+    """A changed corpus is a new tiny model (its hash is in the cache key) and moves every number measured on `tiny`:
+    prompts and sentences added later stay out of it (rollout.LATER_PROMPTS, LATER_TEXT)."""
+    from rollout import _corpus
+    assert hashlib.sha256("\n".join(_corpus()).encode()).hexdigest()[:8] == "4b9df3a9"
 
 
 def test_pixel_limits_set_the_frame_the_boxes_are_read_in(tiny, shapes_dir):
