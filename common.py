@@ -259,6 +259,18 @@ def stop_at_first(prog: str, problems) -> None:
             raise SystemExit(f"{prog}: {problem}")
 
 
+def code_commit() -> str:
+    """The commit this code is at, marked -dirty when tracked files differ from it ('unknown' outside git): what a
+    measured number is stamped with."""
+    import subprocess
+    git = lambda *args: subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    try:
+        head, dirty = git("rev-parse", "--short", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
+    except OSError:   # no git here
+        return "unknown"
+    return (head or "unknown") + ("-dirty" if dirty else "")
+
+
 def device_exists(device: str) -> bool:
     """cpu, or cuda / cuda:K of a visible GPU."""
     m = re.fullmatch(r"cuda(?::(\d+))?", device)

@@ -18,6 +18,7 @@ from checkpoint import holds_run
 from common import ArgumentParser, Dist, config_parser, device_exists, opt, output_problem, split_list, stop_at_first
 from data import TASKS, DataError, missing_sources, read_template
 from outpaint import HUB_PIPELINES, SEGMENTERS, TINY_PIPELINES, default_steps
+from verify import VERIFIERS, VERIFY_THRESHOLD
 from prompts import MATH_FORMATS, TEMPLATES
 from rollout import TINY_MODELS, model_problem
 from shapes import GRID
@@ -126,6 +127,11 @@ class Config:
                                       "palette, color, ben2, sam (box-prompted SAM from transformers) or tiny-sam "
                                       "(default: palette for the built-in shapes data; ben2, the paper's, with the sdxl "
                                       "pipeline; else '')", choices=SEGMENTERS)
+    verify_synthesis: str = opt("", "the local data server drops an image whose new background holds a confident "
+                                    "detection of one of the sample's categories outside the kept boxes (OVD/ISR; "
+                                    "ours, beyond the paper): '' (off), owlv2 or tiny-owlv2 (random weights); a remote "
+                                    "server checks with its own --verify-synthesis", choices=VERIFIERS)
+    verify_threshold: float = opt(VERIFY_THRESHOLD, "the verifier's detection score that counts (sigmoid, 0-1)")
     server_device: str | None = opt(None, "device of the local data server (default: cpu on CPU; on GPU the first GPU "
                                           "after the training processes', cuda:N for N = LOCAL_WORLD_SIZE, as the paper "
                                           "gives the server a GPU of its own; cuda:0 shares the trainer's)")
@@ -303,6 +309,11 @@ def value_problems(cfg: Config) -> list[tuple]:
         (cfg.offline_synthesis and (cfg.algo != "grpo" or not cfg.descriptions or cfg.task == "math"),
          "--offline-synthesis is the 'GRPO + Offline Generation' baseline: --algo grpo, --descriptions FILE, a task "
          "with boxes"),
+        (cfg.verify_synthesis and not (starts_local_server(cfg) and cfg.task in ("ovd", "isr")),
+         "--verify-synthesis checks the local data server's images for new instances of an OVD/ISR sample's "
+         "categories: --task ovd or isr, synthesis on, no --server-url (start a remote server.py with "
+         "--verify-synthesis instead)"),
+        (not 0 <= cfg.verify_threshold <= 1, "--verify-threshold must be in [0, 1]"),
     ]
 
 

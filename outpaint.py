@@ -124,11 +124,24 @@ def build_tiny_pipeline(out_dir: str, seed: int = 0, union: bool = False) -> str
     return out_dir
 
 
+def byte_clip_tokenizer(max_length: int):
+    """A byte-level CLIP tokenizer with no merges: every character is a token (ids 0-511), then <|startoftext|> 512
+    and <|endoftext|> 513 (the highest id: CLIP-style text towers pool at the argmax id). Nothing is downloaded; the
+    tiny pipelines' and the tiny verifier's text side."""
+    from transformers import CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    chars = list(bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": 256 + i for i, c in enumerate(chars)})
+    vocab.update({"<|startoftext|>": 512, "<|endoftext|>": 513})
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+
+
 def _random_tiny_pipeline(union: bool = False):
     from diffusers import (AutoencoderKL, ControlNetModel, ControlNetUnionModel, EulerDiscreteScheduler,
                            StableDiffusionXLControlNetInpaintPipeline, StableDiffusionXLControlNetUnionInpaintPipeline,
                            UNet2DConditionModel)
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
     common = dict(block_out_channels=(32, 64), layers_per_block=2, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                   attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
                   addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
@@ -143,13 +156,7 @@ def _random_tiny_pipeline(union: bool = False):
                         down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2)
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, steps_offset=1,
                                        beta_schedule="scaled_linear", timestep_spacing="leading")
-    # a byte-level CLIP tokenizer with no merges: every character is a token, nothing is downloaded
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-    chars = list(bytes_to_unicode().values())
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({c + "</w>": 256 + i for i, c in enumerate(chars)})
-    vocab.update({"<|startoftext|>": 512, "<|endoftext|>": 513})
-    tok = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    tok = byte_clip_tokenizer(max_length=77)
     tcfg = CLIPTextConfig(bos_token_id=512, eos_token_id=513, pad_token_id=513, hidden_size=32, intermediate_size=37,
                           num_attention_heads=4, num_hidden_layers=5, vocab_size=514, projection_dim=32,
                           hidden_act="gelu", layer_norm_eps=1e-5)

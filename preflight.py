@@ -9,6 +9,7 @@ first GPU run stops in seconds with the reason instead of after the policy and v
   server dir  the local data server's state dir (OUT/server) can be written
   segmenter   the keep-mask's segmenter can be imported (BEN2 is not on PyPI: the line gives its install command)
   pipeline    the image model's weights are in the local cache, or the Hub answers (a local server or offline synthesis)
+  verifier    with --verify-synthesis owlv2: OWLv2's weights are in the local cache, or the Hub answers
   data server --server-url's servers answer GET /health
   devices     the training processes' GPUs, vLLM's share of them, and the data server's device, never a training one
   memory      --plan's verdict for this run on this machine's GPUs
@@ -28,6 +29,7 @@ from common import device_exists, split_list
 from config import Config, starts_local_server
 from data import DataError, load_image, read_data
 from outpaint import BEN2_INSTALL, BEN2_WEIGHTS, HUB_PIPELINES, SAM_CHECKPOINT, TINY_PIPELINES
+from verify import OWLV2_CHECKPOINT
 from plan import PlanSetting, count_parameters, plan_memory, plan_model_config
 
 HUB_TIMEOUT = 10        # seconds for the Hub or a data server to answer
@@ -71,6 +73,12 @@ def segmenter_check(cfg: Config) -> Check:
     if cfg.segmenter in ("ben2", "sam"):   # their weights come from the Hub
         return hub_check("segmenter", cfg.segmenter, [BEN2_WEIGHTS if cfg.segmenter == "ben2" else SAM_CHECKPOINT])
     return Check("segmenter", True, cfg.segmenter or "none (the boxes alone)")
+
+
+def verifier_check(cfg: Config) -> Check:
+    if cfg.verify_synthesis == "owlv2":   # its weights come from the Hub
+        return hub_check("verifier", "owlv2", [OWLV2_CHECKPOINT])
+    return Check("verifier", True, cfg.verify_synthesis or "off")
 
 
 def pipeline_check(cfg: Config) -> Check:
@@ -170,7 +178,7 @@ def checks(cfg: Config, world: int = 1, data: bool = True) -> list[Check]:
     out.append(writable_check("out dir", cfg.out_dir))
     if starts_local_server(cfg):
         out += [writable_check("server dir", os.path.join(cfg.out_dir, "server")), segmenter_check(cfg),
-                pipeline_check(cfg)]
+                pipeline_check(cfg), *([verifier_check(cfg)] if cfg.verify_synthesis else [])]
     elif (cfg.algo == "syn-grpo" and cfg.synthesize or cfg.offline_synthesis) and cfg.server_url:
         out.append(server_check(cfg.server_url))
     return out + [device_check(cfg, world), memory_check(cfg, world)]

@@ -13,13 +13,15 @@ for generation (unless `train.py --synchronous-synthesis`, the paper's Table 5 b
 API (JSON bodies; `Authorization: Bearer TOKEN` on every request when --token is set):
   POST /jobs      {"sample_id": str, "image_b64": PNG/JPEG base64 | "image": path under --image-root,
                    "boxes": [[x1,y1,x2,y2], ...], "description": str, "seed": int,
-                   optional "zoom_out": float in [1, 4], optional "key": idempotency key}
+                   optional "zoom_out": float in [1, 4], optional "key": idempotency key,
+                   optional "categories": [str, ...] (the labelled classes, checked by --verify-synthesis)}
                   -> 202 {"job_id"}   (200 with the existing id when "key" was seen before)
-  GET /jobs/ID    -> {"job_id", "status": queued|done|failed, ...result fields when finished}
+  GET /jobs/ID    -> {"job_id", "status": queued|done|failed|dropped, ...result fields when finished}
   GET /results?after=SEQ&limit=N
                   -> {"results": [{"seq", "job_id", "sample_id", "status", "boxes", "image_b64" | "error"}],
-                      "next": SEQ}   (finished jobs in completion order; pass "next" back as "after")
-  GET /health     -> {"ok", "queued", "done", "failed", "workers"}   (ok: a worker is alive to make images)
+                      "next": SEQ}   (finished jobs in completion order; pass "next" back as "after"; "dropped":
+                      the verifier found a new instance of a labelled class, "error" says which)
+  GET /health     -> {"ok", "queued", "done", "failed", "dropped", "workers"}   (ok: a worker is alive)
 Errors: 400 malformed (with a message; a box outside its image too), 401 bad or missing token, 403 image path
 outside --image-root, 404 unknown job or route, 405 wrong method, 413 body or image over the limits, 429 queue full.
 Settings under which no job could be served (a busy port, a missing --image-root, a device not there, limits
@@ -52,6 +54,7 @@ from PIL import Image
 from common import atomic_write, device_exists, opt, output_problem, parse_config, stop_at_first
 from data import box_problem, is_box
 from outpaint import BEN2_INSTALL, SEGMENTERS, default_steps, load_pipeline, load_segmenter, outpaint
+from verify import VERIFIERS, VERIFY_THRESHOLD, load_verifier
 
 
 @dataclass
@@ -69,6 +72,11 @@ class ServerConfig:
                              "(the paper's BEN2, GPU), sam (SAM prompted with the boxes, from transformers), tiny-sam "
                              "(its random-weight twin), palette (the shapes data's object colours) or color (flat "
                              "backgrounds)", choices=SEGMENTERS)
+    verify_synthesis: str = opt("", "drop an image whose new background holds a confident detection of a labelled "
+                                    "category (a job's \"categories\") outside the kept boxes (ours, beyond the "
+                                    "paper): '' (off), owlv2 (OWLv2 from transformers), tiny-owlv2 (its random-weight "
+                                    "twin)", choices=VERIFIERS)
+    verify_threshold: float = opt(VERIFY_THRESHOLD, "the verifier's detection score that counts (sigmoid, 0-1)")
     device: str = opt("cpu", "device of the pipelines, e.g. cuda:1")
     workers: int = opt(1, "generation threads, one pipeline each")
     state_dir: str = opt("runs/server", "accepted jobs and results, written atomically; reused after a restart")
@@ -168,8 +176,13 @@ def validate_job(body: dict, cfg: ServerConfig) -> tuple[dict, Image.Image]:
     key = body.get("key")
     if key is not None and (not isinstance(key, str) or len(key) > 256):
         raise BadRequest(400, "key must be a string of at most 256 characters")
+    categories = body.get("categories", [])
+    if not (isinstance(categories, list) and len(categories) <= cfg.max_boxes
+            and all(isinstance(c, str) and 0 < len(c) <= 200 for c in categories)):
+        raise BadRequest(400, f"categories must be a list of at most {cfg.max_boxes} non-empty strings of at most "
+                              "200 characters")
     job = {"sample_id": sid, "description": desc, "seed": seed, "zoom_out": float(zoom),
-           "boxes": [[float(v) for v in b] for b in boxes], "key": key}
+           "boxes": [[float(v) for v in b] for b in boxes], "key": key, "categories": categories}
     return job, image
 
 
@@ -226,7 +239,8 @@ class JobStore:
             job = json.load(f)
         return job, Image.open(os.path.join(self.dirs["jobs"], job_id + ".png")).convert("RGB")
 
-    def finish(self, job: dict, image: Image.Image | None, boxes=None, error: str = "") -> None:
+    def finish(self, job: dict, image: Image.Image | None, boxes=None, error: str = "", status: str = "") -> None:
+        """The job's one result: done (an image), failed (an error) or dropped (the verifier's reason in error)."""
         with self.lock:
             if job["job_id"] in self.by_id:
                 return
@@ -234,7 +248,7 @@ class JobStore:
                 image.save(os.path.join(self.dirs["images"], job["job_id"] + ".png"))
             self.seq += 1
             r = {"seq": self.seq, "job_id": job["job_id"], "sample_id": job["sample_id"],
-                 "status": "failed" if error else "done", "boxes": boxes if boxes is not None else job["boxes"],
+                 "status": status or ("failed" if error else "done"), "boxes": boxes if boxes is not None else job["boxes"],
                  "description": job["description"], "error": error, "finished": time.time()}
             _write_json(os.path.join(self.dirs["results"], job["job_id"] + ".json"), r)
             self.by_id[r["job_id"]] = r
@@ -247,8 +261,8 @@ class JobStore:
 
     def counts(self) -> dict:
         with self.lock:
-            failed = sum(r["status"] == "failed" for r in self.results)
-            return {"queued": len(self.pending), "done": len(self.results) - failed, "failed": failed}
+            n = {s: sum(r["status"] == s for r in self.results) for s in ("done", "failed", "dropped")}
+            return {"queued": len(self.pending), **n}
 
     def results_after(self, after: int, limit: int) -> list[dict]:
         """Finished jobs with seq > after, in completion order, images included."""
@@ -279,19 +293,19 @@ class JobStore:
 
 
 def load_worker_models(cfg: ServerConfig) -> list[tuple]:
-    """(pipeline, segmenter) for each worker, loaded before the server listens: a missing checkpoint or package
-    stops the start with one line, rather than leaving a server whose workers died."""
+    """(pipeline, segmenter, verifier) for each worker, loaded before the server listens: a missing checkpoint or
+    package stops the start with one line, rather than leaving a server whose workers died."""
     try:
-        return [(load_pipeline(cfg.pipeline, cfg.device), load_segmenter(cfg.segmenter, cfg.device))
-                for _ in range(cfg.workers)]
-    except ImportError as e:
-        hint = f" (BEN2 is not on PyPI: {BEN2_INSTALL})" if cfg.segmenter == "ben2" else ""
-        raise SystemExit(f"server.py: cannot load --pipeline {cfg.pipeline} / --segmenter {cfg.segmenter!r}: {e}{hint}")
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"server.py: cannot load --pipeline {cfg.pipeline} / --segmenter {cfg.segmenter!r}: {e}")
+        return [(load_pipeline(cfg.pipeline, cfg.device), load_segmenter(cfg.segmenter, cfg.device),
+                 load_verifier(cfg.verify_synthesis, cfg.device, cfg.verify_threshold)) for _ in range(cfg.workers)]
+    except (ImportError, OSError, ValueError) as e:
+        hint = f" (BEN2 is not on PyPI: {BEN2_INSTALL})" if isinstance(e, ImportError) and cfg.segmenter == "ben2" else ""
+        raise SystemExit(f"server.py: cannot load --pipeline {cfg.pipeline} / --segmenter {cfg.segmenter!r} / "
+                         f"--verify-synthesis {cfg.verify_synthesis!r}: {e}{hint}")
 
 
-def worker_loop(store: JobStore, jobs: queue.Queue, cfg: ServerConfig, stop: threading.Event, pipe, segmenter) -> None:
+def worker_loop(store: JobStore, jobs: queue.Queue, cfg: ServerConfig, stop: threading.Event, pipe, segmenter,
+                verifier=None) -> None:
     while not stop.is_set():
         try:
             job_id = jobs.get(timeout=0.2)
@@ -303,7 +317,8 @@ def worker_loop(store: JobStore, jobs: queue.Queue, cfg: ServerConfig, stop: thr
             new, boxes = outpaint(pipe, image, job["boxes"], job["description"], seed=job["seed"] % 2 ** 32,
                                   steps=cfg.steps, zoom_out=job["zoom_out"], segmenter=segmenter,
                                   work_size=cfg.work_size or None)
-            store.finish(job, new, boxes)
+            dropped = verifier.check(new, boxes, job.get("categories", [])) if verifier else ""
+            store.finish(job, None if dropped else new, boxes, error=dropped, status="dropped" if dropped else "")
         except Exception as e:   # a failed job is reported, never lost, and never kills the worker
             try:
                 store.finish(job, None, error=f"{type(e).__name__}: {e}"[:500])
@@ -469,6 +484,7 @@ def check_config(cfg: ServerConfig) -> None:
         (cfg.work_size < 0 or cfg.work_size % 8 or cfg.threads < 0 or cfg.request_timeout <= 0) and
         "--work-size must be a multiple of 8 (0: the source's size), --threads >= 0, --request-timeout > 0",
         not 0 <= cfg.port <= 65535 and f"--port {cfg.port}: not a port (0 = any free one)",
+        not 0 <= cfg.verify_threshold <= 1 and f"--verify-threshold {cfg.verify_threshold}: a score in [0, 1]",
         cfg.image_root and not os.path.isdir(cfg.image_root) and f"--image-root {cfg.image_root}: no such directory",
         not device_exists(cfg.device) and f"--device {cfg.device}: no such device here",
         output_problem("--state-dir", cfg.state_dir, folder=True),
@@ -504,8 +520,8 @@ def serve(cfg: ServerConfig) -> None:
     for job_id in store.pending:        # recovered after a crash: finish what was accepted
         jobs.put(job_id)
     stop = threading.Event()
-    threads = [threading.Thread(target=worker_loop, args=(store, jobs, cfg, stop, pipe, segmenter), daemon=True)
-               for pipe, segmenter in models]
+    threads = [threading.Thread(target=worker_loop, args=(store, jobs, cfg, stop, *worker), daemon=True)
+               for worker in models]
     for t in threads:
         t.start()
     try:

@@ -34,13 +34,14 @@ from data import DataPool, Sample, is_box, load_image
 # The wire format: a job to submit, a finished result to take in
 
 
-def make_job(sample_id: str, image_path: str, boxes: list, description: str, seed: int, key: str) -> dict:
-    """A POST /jobs body: the source image (base64), every gold box (the keep-mask) and the description. `key` makes
-    a resubmission after a lost reply (or a trainer resume) map to the same job."""
-    with open(image_path, "rb") as f:
+def make_job(sample: Sample, description: str, seed: int, key: str) -> dict:
+    """A POST /jobs body: the source image (base64), every gold box (the keep-mask), the description and, for OVD/ISR,
+    the labelled categories (a verifying server checks the new background holds none of them). `key` makes a
+    resubmission after a lost reply (or a trainer resume) map to the same job."""
+    with open(sample.image, "rb") as f:
         image_b64 = base64.b64encode(f.read()).decode()
-    return {"sample_id": sample_id, "image_b64": image_b64, "boxes": boxes, "description": description,
-            "seed": seed, "key": key}
+    return {"sample_id": sample.id, "image_b64": image_b64, "boxes": sample.gold_boxes(), "description": description,
+            "seed": seed, "key": key, "categories": list(sample.categories) if sample.task in ("ovd", "isr") else []}
 
 
 @dataclass
@@ -87,6 +88,7 @@ class DataServerClient:
         self.pending: dict[str, str] = {}       # job id -> url
         self.turn = 0
         self.failed = 0
+        self.dropped = 0        # by a verifying server (--verify-synthesis): a labelled class added outside the boxes
 
     def _request(self, url: str, path: str, body: dict | None = None) -> dict:
         data = json.dumps(body).encode() if body is not None else None
@@ -141,6 +143,7 @@ class DataServerClient:
                         if self.pending.pop(res["job_id"], None) is not None:
                             out.append(res)
                             self.failed += res["status"] == "failed"
+                            self.dropped += res["status"] == "dropped"
                     if r["next"] == self.cursor[url]:
                         break
                     self.cursor[url] = r["next"]
@@ -154,11 +157,11 @@ class DataServerClient:
         return [j for j in job_ids if j in self.pending and self.pending[j] in alive]
 
     def state_dict(self) -> dict:
-        return {"cursor": self.cursor, "pending": self.pending, "failed": self.failed}
+        return {"cursor": self.cursor, "pending": self.pending, "failed": self.failed, "dropped": self.dropped}
 
     def load_state_dict(self, s: dict) -> None:
         self.cursor.update({u: c for u, c in s["cursor"].items() if u in self.cursor})
-        self.pending, self.failed = dict(s["pending"]), s["failed"]
+        self.pending, self.failed, self.dropped = dict(s["pending"]), s["failed"], s.get("dropped", 0)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -220,8 +223,8 @@ class Synthesis:
             if desc and self.cfg.max_pending_jobs and len(self.client.pending) >= self.cfg.max_pending_jobs:
                 skipped += 1      # the server is behind: a job queued now would wait behind older ones
             elif desc:
-                job_id = self.client.submit(make_job(sample.id, sample.image, sample.gold_boxes(), desc,
-                                                     seed=derive_seed(self.cfg.seed, Stream.SYNTHESIS_JOB, step, b), key=f"{sample.id}@{step}"))
+                job_id = self.client.submit(make_job(sample, desc, seed=derive_seed(self.cfg.seed, Stream.SYNTHESIS_JOB,
+                                                                                    step, b), key=f"{sample.id}@{step}"))
                 ids.append(job_id)
             sent.append(desc if job_id else None)
         results = self.client.collect()
@@ -236,7 +239,7 @@ class Synthesis:
         absorbed = [absorb_result(r, pool, self.cfg.out_dir, step) for r in results]
         return {"jobs_submitted": sum(i is not None for i in ids), "jobs_skipped": skipped,
                 "jobs_absorbed": sum(a is not None for a in absorbed), "jobs_pending": len(self.client.pending),
-                "jobs_failed": self.client.failed}, sent
+                "jobs_failed": self.client.failed, "jobs_dropped": self.client.dropped}, sent
 
     def state_dict(self) -> dict | None:
         return self.client.state_dict() if self.client else None
@@ -305,6 +308,7 @@ def start_local_server(cfg: Config):
                              "--port", "0", "--port-file", port_file, "--state-dir", state, "--pipeline", cfg.pipeline,
                              "--steps", str(cfg.pipeline_steps), "--work-size", str(cfg.pipeline_size),
                              "--segmenter", cfg.segmenter, "--device", device, "--parent-pid", str(os.getpid()),
+                             "--verify-synthesis", cfg.verify_synthesis, "--verify-threshold", str(cfg.verify_threshold),
                              *(["--threads", "1"] if device == "cpu" else [])],   # one core for it, the rest to training
                             stdout=subprocess.DEVNULL, stderr=open(os.path.join(state, "server.log"), "a"))
     if not wait_for_file(port_file, timeout=SERVER_START_SECONDS, alive=lambda: proc.poll() is None):
@@ -319,7 +323,7 @@ def synthesize_offline(cfg: Config, pool: DataPool, d: Dist) -> DataPool:
     source; the run is then plain GRPO on the originals and these images."""
     synthesis = Synthesis(replace(cfg, max_pending_jobs=0), d)
     if d.main:
-        jobs = [make_job(s.id, s.image, s.gold_boxes(), synthesis.fixed[i % len(synthesis.fixed)],
+        jobs = [make_job(s, synthesis.fixed[i % len(synthesis.fixed)],
                          seed=derive_seed(cfg.seed, Stream.OFFLINE_JOB, i), key=f"{s.id}@offline")
                 for i, s in enumerate(pool.get(k) for k in range(len(pool)))]
         results, deadline = [], time.time() + OFFLINE_WAIT_SECONDS

@@ -21,7 +21,8 @@ here than the paper's 2.16x on GPUs. The OVD reward row checks our COCO mAP agai
 (the values must agree to the printed difference). Ratios depend on the CPU: rerun on yours.
 
 Single rows: `bench/step_phases.py` (seconds per phase of a step), `bench/async_synthesis.py` (the synthesis rows),
-`bench/profile_step.py` (torch.profiler over the same steps of ours and TRL's: where the time goes).
+`bench/profile_step.py` (torch.profiler over the same steps of ours and TRL's: where the time goes),
+`bench/verifier_cost.py` (the operations of one `--verify-synthesis owlv2` check against one SDXL outpainting).
 """
 
 

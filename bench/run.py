@@ -28,6 +28,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from common import code_commit  # noqa: E402  (after the path: bench/ runs as a script)
 CACHE = os.path.join(ROOT, ".cache", "bench")
 
 
@@ -144,14 +145,6 @@ def reward_speed(n: int, reps: int) -> dict:
 # Table
 
 
-def commit() -> str:
-    """The commit measured, marked -dirty when the work tree differs from it."""
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
-                           text=True).stdout.strip()
-    return (head or "unknown") + ("-dirty" if dirty else "")
-
-
 def versions() -> dict:
     import importlib.metadata as md
     v = {}
@@ -235,7 +228,7 @@ def main():
     print()
     table = print_table(rows)
     result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
-              "commit": commit(), "versions": versions(), "quick": q, "seconds": time.time() - t0, "table": table,
+              "commit": code_commit(), "versions": versions(), "quick": q, "seconds": time.time() - t0, "table": table,
               "rows": [{"name": n, "ours": o, "reference": r, "ratio": float(x), "goal": goal} for n, o, r, x, goal in rows],
               "raw": {"grpo": {k: {"step_times": [r["time_step"] for r in v["rows"]] if "rows" in v else v["step_times"],
                                    "completion_len": [r["completion_len"] for r in v["rows"]] if "rows" in v

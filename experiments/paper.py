@@ -293,6 +293,7 @@ def paired(per_seed: dict, a_row: str, b_row: str, split: str) -> dict:
 
 
 def write_table(per_seed: dict, a, out: str, seconds: float) -> dict:
+    from common import code_commit
     seeds = sorted(per_seed)
     rows = [{"method": m, "seeds": len(seeds), **{k: mean_se([per_seed[s]["scores"][m][k] for s in seeds])
                                                   for k in SPLITS}} for m in a.rows]
@@ -303,14 +304,15 @@ def write_table(per_seed: dict, a, out: str, seconds: float) -> dict:
               "runs": {s: per_seed[s]["records"] for s in seeds},
               "settings": {"seeds": seeds, "steps": a.steps, "sft_steps": a.sft_steps, "sft_chunk": a.sft_chunk,
                            "shapes_n": a.shapes_n, "eval_n": a.eval_n, "oracle_copies": a.oracle_copies,
-                           "seconds": round(seconds)},
+                           "seconds": round(seconds), "commit": code_commit()},
               "per_seed": {s: per_seed[s]["scores"] for s in seeds}}
     with open(os.path.join(out, "table1.json"), "w") as f:
         json.dump(result, f, indent=1)
     pm = lambda v: f"{100 * v['mean']:.1f} ± {100 * v['se']:.1f}" if len(seeds) > 1 else f"{100 * v['mean']:.1f}"
     lines = [f"REC accuracy (%, IoU > 0.5, greedy), tiny Qwen2.5-VL on shapes; {len(seeds)} seed(s) (mean ± standard "
              f"error over seeds), {a.steps} steps a row from one shared warm start, {a.shapes_n} pale training images, "
-             f"{a.eval_n} test images a split.", "",
+             f"{a.eval_n} test images a split. Measured at commit {result['settings']['commit']} in "
+             f"{round(seconds / 60)} min.", "",
              "| Method | in-domain (pale) | near-OOD (synthesizer's families) | far-OOD (saturated stripes) |",
              "|---|---|---|---|"]
     lines += [f"| {r['method']} | " + " | ".join(pm(r[k]) for k in SPLITS) + " |" for r in rows]
@@ -418,8 +420,11 @@ def gallery(work: str, seed: int, path: str) -> None:
 
 def check_work_dir(a) -> None:
     """Runs and scores in --work-dir are reused (an interrupted experiment goes on where it stopped), so they must be
-    of these settings: a work dir of other settings is one clear error, never a silently mixed table."""
+    of these settings and of this code (its commit): a work dir of other settings, or of runs made by other code, is
+    one clear error, never a silently mixed or stale table."""
+    from common import code_commit
     keep = {k: v for k, v in vars(a).items() if k not in ("out", "ignore_gate", "work_dir", "quick", "rows")}
+    keep["code"] = code_commit()
     path = os.path.join(a.work_dir, "settings.json")
     if os.path.exists(path):
         with open(path) as f:

@@ -38,6 +38,10 @@ def test_table1_in_miniature_runs_every_row_and_writes_its_results(tmp_path):
         assert (out / name).stat().st_size > 5000
     with pytest.raises(SystemExit, match="holds runs of other settings"):      # never a silently mixed table
         paper.main([*argv, "--steps", "3"])
+    settings = work / "settings.json"                                         # nor a stale one: runs of other code
+    settings.write_text(json.dumps(dict(json.loads(settings.read_text()), code="0000000")))
+    with pytest.raises(SystemExit, match="code 0000000 -> "):
+        paper.main(argv)
 
 
 def test_paired_differences_and_their_standard_error():

@@ -40,6 +40,9 @@ def test_the_embedded_default_passes_and_prints_its_table(tmp_path):
      "preflight: pipeline: sdxl: stabilityai/stable-diffusion-xl-base-1.0, diffusers/controlnet-canny-sdxl-1.0 not in "
      "the local cache, and HF_HUB_OFFLINE=1 forbids a download"),
     (["--algo", "syn-grpo", "--server-url", "http://127.0.0.1:9"], {}, "preflight: data server: http://127.0.0.1:9 ("),
+    (["--algo", "syn-grpo", "--task", "ovd", "--verify-synthesis", "owlv2"], {"HF_HUB_OFFLINE": "1"},
+     "preflight: verifier: owlv2: google/owlv2-base-patch16-ensemble not in the local cache, and HF_HUB_OFFLINE=1 "
+     "forbids a download"),
 ])
 def test_a_run_that_would_trip_stops_before_any_model_loads(tmp_path, args, env, line):
     out = tmp_path / "run"

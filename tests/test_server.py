@@ -68,7 +68,7 @@ def wait_done(url, ids, timeout=120):
     deadline = time.time() + timeout
     while time.time() < deadline:
         st = [call(url, f"/jobs/{j}")[1]["status"] for j in ids]
-        if all(s in ("done", "failed") for s in st):
+        if all(s in ("done", "failed", "dropped") for s in st):
             return st
         time.sleep(0.2)
     raise AssertionError("jobs did not finish")
@@ -524,6 +524,29 @@ def test_a_job_through_the_server_with_each_pipeline_and_segmenter(tmp_path, pip
         assert wait_done(url, [reply["job_id"]]) == ["done"]
         _, result = call(url, f"/jobs/{reply['job_id']}")
         assert result["boxes"] == [list(map(float, b)) for b in body["boxes"]]
+    finally:
+        p.terminate()
+        p.wait()
+
+
+def test_the_verifier_drops_an_image_with_a_new_instance_and_the_client_counts_it(tmp_path):
+    """--verify-synthesis tiny-owlv2 (random weights) at --verify-threshold 0: every detection counts, so a job naming
+    its categories is dropped with the verifier's reason and no image; a job without categories is not checked. The
+    trainer's client counts the drop apart from failures, and /health reports it."""
+    p, url = start_server(str(tmp_path / "state"), "--pipeline", "procedural", "--verify-synthesis", "tiny-owlv2",
+                          "--verify-threshold", "0")
+    try:
+        client = DataServerClient([url])
+        ids = [client.submit(job(1, categories=["red circle", "blue square"])), client.submit(job(2))]
+        assert wait_done(url, ids) == ["dropped", "done"]
+        dropped = call(url, f"/jobs/{ids[0]}")[1]
+        assert dropped["error"].startswith("verifier: ") and "image_b64" not in dropped
+        assert {r["status"] for r in client.collect()} == {"dropped", "done"}
+        assert (client.dropped, client.failed) == (1, 0)
+        assert call(url, "/health")[1] | {"ok": 1, "workers": 1} == {"ok": 1, "workers": 1, "queued": 0, "done": 1,
+                                                                       "failed": 0, "dropped": 1}
+        status, reply = call(url, "/jobs", job(3, categories=[""]))
+        assert status == 400 and "categories" in reply["error"]
     finally:
         p.terminate()
         p.wait()

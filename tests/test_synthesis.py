@@ -40,7 +40,7 @@ class StandInClient:
     """DataServerClient's interface: accepts `accept` jobs, then answers None (a full queue); never finishes one."""
 
     def __init__(self, accept: int):
-        self.accept, self.pending, self.failed, self.jobs = accept, {}, 0, []
+        self.accept, self.pending, self.failed, self.dropped, self.jobs = accept, {}, 0, 0, []
 
     def submit(self, job):
         if len(self.jobs) >= self.accept:

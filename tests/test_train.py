@@ -192,6 +192,22 @@ def test_grpo_raises_the_iou_reward_and_a_flipped_advantage_lowers_it(tmp_path, 
 
 
 @pytest.mark.slow
+def test_the_verifier_keeps_images_with_new_instances_out_of_the_pool(tmp_path):
+    """OVD Syn-GRPO with --verify-synthesis (tiny-owlv2 at threshold 0: every detection counts): train.py's local server
+    gets the flags, each job carries its sample's categories, and every image is dropped, counted and never absorbed."""
+    desc = tmp_path / "descriptions.txt"
+    desc.write_text("a red brick wall\n")
+    out = str(tmp_path / "syn")
+    r = run_train("--algo", "syn-grpo", "--task", "ovd", "--out-dir", out, "--sft-steps", "0", "--max-steps", "2",
+                  "--shapes-n", "4", "--batch-size", "2", "--descriptions", str(desc), "--synchronous-synthesis",
+                  "--verify-synthesis", "tiny-owlv2", "--verify-threshold", "0", "--save-every", "0")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = metrics(out)
+    assert rows[-1]["jobs_dropped"] == sum(x["jobs_submitted"] for x in rows) == 4
+    assert sum(x["jobs_absorbed"] for x in rows) == 0 and rows[-1]["jobs_failed"] == 0
+
+
+@pytest.mark.slow
 def test_syn_grpo_synthesized_samples_enter_the_pool_and_are_trained_on(tmp_path):
     """Local data server (tiny SDXL pipeline) started by train.py; --synchronous-synthesis so that the test does not depend on
     timing: step k's images are in the pool before step k+1, and the 8-sample pool is revisited every 2 steps."""
@@ -277,6 +293,8 @@ def test_majority_reward_never_reads_the_gold_answer(tmp_path, math_model):
     (["--prompt-template", "no/such/template.txt"], "--prompt-template no/such/template.txt: No such file"),
     (["--min-pixels", "100", "--max-pixels", "50"], "min <= max"),
     (["--reward-weights", "1,1,1,1,1"], "expected 1 to 4 non-negative numbers"),
+    (["--algo", "syn-grpo", "--verify-synthesis", "tiny-owlv2"], "--verify-synthesis checks the local data server's"),
+    (["--algo", "syn-grpo", "--task", "ovd", "--verify-threshold", "2"], "--verify-threshold must be in [0, 1]"),
 ])
 def test_a_bad_command_line_stops_with_one_line_before_writing_anything(tmp_path, capsys, args, message):
     import train
