@@ -20,7 +20,7 @@ from data import TASKS, DataError, missing_sources, read_template
 from outpaint import HUB_PIPELINES, SEGMENTERS, TINY_PIPELINES, default_steps
 from verify import VERIFIERS, VERIFY_THRESHOLD
 from prompts import MATH_FORMATS, TEMPLATES
-from rollout import TINY_MODELS, model_problem
+from models import TINY_MODELS, model_problem
 from shapes import GRID
 from tracking import tracker_problem
 

@@ -31,7 +31,8 @@ from common import (ArgumentParser, atomic_write, opt, output_problem, parse_con
 from prompts import MATH_FORMATS
 from data import (QWEN_MAX_PIXELS, QWEN_MIN_PIXELS, TASKS, DataError, DataPool, Sample, load_image, missing_sources,
                   read_rows_or_stop, read_template, smart_resize, source_name)
-from rollout import Sampling, encode_prompt, load_engine, model_problem
+from models import model_problem
+from rollout import Sampling, encode_prompt, load_engine
 
 
 @dataclass

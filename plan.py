@@ -15,7 +15,7 @@ import torch
 from common import ROOT
 from config import Config, prepare_config
 from data import QWEN_MAX_PIXELS, QWEN_MIN_PIXELS, smart_resize
-from rollout import TINY_MODELS, TINY_PIXELS, resolve_model
+from models import TINY_MODELS, TINY_PIXELS, resolve_model
 
 CONFIGS = os.path.join(ROOT, "configs")   # Qwen2.5-VL 3B/7B/32B/72B configs
 PROMPT_TOKENS = {"grpo": 81, "syn-grpo": 135}   # text tokens of a RefCOCO REC prompt, chat template included (Qwen's

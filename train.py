@@ -48,8 +48,9 @@ from data import DataPool, gold_completion, read_rows_or_stop, read_template, so
 from eval import load_split, predict, score_rows
 from plan import plan_command
 from preflight import preflight
+from models import load_policy, resolve_model, vision_token_ids
 from rollout import (Completion, HFRollout, MicroBatch, Prompt, Sampling, VLLMRollout, completion_logprobs,
-                     encode_prompt, engine_gap, load_policy, make_batch, max_num_seqs, resolve_model, vision_token_ids)
+                     encode_prompt, engine_gap, make_batch, max_num_seqs)
 from shapes import make_shapes
 from synthesis import NoSynthesis, Synthesis, synthesize_offline
 from tracking import Trackers

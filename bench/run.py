@@ -55,7 +55,7 @@ def sft_model() -> str:
     """The tiny model after 40 SFT steps, built once: its completions are answer-like, ~40 of the 48 tokens, though
     not yet valid (format reward 0); the speed rows need realistic lengths, not rewards."""
     from shapes import SHAPES_VERSION
-    from rollout import TINY_VERSION
+    from models import TINY_VERSION
     out = os.path.join(CACHE, f"sft-rec-v{TINY_VERSION}.{SHAPES_VERSION}")   # rebuilt when the model or data change
     if not os.path.exists(os.path.join(out, "final", "config.json")):
         log = os.path.join(CACHE, "sft.log")

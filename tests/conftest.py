@@ -21,7 +21,7 @@ def shapes_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny():
-    from rollout import load_policy
+    from models import load_policy
     return load_policy("tiny")
 
 

@@ -186,7 +186,8 @@ def test_a_four_tag_answer_is_not_cut_off_by_the_default_length(tmp_path, shapes
     """A Syn-GRPO model answers after <think>, <score> and <description>: with VLM-R1's 256 tokens a long description
     leaves its answer out, where a GRPO model's fits; the default budget is the same for both formats and holds it."""
     from prompts import format_output
-    from rollout import Completion, load_processor
+    from models import load_processor
+    from rollout import Completion
     data = make_shapes("rec", 2, shapes_dir, split="test", objects=(1, 1))
 
     class Engine:      # writes the gold box after a 300-word description, one "token" a word, cut at max_tokens

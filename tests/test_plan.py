@@ -71,7 +71,8 @@ def test_plan_activations_match_a_measured_micro_batch_of_the_tiny_model(tiny, s
     2 % with the vision tower frozen (the CPU default), 6 % with it trained (docs/gpu.md)."""
     from data import read_data
     from shapes import make_shapes
-    from rollout import encode_prompt, make_batch, vision_token_ids
+    from models import vision_token_ids
+    from rollout import encode_prompt, make_batch
     model = copy.deepcopy(tiny[0]).train()
     model.model.visual.requires_grad_(train_vision)
     samples = read_data(make_shapes("rec", 2, shapes_dir, objects=(1, 1)), "rec")

@@ -1,32 +1,19 @@
 import copy
 import dataclasses
-import hashlib
 
 import pytest
 import torch
 
 from data import read_data
 from shapes import make_shapes
-from rollout import (QWEN_ADDED, QWEN_SPECIAL, HFRollout, Sampling, build_tokenizer, completion_logprobs, encode_prompt,
-                     load_policy, make_batch, vision_token_ids)
+from models import load_policy, vision_token_ids
+from rollout import HFRollout, Sampling, completion_logprobs, encode_prompt, make_batch
 
 
 @pytest.fixture(scope="module")
 def prompts(tiny, shapes_dir):
     samples = read_data(make_shapes("rec", 4, shapes_dir), "rec")
     return [encode_prompt(tiny[1], s) for s in samples]
-
-
-def test_qwen_vocab_tokenizer_has_qwen25vl_ids():
-    tok = build_tokenizer("qwen")
-    ids = [tok.convert_tokens_to_ids(t) for t in QWEN_SPECIAL + QWEN_ADDED]
-    assert ids == list(range(151643, 151665))
-    assert tok("Hello, world!")["input_ids"] == [9707, 11, 1879, 0]
-    assert tok.eos_token == "<|im_end|>" and tok.pad_token_id == 151643
-    text = tok.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}],
-                                   add_generation_prompt=True, tokenize=False)
-    assert text == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
-                    "<|vision_start|><|image_pad|><|vision_end|>hi<|im_end|>\n<|im_start|>assistant\n")
 
 
 def test_tiny_model_saves_reloads_identically(tiny, tmp_path, prompts):
@@ -139,16 +126,6 @@ def test_image_tokens_get_3d_mrope_positions(tiny, prompts):
     assert (a - b).abs().max() > 1e-4
 
 
-def test_building_a_tiny_model_leaves_the_global_rng_alone(tmp_path):
-    """The first run after a fresh clone builds the tiny model inside `load_policy`, after the run's seeds are set:
-    the build must not reseed the run (it did, and that run then differed from every later one)."""
-    from rollout import build_tiny
-    torch.manual_seed(123)
-    before = torch.get_rng_state()
-    build_tiny(str(tmp_path / "tiny"))
-    assert torch.equal(torch.get_rng_state(), before)
-
-
 def test_engine_settings_differ_between_gpu_and_cpu_only_where_vllm_needs_it():
     from rollout import engine_kwargs
     assert engine_kwargs(True, 4096, 64, 0.5, True) == dict(enforce_eager=False, gpu_memory_utilization=0.5,
@@ -166,30 +143,12 @@ def test_sleep_is_a_no_op_on_cpu_and_generation_goes_on(vllm_engine, prompts):
     assert [c.token_ids for c in after[0]] == [c.token_ids for c in before[0]]
 
 
-def test_the_small_vocabulary_keeps_the_warm_start_targets_of_equal_length():
-    """Built afresh (as on a clean machine): every warm-start description is 9 tokens and every `<score>0.dd</score>`
-    9 with its tags, the lengths prompts.DESCRIPTIONS and the score format were chosen for (with the tiny model's RoPE base 10 the answer must sit at a
-    fixed distance). A corpus change that moves them would silently undo the four-tag warm start."""
-    from prompts import DESCRIPTIONS
-    tok = build_tokenizer("small")
-    n = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])
-    assert {n(d) for d in DESCRIPTIONS} == {9}
-    assert {n(f"<score>{i / 100:.2f}</score>") for i in range(100)} == {9}
-
-
-def test_the_small_vocabularys_corpus_is_fixed():
-    """A changed corpus is a new tiny model (its hash is in the cache key) and moves every number measured on `tiny`:
-    prompts and sentences added later stay out of it (rollout.LATER_PROMPTS, LATER_TEXT)."""
-    from rollout import _corpus
-    assert hashlib.sha256("\n".join(_corpus()).encode()).hexdigest()[:8] == "4b9df3a9"
-
-
 def test_pixel_limits_set_the_frame_the_boxes_are_read_in(tiny, shapes_dir):
     """--min-pixels / --max-pixels reach the processor; the prompt's input size follows them (Qwen2.5-VL's resize
     rule), and a gold answer written in that frame scores IoU 1 there, not in the other setting's frame."""
     from data import gold_completion, smart_resize
     from rewards import rec_accuracy
-    from rollout import load_processor
+    from models import load_processor
     sample = next(s for s in read_data(make_shapes("rec", 8, shapes_dir), "rec") if s.width == 224)
     sizes = {}
     for limits in (dict(), dict(min_pixels=28 * 28 * 16, max_pixels=28 * 28 * 64)):
@@ -207,7 +166,8 @@ def test_pixel_limits_set_the_frame_the_boxes_are_read_in(tiny, shapes_dir):
 def test_the_vllm_engine_sees_images_at_the_trainers_pixel_limits(vllm_engine, shapes_dir):
     """A second engine with --max-pixels raised: vLLM expands each image into as many tokens as the HF processor
     (so its boxes are in the trainer's frame); the shared engine, at the default limits, into fewer."""
-    from rollout import VLLMRollout, load_processor
+    from models import load_processor
+    from rollout import VLLMRollout
     sample = next(s for s in read_data(make_shapes("rec", 8, shapes_dir), "rec") if s.width == 224)
     limits = dict(min_pixels=28 * 28 * 16, max_pixels=28 * 28 * 64)
     processor = load_processor("tiny", **limits)

@@ -438,7 +438,8 @@ def test_the_shared_warm_start_answers_in_the_format_its_prompt_asks_for(tmp_pat
     import train
     from eval import load_split, predict
     from rewards import score_completion
-    from rollout import HFRollout, load_policy
+    from models import load_policy
+    from rollout import HFRollout
     from shapes import make_shapes
     out = str(tmp_path / "warm")
     train.main(Config(algo="sft", sft_steps=300, sft_format="both", shapes_n=32, seed=0, out_dir=out, save_every=0))
