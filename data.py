@@ -8,8 +8,9 @@ What lives here:
     `python data.py check FILE --task T` reports every bad row; `python data.py convert` rewrites any format as ours.
   * SFT targets (`gold_completion`) and the check of a user's --prompt-template (`read_template`); the prompts and
     the answer's tags themselves are prompts.py's.
-  * Box frames: Qwen2.5-VL reads a resized image and answers in pixels *of the resized input* (`smart_resize`,
-    `to_input_frame`); `is_box` and `iou` for boxes in any one frame.
+  * Box frames: the coordinates a model's boxes are in (`BOX_FRAMES`: Qwen2.5-VL answers in pixels *of its resized
+    input*, `smart_resize`; Qwen3-VL in 0-1000 relative to the image), converted by one pair, `to_frame` /
+    `from_frame`; `is_box` and `iou` for boxes in any one frame.
   * `DataPool`: the training set as slots that synthesized samples replace (Syn-GRPO §3.3), with lineage and
     save/load.
   * The command line: `python data.py shapes | check | convert | coco | context` (the dataset itself: shapes.py).
@@ -131,10 +132,11 @@ def read_template(path: str, task: str) -> str:
     return text
 
 
-def gold_completion(sample: Sample, input_size, algo: str = "grpo", index: int = 0, math_format: str = "boxed") -> str:
+def gold_completion(sample: Sample, frame_size, algo: str = "grpo", index: int = 0, math_format: str = "boxed") -> str:
     """The target text of supervised fine-tuning (the SFT baseline and the tiny models' warm start), in exactly
-    the format the rewards parse; boxes are written in the model-input frame, as the model must answer."""
-    r = lambda box: [int(round(v)) for v in to_input_frame(box, (sample.width, sample.height), input_size)]
+    the format the rewards parse; boxes are written in the model's box frame (of extent `frame_size`), as the model
+    must answer."""
+    r = lambda box: [int(round(v)) for v in to_frame(box, (sample.width, sample.height), frame_size)]
     if sample.task == "math":
         answer = f"Counting gives {sample.answer}. \\boxed{{{sample.answer}}}"
         return f"<think>I count the shapes.</think> {answer}" if math_format == "think" else answer
@@ -153,8 +155,14 @@ def gold_completion(sample: Sample, input_size, algo: str = "grpo", index: int =
 
 
 # ----------------------------------------------------------------------------------------------------
-# Box frames. Qwen2.5-VL's processor resizes every image to multiples of 28 (patch 14 x merge 2) with a pixel
-# budget, and the model answers in absolute pixels of that resized input (QwenLM/Qwen3-VL#721; VLM-R1 #198).
+# Box frames: the coordinates a model's boxes are in, each the extent (w, h) they span. "pixels": Qwen2.5-VL's
+# processor resizes every image to multiples of 28 (patch 14 x merge 2) within a pixel budget, and the model answers
+# in absolute pixels of that resized input (VLM-R1#198): the extent is the input's size. "rel1000": Qwen3-VL (and
+# Qwen2-VL, InternVL, GLM-4.1V) answer relative to the image, scaled to 0-1000, at any input size: the extent is
+# 1000 x 1000. Gold boxes stay in the original image's pixels; prompts' answers, SFT targets and every reward go
+# through `to_frame` / `from_frame` with the extent `frame_size` gives.
+
+BOX_FRAMES = ("pixels", "rel1000")
 
 QWEN_MIN_PIXELS, QWEN_MAX_PIXELS = 3136, 12845056   # Qwen2.5-VL's image processor defaults (56*56, 28*28*16384)
 
@@ -184,8 +192,21 @@ def scale_box(box, src_size, dst_size) -> list:
     return [x1 * dw / sw, y1 * dh / sh, x2 * dw / sw, y2 * dh / sh]
 
 
-def to_input_frame(box, original_size, input_size) -> list:
-    return scale_box(box, original_size, input_size)
+def frame_size(frame: str, input_size) -> tuple:
+    """The extent (w, h) of a box frame: the model-input size for "pixels", (1000, 1000) for "rel1000"."""
+    if frame not in BOX_FRAMES:
+        raise ValueError(f"unknown box frame {frame!r}; expected one of {', '.join(BOX_FRAMES)}")
+    return tuple(input_size) if frame == "pixels" else (1000, 1000)
+
+
+def to_frame(box, original_size, frame_size) -> list:
+    """A box in the original image's pixels -> the model's box frame, of extent `frame_size` (w, h)."""
+    return scale_box(box, original_size, frame_size)
+
+
+def from_frame(box, frame_size, original_size) -> list:
+    """A box in the model's box frame, of extent `frame_size` (w, h) -> the original image's pixels."""
+    return scale_box(box, frame_size, original_size)
 
 
 def is_box(b) -> bool:

@@ -29,8 +29,8 @@ import rewards as R
 from common import (ArgumentParser, atomic_write, opt, output_problem, parse_config, read_jsonl, stop_at_first,
                     write_jsonl)
 from prompts import MATH_FORMATS
-from data import (QWEN_MAX_PIXELS, QWEN_MIN_PIXELS, TASKS, DataError, DataPool, Sample, load_image, missing_sources,
-                  read_rows_or_stop, read_template, smart_resize, source_name)
+from data import (BOX_FRAMES, QWEN_MAX_PIXELS, QWEN_MIN_PIXELS, TASKS, DataError, DataPool, Sample, frame_size,
+                  load_image, missing_sources, read_rows_or_stop, read_template, smart_resize, source_name)
 from models import model_problem
 from rollout import Sampling, encode_prompt, load_engine
 
@@ -97,27 +97,30 @@ def normalise_choice(ans: str | None) -> str | None:
     return m.group(1).upper() if m else ans.strip()
 
 
-def input_size_for(sample: Sample, row: dict) -> tuple:
-    """The model-input frame a raw completion's boxes are in: given by the row, or Qwen2.5-VL's default resize."""
-    size = row.get("input_size")
+def frame_size_for(sample: Sample, row: dict, box_frame: str = "pixels") -> tuple:
+    """The extent of the box frame a raw completion's boxes are in: the row's `frame_size` (older rows: `input_size`,
+    the same for Qwen2.5-VL), else `box_frame`'s: 1000 x 1000 for rel1000, Qwen2.5-VL's default resize for pixels."""
+    size = row.get("frame_size", row.get("input_size"))
     if (isinstance(size, list) and len(size) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
                                                           and 0 < v < 1e6 for v in size)):
         return tuple(size)
+    if box_frame == "rel1000":
+        return frame_size("rel1000", None)
     if sample.width <= 0 or sample.height <= 0:
         return None                        # unknown original size: boxes are taken as given
     h, w = smart_resize(sample.height, sample.width, 28, QWEN_MIN_PIXELS, QWEN_MAX_PIXELS)
     return (w, h)
 
 
-def parse_prediction(row: dict, sample: Sample):
+def parse_prediction(row: dict, sample: Sample, box_frame: str = "pixels"):
     """A prediction row -> rec box | ovd items | math answer, in the original frame. Rows are either
-    {"id", "completion"} (raw model text, parsed like training) or already parsed:
-    {"id", "boxes", "labels"} (original pixels) / {"id", "answer"}."""
+    {"id", "completion"[, "frame_size"]} (raw model text, parsed like training; without frame_size, its boxes are in
+    `box_frame`) or already parsed: {"id", "boxes", "labels"} (original pixels) / {"id", "answer"}."""
     if "completion" in row:
         text = row["completion"] if isinstance(row["completion"], str) else ""
         if sample.task == "math":
             return R.extract_boxed(text)
-        size = input_size_for(sample, row)
+        size = frame_size_for(sample, row, box_frame)
         if sample.task == "rec":
             return R.predicted_box(text, sample, size)
         if sample.task in ("ovd", "isr"):
@@ -179,14 +182,14 @@ def markdown_table(task: str, results: dict, name: str = "model") -> str:
 
 def predict(engine, processor, samples: list[Sample], algo: str = "grpo", max_new_tokens: int = 256,
             batch_size: int = 16, math_format: str = "boxed", template: str = "") -> list[dict]:
-    """Greedy completions as prediction rows {id, completion, input_size}: what evaluation saves and scores (train.py
+    """Greedy completions as prediction rows {id, completion, frame_size}: what evaluation saves and scores (train.py
     validates with it too)."""
     rows = []
     for start in range(0, len(samples), batch_size):
         prompts = [encode_prompt(processor, s, algo, math_format=math_format, template=template)
                    for s in samples[start:start + batch_size]]
         groups = engine.generate(prompts, Sampling(greedy=True, max_tokens=max_new_tokens))
-        rows += [{"id": p.sample.id, "completion": g[0].text, "input_size": list(p.input_size)}
+        rows += [{"id": p.sample.id, "completion": g[0].text, "frame_size": list(p.frame_size)}
                  for p, g in zip(prompts, groups)]
     return rows
 
@@ -235,8 +238,11 @@ class ScoreConfig:
     """python eval.py score --task T --data GOLD --predictions PREDS: metrics of saved predictions, no model."""
     task: str = opt("rec", "the task of the gold file", choices=TASKS)
     data: str = opt("", "the gold file (any format --data of evaluation takes)")
-    predictions: str = opt("", "JSONL of {id, completion[, input_size]} (raw model text, parsed as in training) or "
+    predictions: str = opt("", "JSONL of {id, completion[, frame_size]} (raw model text, parsed as in training) or "
                                "{id, boxes[, labels]} in original pixels or {id, answer}")
+    box_frame: str = opt("pixels", "the frame of raw completions' boxes when a row gives no frame_size: pixels (of "
+                                   "Qwen2.5-VL's default resize of the image) or rel1000 (0-1000 relative: Qwen2-VL, "
+                                   "Qwen3-VL, InternVL, GLM-4.1V)", choices=BOX_FRAMES)
     image_root: str = opt("", "image folder of the gold file; rows that give width and height need no image")
     out_dir: str = opt("", "write results.json / results.md here ('' = print the metrics as JSON)")
     allow_partial: bool = opt(False, "score even when some gold rows have no prediction (they count as wrong) or some "
@@ -244,7 +250,7 @@ class ScoreConfig:
 
 
 def score_command(task: str, data: str, predictions: str, image_root: str = "", out_dir: str = "",
-                  allow_partial: bool = False) -> dict:
+                  allow_partial: bool = False, box_frame: str = "pixels") -> dict:
     """Score saved predictions against a gold file: no model, and no image for rows that carry width and height.
     The coverage is printed (matched, missing and unknown ids); below full coverage it stops unless allow_partial
     (a gold row without a prediction then counts as wrong)."""
@@ -266,7 +272,7 @@ def score_command(task: str, data: str, predictions: str, image_root: str = "", 
                 unknown.append(sid)
             else:
                 try:
-                    preds[sid] = parse_prediction(row, by_id[sid])
+                    preds[sid] = parse_prediction(row, by_id[sid], box_frame)
                 except Exception as e:   # a malformed prediction scores as no answer, never a crash
                     print(f"{predictions}:{lineno}: unparsable prediction ({e}), counted as no answer", file=sys.stderr)
                     preds[sid] = None
@@ -378,7 +384,7 @@ def main(argv=None):
     if argv and argv[0] == "score":
         c = parse_config(ScoreConfig, argv[1:], description=ScoreConfig.__doc__)
         stop_at_first("eval.py score", [c.out_dir and output_problem("--out-dir", c.out_dir, folder=True)])
-        return score_command(c.task, c.data, c.predictions, c.image_root, c.out_dir, c.allow_partial)
+        return score_command(c.task, c.data, c.predictions, c.image_root, c.out_dir, c.allow_partial, c.box_frame)
     if argv and argv[0] in ("plot", "gallery"):
         p = ArgumentParser(prog=f"eval.py {argv[0]}")
         p.add_argument("run_dir", help="a train.py --out-dir (metrics.jsonl; pool.json for the gallery)")

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import re
+from dataclasses import dataclass
 
 import torch
 
@@ -21,7 +22,58 @@ from common import CACHE, atomic_dir
 from prompts import PROMPTS, SYN_PURPOSE
 from shapes import COLORS, FURNITURE, SHAPES
 
-TINY_MODELS = ("tiny", "tiny-qwen-vocab")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The model families: one table. A checkpoint's config.json `model_type` picks its row.
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    model_types: tuple       # config.json model_type values of this family
+    model_class: str         # its transformers class
+    processor_class: str     # its transformers processor class (how encode_prompt recognises the family)
+    box_frame: str           # data.BOX_FRAMES: the coordinates its grounding answers are in
+    resize_factor: int       # the image processor resizes to multiples of this (patch x spatial merge)
+    tiny: str                # its offline random-weight variant
+    examples: tuple          # hub ids
+
+
+FAMILIES = (
+    # Qwen2.5-VL answers in absolute pixels of its resized input (VLM-R1#198; ms-swift's Qwen2_5VLTemplate norm_bbox
+    # 'none')
+    Family("Qwen2.5-VL", ("qwen2_5_vl",), "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor", "pixels",
+           28, "tiny", ("Qwen/Qwen2.5-VL-3B-Instruct", "Qwen/Qwen2.5-VL-7B-Instruct")),
+    # Qwen3-VL answers in coordinates relative to the image, scaled to 0-1000, whatever the input's resized size
+    # (QwenLM/Qwen3-VL#2102 and its 2d_grounding cookbook; ms-swift's norm1000, PR#6178)
+    Family("Qwen3-VL", ("qwen3_vl",), "Qwen3VLForConditionalGeneration", "Qwen3VLProcessor", "rel1000", 32,
+           "tiny-qwen3-vl", ("Qwen/Qwen3-VL-2B-Instruct", "Qwen/Qwen3-VL-4B-Instruct", "Qwen/Qwen3-VL-8B-Instruct")),
+)
+TINY_MODELS = ("tiny", "tiny-qwen-vocab", *[f.tiny for f in FAMILIES if f.tiny != "tiny"])
+
+
+class UnsupportedModel(ValueError):
+    pass
+
+
+def family_of(model_type: str) -> Family:
+    """The family of a config.json `model_type`; an unsupported one is one clear error naming those supported."""
+    for f in FAMILIES:
+        if model_type in f.model_types:
+            return f
+    known = ", ".join(f"{f.name} ({'/'.join(f.model_types)})" for f in FAMILIES)
+    raise UnsupportedModel(f"model_type {model_type!r} is not a supported family; supported: {known}")
+
+
+def processor_family(processor) -> Family:
+    """The family a loaded processor belongs to (its class)."""
+    name = type(processor).__name__
+    for f in FAMILIES:
+        if name == f.processor_class:
+            return f
+    raise UnsupportedModel(f"processor {name} is not one of a supported family's "
+                           f"({', '.join(f.processor_class for f in FAMILIES)})")
 
 # Qwen2.5-VL's added tokens in their official order; with the real vocabulary they take ids 151643..151664.
 QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",

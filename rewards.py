@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from data import Sample, iou, scale_box
+from data import Sample, from_frame, iou
 from prompts import OUTPUT_TAGS
 
 # ----------------------------------------------------------------------------------------------------
@@ -239,28 +239,28 @@ def greedy_match(gt: list, pred: list, thr: float = 0.5) -> int:
 # Accuracy rewards (all in [0, 1])
 
 
-def predicted_box(text: str, sample: Sample, input_size) -> list | None:
+def predicted_box(text: str, sample: Sample, frame_size) -> list | None:
     box = parse_box(extract_tag(text, "answer"))
     if box is None:
         return None
-    return scale_box(box, input_size, (sample.width, sample.height)) if input_size and input_size[0] else box
+    return from_frame(box, frame_size, (sample.width, sample.height)) if frame_size and frame_size[0] else box
 
 
-def rec_accuracy(text: str, sample: Sample, input_size=None) -> float:
+def rec_accuracy(text: str, sample: Sample, frame_size=None) -> float:
     """Eq. 2: IoU(gold, predicted), the prediction rescaled to the original frame; 0 if no box parses."""
-    box = predicted_box(text, sample, input_size)
+    box = predicted_box(text, sample, frame_size)
     return 0.0 if box is None or sample.solution is None else iou(sample.solution, box)
 
 
-def predicted_detections(text: str, sample: Sample, input_size=None) -> list | None:
+def predicted_detections(text: str, sample: Sample, frame_size=None) -> list | None:
     """Parsed detections in the original frame, or None when the answer does not parse."""
     items = parse_detections(extract_tag(text, "answer"))
     if items is None:
         return None
-    if input_size and input_size[0]:
+    if frame_size and frame_size[0]:
         for it in items:
             if it["bbox"] is not None:
-                it["bbox"] = scale_box(it["bbox"], input_size, (sample.width, sample.height))
+                it["bbox"] = from_frame(it["bbox"], frame_size, (sample.width, sample.height))
     return items
 
 
@@ -269,9 +269,9 @@ def valid_detections(items: list) -> list:
             and it["bbox"][2] > it["bbox"][0] and it["bbox"][3] > it["bbox"][1]]
 
 
-def ovd_accuracy(text: str, sample: Sample, input_size=None) -> float:
+def ovd_accuracy(text: str, sample: Sample, frame_size=None) -> float:
     """Eq. 3: s_ovd * mAP, s_ovd = min(1, N_gt / N_pred) counting every listed item (malformed ones too)."""
-    items = predicted_detections(text, sample, input_size)
+    items = predicted_detections(text, sample, frame_size)
     if items is None:
         return 0.0
     gt = sample.objects
@@ -283,7 +283,7 @@ def ovd_accuracy(text: str, sample: Sample, input_size=None) -> float:
     return s_ovd * coco_map(gt, valid_detections(items))
 
 
-def math_accuracy(text: str, sample: Sample, input_size=None) -> float:
+def math_accuracy(text: str, sample: Sample, frame_size=None) -> float:
     pred = extract_boxed(text)
     return float(pred is not None and sample.answer is not None and math_equal(pred, sample.answer))
 
@@ -419,12 +419,12 @@ def majority_vote_rewards(answers: list[str | None], equal=None) -> tuple[list[f
     return [float(a is not None and eq(a, label)) for a in answers], label
 
 
-def majority_rewards(texts: list[list[str]], samples: list[Sample], input_sizes: list) -> tuple[list, list]:
+def majority_rewards(texts: list[list[str]], samples: list[Sample], frame_sizes: list) -> tuple[list, list]:
     """MM-UPT, per prompt (never by position): 1 for answers equivalent to the group's majority answer, else 0.
     Math answers vote through MathRuler's equivalence; rec boxes (original frame) cluster at IoU >= 0.5, the
     consensus box being the largest cluster's first member. Returns (rewards (B, G) lists, pseudo-labels (B,))."""
     out, labels = [], []
-    for group, sample, size in zip(texts, samples, input_sizes):
+    for group, sample, size in zip(texts, samples, frame_sizes):
         if sample.task == "math":
             r, label = majority_vote_rewards([extract_boxed(t) for t in group], math_equal)
         else:
@@ -459,10 +459,10 @@ class RewardParts:
         return self.accuracy + self.format
 
 
-def score_completion(text: str, sample: Sample, input_size, algo: str = "grpo", math_format: str = "boxed") -> RewardParts:
+def score_completion(text: str, sample: Sample, frame_size, algo: str = "grpo", math_format: str = "boxed") -> RewardParts:
     """Accuracy and format reward of one completion; never raises (a reward bug must not kill a run)."""
     try:
-        acc = ACCURACY[sample.task](text, sample, input_size)
+        acc = ACCURACY[sample.task](text, sample, frame_size)
         acc = acc if math.isfinite(acc) else 0.0
     except Exception:
         acc = 0.0
@@ -491,7 +491,7 @@ class GroupRewards:
         return total if self.custom is None else total + wc * self.custom
 
 
-def score_groups(texts: list[list[str]], samples: list[Sample], input_sizes: list, algo: str = "grpo",
+def score_groups(texts: list[list[str]], samples: list[Sample], frame_sizes: list, algo: str = "grpo",
                  reward: str = "gold", smooth=None, with_diversity_reward: bool = True, weights=(1.0, 1.0, 1.0, 1.0),
                  math_format: str = "boxed", custom=None) -> GroupRewards:
     """Every reward of a step. texts: G completions per prompt. reward: "gold" (the labels) or "majority" (MM-UPT).
@@ -499,12 +499,12 @@ def score_groups(texts: list[list[str]], samples: list[Sample], input_sizes: lis
     with_diversity_reward=False: "Syn-GRPO (w/o R_diversity)": R_div is 0, so Eq. 8's argmax picks each prompt's first
     completion (the G are exchangeable samples: a random one). custom: a checked --reward-function
     (load_reward_function), called once on the step's completions."""
-    parts = [[score_completion(t, s, size, algo, math_format) for t in g] for g, s, size in zip(texts, samples, input_sizes)]
+    parts = [[score_completion(t, s, size, algo, math_format) for t in g] for g, s, size in zip(texts, samples, frame_sizes)]
     acc = torch.tensor([[x.accuracy for x in g] for g in parts])
     fmt = torch.tensor([[x.format for x in g] for g in parts])
     stats = {}
     if reward == "majority":
-        agreement, labels = majority_rewards(texts, samples, input_sizes)
+        agreement, labels = majority_rewards(texts, samples, frame_sizes)
         labelled = [b for b, s in enumerate(samples) if (s.answer if s.task == "math" else s.solution) is not None]
         if labelled:   # where gold labels exist: diagnostics only, never used as reward
             stats["majority_acc"] = float(np.mean([pseudo_label_correct(labels[b], samples[b]) for b in labelled]))

@@ -3,7 +3,7 @@ computes them (the engine and the trainer must agree on them). Which models load
 
 What lives here:
   * `encode_prompt`: chat template + image -> a `Prompt` (token ids with the image pads expanded, pixel values,
-    the model-input image size that box rewards rescale from).
+    the extent of the box frame that box rewards rescale from).
   * Two rollout backends behind one call, `engine.generate(prompts, sampling, seeds=None) -> list[list[Completion]]`
     (one list of `sampling.n` completions per prompt): `HFRollout` (`model.generate` on the policy itself) and
     `VLLMRollout` (an in-process vLLM engine holding a copy of the weights, replaced by `push_weights`).
@@ -23,8 +23,8 @@ import torch
 from PIL import Image
 
 from common import derive_seed
-from data import Sample, load_image
-from models import load_policy, load_processor, resolve_model, stop_token_ids, vision_token_ids, vllm_pixel_limits
+from data import Sample, frame_size, load_image
+from models import load_policy, processor_family, load_processor, resolve_model, stop_token_ids, vision_token_ids, vllm_pixel_limits
 from prompts import build_prompt
 
 # ----------------------------------------------------------------------------------------------------
@@ -33,7 +33,8 @@ from prompts import build_prompt
 
 @dataclass
 class Prompt:
-    """One encoded prompt; `input_size` (w, h) is the resized image the model sees (box rewards scale from it)."""
+    """One encoded prompt; `input_size` (w, h) is the resized image the model sees, `frame_size` (w, h) the extent of
+    the box frame it answers in (data.frame_size: the input size for Qwen2.5-VL, 1000 x 1000 for Qwen3-VL)."""
     sample: Sample
     text: str                         # chat-formatted, one <|image_pad|> placeholder
     image: Image.Image
@@ -41,6 +42,7 @@ class Prompt:
     pixel_values: torch.Tensor        # (num_patches, C*T*P*P)
     image_grid_thw: torch.Tensor      # (1, 3)
     input_size: tuple = (0, 0)
+    frame_size: tuple = (0, 0)
     mm_token_type_ids: list = field(default_factory=list)   # 1 at image tokens: transformers needs it for 3D M-RoPE
 
 
@@ -73,9 +75,11 @@ def encode_prompt(processor, sample: Sample, algo: str = "grpo", text: str | Non
     enc = processor(text=[chat], images=[image], return_tensors="pt")
     _, gh, gw = enc["image_grid_thw"][0].tolist()
     ps = processor.image_processor.patch_size
+    size = (gw * ps, gh * ps)
     return Prompt(sample=sample, text=chat, image=image, input_ids=enc["input_ids"][0].tolist(),
-                  pixel_values=enc["pixel_values"], image_grid_thw=enc["image_grid_thw"],
-                  input_size=(gw * ps, gh * ps), mm_token_type_ids=enc["mm_token_type_ids"][0].tolist())
+                  pixel_values=enc["pixel_values"], image_grid_thw=enc["image_grid_thw"], input_size=size,
+                  frame_size=frame_size(processor_family(processor).box_frame, size),
+                  mm_token_type_ids=enc["mm_token_type_ids"][0].tolist())
 
 
 def left_pad(prompts: list[Prompt], width: int, pad_id: int):

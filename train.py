@@ -170,7 +170,7 @@ def score(cfg: Config, ro: Rollout, smoother: R.DiversitySmoother, d: Dist, cust
     """Rewards of every completion (Eq. 2-7, plus a --reward-function's term) and the group advantages (Eq. 1)."""
     try:
         rw = R.score_groups([[c.text for c in g] for g in ro.groups], [p.sample for p in ro.prompts],
-                            [p.input_size for p in ro.prompts], algo=cfg.algo, reward=cfg.reward,
+                            [p.frame_size for p in ro.prompts], algo=cfg.algo, reward=cfg.reward,
                             smooth=step_smoother(smoother, d), with_diversity_reward=cfg.diversity_reward,
                             weights=reward_weights(cfg), math_format=cfg.math_format, custom=custom)
     except R.RewardFunctionError as e:   # passed the start-up check, failed on this step's completions
@@ -376,7 +376,7 @@ def sft_phase(cfg, model, processor, pool, d: Dist = Dist(), template: str = "")
         idx, fmts = [idx[k] for k in mine], [formats[k % len(formats)] for k in mine]
         prompts = [encode_prompt(processor, pool.get(i), f, math_format=cfg.math_format, template=template)
                    for i, f in zip(idx, fmts)]
-        seqs = [(k, processor.tokenizer(gold_completion(p.sample, p.input_size, fmts[k], idx[k], cfg.math_format),
+        seqs = [(k, processor.tokenizer(gold_completion(p.sample, p.frame_size, fmts[k], idx[k], cfg.math_format),
                                         add_special_tokens=False)["input_ids"] + [eos]) for k, p in enumerate(prompts)]
         batches = [make_batch(prompts, seqs[i:i + cfg.micro_batch], processor.tokenizer.pad_token_id)
                    for i in range(0, len(seqs), cfg.micro_batch)]

@@ -38,7 +38,7 @@ def main(callbacks=()):
     torch.manual_seed(0)
     processor = AutoProcessor.from_pretrained(a.model)
     samples = read_data(make_shapes("rec", 512, os.path.join(ROOT, ".cache", "shapes"), objects=(1, 2)), "rec")
-    sizes = [encode_prompt(processor, s).input_size for s in samples]   # the model-input frame, as train.py uses
+    sizes = [encode_prompt(processor, s).frame_size for s in samples]   # the model's box frame, as train.py uses
     ds = Dataset.from_list([{"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": build_prompt(s)}]}],
                              "image": load_image(s.image), "idx": i} for i, s in enumerate(samples)])
 

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data import (DataError, DataPool, Sample, coco_to_samples, read_data, scale_box, smart_resize, to_input_frame,
-                  write_samples)
+from data import (BOX_FRAMES, DataError, DataPool, Sample, coco_to_samples, frame_size, from_frame, read_data,
+                  smart_resize, to_frame, write_samples)
 
 
 def write(tmp_path, rows, name="d.jsonl"):
@@ -110,10 +110,13 @@ def test_box_frame_round_trip():
         h, w = smart_resize(H, W)
         box = sorted(rng.uniform(0, W, 2).tolist()) + sorted(rng.uniform(0, H, 2).tolist())
         box = [box[0], box[2], box[1], box[3]]
-        back = scale_box(to_input_frame(box, (W, H), (w, h)), (w, h), (W, H))
-        assert np.allclose(back, box, rtol=0, atol=1e-9)
+        for frame in BOX_FRAMES:          # each frame's round trip through the one pair of functions
+            extent = frame_size(frame, (w, h))
+            assert np.allclose(from_frame(to_frame(box, (W, H), extent), extent, (W, H)), box, rtol=0, atol=1e-9)
     # the direction matters: a box of a 2x larger original is halved in the input frame
-    assert to_input_frame([20, 20, 40, 40], (200, 100), (100, 50)) == [10, 10, 20, 20]
+    assert to_frame([20, 20, 40, 40], (200, 100), (100, 50)) == [10, 10, 20, 20]
+    assert frame_size("rel1000", (100, 50)) == (1000, 1000)                      # relative: any input size
+    assert to_frame([20, 20, 40, 40], (200, 100), frame_size("rel1000", (100, 50))) == [100, 200, 200, 400]
 
 
 # -- shapes -----------------------------------------------------------------------------------------------------------

@@ -67,10 +67,14 @@ def test_score_command_on_hostile_predictions(tmp_path, shapes_dir):
     assert (tmp_path / "o" / "results.md").read_text().startswith("| split | mAP")
 
 
-def test_parse_prediction_rescales_raw_completions():
+def test_parse_prediction_rescales_raw_completions_from_their_box_frame():
     s = Sample(id="0", task="rec", image="", width=200, height=100, problem="q", solution=[20, 10, 100, 50])
-    row = {"id": "0", "completion": "<answer>[10, 5, 50, 25]</answer>", "input_size": [100, 50]}
+    row = {"id": "0", "completion": "<answer>[10, 5, 50, 25]</answer>", "frame_size": [100, 50]}
     assert E.parse_prediction(row, s) == [20, 10, 100, 50]
+    legacy = {"id": "0", "completion": row["completion"], "input_size": [100, 50]}    # rows saved before frame_size
+    assert E.parse_prediction(legacy, s) == [20, 10, 100, 50]
+    other = {"id": "0", "completion": "<answer>[100, 100, 500, 500]</answer>"}          # another system's, no size
+    assert E.parse_prediction(other, s, box_frame="rel1000") == [20, 10, 100, 50]     # 0-1000 of the image
 
 
 @pytest.mark.slow
@@ -81,7 +85,7 @@ def test_evaluate_tiny_model_end_to_end_both_backends(tmp_path, shapes_dir, tiny
     (m,) = res.values()
     assert m["n"] == 6 and 0 <= m["accuracy"] <= 1
     preds = [json.loads(l) for l in open(tmp_path / "hf" / f"predictions_{os.path.basename(data)[:-6]}.jsonl")]
-    assert len(preds) == 6 and all("input_size" in p for p in preds)
+    assert len(preds) == 6 and all("frame_size" in p for p in preds)
     # re-scoring the saved predictions gives the same numbers
     again = E.score_command("rec", data, str(tmp_path / "hf" / f"predictions_{os.path.basename(data)[:-6]}.jsonl"))
     assert list(again.values())[0] == m
@@ -194,7 +198,7 @@ def test_a_four_tag_answer_is_not_cut_off_by_the_default_length(tmp_path, shapes
         def generate(self, prompts, sampling, seeds=None):
             out = []
             for p in prompts:
-                box = [round(v * s / o) for v, s, o in zip(p.sample.solution, p.input_size * 2,
+                box = [round(v * s / o) for v, s, o in zip(p.sample.solution, p.frame_size * 2,
                                                           (p.sample.width, p.sample.height) * 2)]
                 words = format_output("syn-grpo", think="t", score="0.50", description=" ".join(["sky"] * 300),
                                       answer=json.dumps({"bbox_2d": box})).split(" ")

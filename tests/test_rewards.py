@@ -36,8 +36,8 @@ def test_rec_reward_rescales_from_model_input_frame():
     s = rec_sample(box=(20, 10, 100, 50), w=200, h=100)
     # model input 100x50: the same box is half size there
     text = '<think>x</think> <answer>{"bbox_2d": [10, 5, 50, 25]}</answer>'
-    assert rec_accuracy(text, s, input_size=(100, 50)) == pytest.approx(1.0)
-    assert rec_accuracy(text, s, input_size=(200, 100)) < 0.3   # without rescaling it would be wrong
+    assert rec_accuracy(text, s, frame_size=(100, 50)) == pytest.approx(1.0)
+    assert rec_accuracy(text, s, frame_size=(200, 100)) < 0.3   # without rescaling it would be wrong
 
 
 def test_rec_reward_parses_floats_and_rejects_junk():
@@ -151,12 +151,12 @@ def test_ovd_reward_s_ovd_and_rescaling():
     s = ovd_sample(objs, w=100, h=100)
     ans = lambda items: "<think>t</think><answer>" + __import__("json").dumps(items) + "</answer>"
     half = [{"bbox_2d": [0, 0, 10, 10], "label": "a"}, {"bbox_2d": [20, 20, 40, 40], "label": "b"}]
-    assert ovd_accuracy(ans(half), s, input_size=(50, 50)) == pytest.approx(1.0)
+    assert ovd_accuracy(ans(half), s, frame_size=(50, 50)) == pytest.approx(1.0)
     # 4 predictions for 2 gold objects: s_ovd = 1/2 (two junk items count, as in VLM-R1)
     junk = half + [{"bbox_2d": [1, 1], "label": "a"}, "not a dict"]
-    assert ovd_accuracy(ans(junk), s, input_size=(50, 50)) == pytest.approx(0.5)
+    assert ovd_accuracy(ans(junk), s, frame_size=(50, 50)) == pytest.approx(0.5)
     fenced = "<answer>```json\n" + __import__("json").dumps(half) + "\n```</answer>"
-    assert ovd_accuracy(fenced, s, input_size=(50, 50)) == pytest.approx(1.0)
+    assert ovd_accuracy(fenced, s, frame_size=(50, 50)) == pytest.approx(1.0)
     assert ovd_accuracy("<answer>None</answer>", s, (50, 50)) == 0.0
     assert ovd_accuracy("<answer>None</answer>", ovd_sample([]), (50, 50)) == 1.0
     assert ovd_accuracy("<answer>{not json</answer>", s, (50, 50)) == 0.0

@@ -447,7 +447,7 @@ def test_the_shared_warm_start_answers_in_the_format_its_prompt_asks_for(tmp_pat
     samples = load_split(make_shapes("rec", 16, str(tmp_path / "test"), seed=100, split="test", objects=(1, 1)), "rec", "")
     for algo in ("grpo", "syn-grpo"):
         rows = predict(HFRollout(model, proc), proc, samples, algo, 112, batch_size=16)
-        fmt = [score_completion(r["completion"], s, tuple(r["input_size"]), algo).format for r, s in zip(rows, samples)]
+        fmt = [score_completion(r["completion"], s, tuple(r["frame_size"]), algo).format for r, s in zip(rows, samples)]
         assert np.mean(fmt) >= 0.9, (algo, rows[0]["completion"])
         assert all(("<description>" in r["completion"]) == (algo == "syn-grpo") for r in rows)
 
