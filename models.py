@@ -113,6 +113,30 @@ TINY_VISION = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, 
                    fullatt_block_indexes=[1])
 TINY_PIXELS = dict(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16)   # a 112x112 image -> 16 image tokens
 
+# Qwen3-VL's chat template for a conversation of text and images: as Qwen2.5-VL's, without the default system prompt
+# (the Qwen3-VL Instruct checkpoints' template renders none; the Thinking ones add "<think>\n" after the assistant's
+# header, which the tiny model does not need).
+QWEN3_VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# tiny-qwen3-vl: TINY_TEXT's sizes with Qwen3's explicit head_dim and Qwen3-VL's interleaved M-RoPE (RoPE base 10
+# as `tiny`: the image's columns stay tellable apart); a 2-block vision tower of patch 16 whose first block feeds
+# DeepStack, and an 8 x 8 learned position grid (interpolated to any image). Pixels: multiples of 32, a 112x112 image
+# -> 128x128 -> 16 image tokens, as `tiny`.
+TINY_QWEN3_TEXT = dict(TINY_TEXT, head_dim=32, rope_parameters={"rope_type": "default", "rope_theta": 10.0,
+                                                                "mrope_section": [4, 6, 6], "mrope_interleaved": True})
+TINY_QWEN3_VISION = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=16,
+                         spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=128, num_position_embeddings=64,
+                         deepstack_visual_indexes=[0])
+TINY_QWEN3_PIXELS = dict(min_pixels=32 * 32 * 4, max_pixels=32 * 32 * 16)
+
 
 # ----------------------------------------------------------------------------------------------------
 # Tokenizers and tiny models, built offline
@@ -205,15 +229,53 @@ def build_tiny(out_dir: str, vocab: str = "small", seed: int = 0) -> str:
     return out_dir
 
 
+def build_tiny_qwen3_vl(out_dir: str, seed: int = 0) -> str:
+    """Write a random-weight tiny Qwen3-VL (config, weights, processor; the small vocabulary) to out_dir; atomic."""
+    from transformers import Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+    tok = build_tokenizer("small")
+    tok.chat_template = QWEN3_VL_CHAT_TEMPLATE
+    ids = {s: tok.convert_tokens_to_ids(s) for s in QWEN_SPECIAL}
+    cfg = Qwen3VLConfig(
+        text_config=dict(TINY_QWEN3_TEXT, vocab_size=(len(tok) + 63) // 64 * 64, bos_token_id=ids["<|endoftext|>"],
+                         eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=True),
+        vision_config=TINY_QWEN3_VISION, image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen3VLForConditionalGeneration(cfg).eval()
+    model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    # Qwen3-VL's image processor: Qwen2-VL's code with patch 16 and mean / std 0.5 (its preprocessor_config.json)
+    image = Qwen2VLImageProcessor(patch_size=16, merge_size=2, temporal_patch_size=2, image_mean=[0.5] * 3,
+                                  image_std=[0.5] * 3, **TINY_QWEN3_PIXELS)
+    proc = Qwen3VLProcessor(image_processor=image, tokenizer=tok, video_processor=Qwen3VLVideoProcessor(),
+                            chat_template=QWEN3_VL_CHAT_TEMPLATE)
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        proc.save_pretrained(tmp)
+    return out_dir
+
+
 def resolve_model(name: str) -> str:
-    """`tiny`/`tiny-qwen-vocab` -> cached local dir (built on first use); anything else is returned as is."""
+    """A tiny model's name -> its cached local dir (built on first use); anything else is returned as is."""
     if name in TINY_MODELS:   # the small vocabulary's corpus is in the key: a changed corpus is a new model
-        corpus = hashlib.sha256("\n".join(_corpus()).encode()).hexdigest()[:8] if name == "tiny" else "qwen"
+        corpus = hashlib.sha256("\n".join(_corpus()).encode()).hexdigest()[:8] if name != "tiny-qwen-vocab" else "qwen"
         path = os.path.join(CACHE, "models", f"{name}-v{TINY_VERSION}-{corpus}")
         if not os.path.exists(os.path.join(path, "config.json")):
-            build_tiny(path, vocab="qwen" if name == "tiny-qwen-vocab" else "small")
+            if name == "tiny-qwen3-vl":
+                build_tiny_qwen3_vl(path)
+            else:
+                build_tiny(path, vocab="qwen" if name == "tiny-qwen-vocab" else "small")
         return path
     return name
+
+
+def model_family(name: str) -> Family:
+    """The family of a model (tiny, checkpoint dir or hub id), from its config.json's model_type."""
+    from transformers import AutoConfig
+    return family_of(AutoConfig.from_pretrained(resolve_model(name)).model_type)
 
 
 def model_problem(name: str, flag: str = "--model") -> str | None:
@@ -260,9 +322,10 @@ def load_processor(name: str, min_pixels: int = 0, max_pixels: int = 0):
 
 def load_policy(name: str, dtype: torch.dtype = torch.float32, device: str = "cpu", min_pixels: int = 0,
                 max_pixels: int = 0):
-    """(model, processor) from `tiny`, `tiny-qwen-vocab`, a hub id or a local checkpoint dir."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(resolve_model(name), dtype=dtype).to(device)
+    """(model, processor) from a tiny model, a hub id or a local checkpoint dir, of any family of FAMILIES."""
+    import transformers
+    cls = getattr(transformers, model_family(name).model_class)
+    model = cls.from_pretrained(resolve_model(name), dtype=dtype).to(device)
     return model, load_processor(name, min_pixels, max_pixels)
 
 
