@@ -287,8 +287,9 @@ def model_problem(name: str, flag: str = "--model") -> str | None:
     if os.path.isdir(name):
         files = set(os.listdir(name))
         weights = any(f.endswith((".safetensors", ".bin")) or f.endswith(".index.json") for f in files)
-        return None if "config.json" in files and weights else (
-            f"{flag} {name}: a folder without a model (a checkpoint dir holds config.json and its weights)")
+        if "config.json" not in files or not weights:
+            return f"{flag} {name}: a folder without a model (a checkpoint dir holds config.json and its weights)"
+        return family_problem(os.path.join(name, "config.json"), f"{flag} {name}")
     near = difflib.get_close_matches(name, TINY_MODELS, n=1, cutoff=0.6)
     if os.path.sep in name.rstrip("/") and not re.fullmatch(r"[\w.-]+/[\w.-]+", name) or os.path.exists(name):
         return f"{flag} {name}: no such checkpoint dir"
@@ -296,8 +297,21 @@ def model_problem(name: str, flag: str = "--model") -> str | None:
         hint = f"; did you mean {near[0]}?" if near else ""
         return f"{flag} {name}: not a tiny model ({', '.join(TINY_MODELS)}), a checkpoint dir or a Hub id org/name{hint}"
     from huggingface_hub import constants, try_to_load_from_cache
-    if constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(name, "config.json"), str):
+    cached = try_to_load_from_cache(name, "config.json")
+    if isinstance(cached, str):   # its family can be told before the weights load (otherwise load_policy tells)
+        return family_problem(cached, f"{flag} {name}")
+    if constants.HF_HUB_OFFLINE:
         return f"{flag} {name}: not in the local Hugging Face cache, and HF_HUB_OFFLINE=1 forbids a download"
+    return None
+
+
+def family_problem(config_json: str, what: str) -> str | None:
+    """Why the checkpoint of this config.json is not of a supported family, or None."""
+    try:
+        with open(config_json) as f:
+            family_of(json.load(f).get("model_type", ""))
+    except (OSError, ValueError, AttributeError) as e:   # UnsupportedModel, or a config.json that does not parse
+        return f"{what}: {e}"
     return None
 
 

@@ -48,7 +48,7 @@ from data import DataPool, gold_completion, read_rows_or_stop, read_template, so
 from eval import load_split, predict, score_rows
 from plan import plan_command
 from preflight import preflight
-from models import load_policy, resolve_model, vision_token_ids
+from models import UnsupportedModel, load_policy, resolve_model, vision_token_ids
 from rollout import (Completion, HFRollout, MicroBatch, Prompt, Sampling, VLLMRollout, completion_logprobs,
                      encode_prompt, engine_gap, make_batch, max_num_seqs)
 from shapes import make_shapes
@@ -436,8 +436,11 @@ def epoch_steps(pool: DataPool, epochs: int, batch_size: int) -> int:
 
 def load_model(cfg: Config, d: Dist, device: str, dtype: torch.dtype):
     """The policy: vision tower frozen or not, gradient checkpointing, FSDP2 under torchrun."""
-    model, processor = load_policy(cfg.model, dtype=dtype, device=device, min_pixels=cfg.min_pixels,
-                                   max_pixels=cfg.max_pixels)
+    try:
+        model, processor = load_policy(cfg.model, dtype=dtype, device=device, min_pixels=cfg.min_pixels,
+                                       max_pixels=cfg.max_pixels)
+    except UnsupportedModel as e:   # a hub id whose config was not here before the download
+        raise SystemExit(f"train.py: --model {cfg.model}: {e}")
     if cfg.freeze_vision:
         model.model.visual.requires_grad_(False)
     if cfg.gradient_checkpointing:

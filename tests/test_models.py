@@ -1,10 +1,14 @@
 """models.py: the tiny models' tokenizers (the real Qwen ids; the small vocabulary's fixed corpus and the token
-lengths the warm start relies on) and building them offline."""
+lengths the warm start relies on), building them offline, and the model families (each in its own box frame, each
+agreeing with vLLM)."""
 import hashlib
+import json
 
+import pytest
 import torch
 
-from models import QWEN_ADDED, QWEN_SPECIAL, _corpus, build_tiny, build_tokenizer
+from models import (FAMILIES, QWEN_ADDED, QWEN_SPECIAL, UnsupportedModel, _corpus, build_tiny, build_tokenizer, family_of,
+                    load_policy, load_processor, model_family, model_problem, processor_family)
 
 
 def test_qwen_vocab_tokenizer_has_qwen25vl_ids():
@@ -43,3 +47,74 @@ def test_the_small_vocabularys_corpus_is_fixed():
     """A changed corpus is a new tiny model (its hash is in the cache key) and moves every number measured on `tiny`:
     prompts and sentences added later stay out of it (models.LATER_PROMPTS, LATER_TEXT)."""
     assert hashlib.sha256("\n".join(_corpus()).encode()).hexdigest()[:8] == "4b9df3a9"
+
+
+# -- the families: each loads, answers in its own box frame, and agrees with vLLM ----------------------------------
+
+TINY_FAMILY_MODELS = [f.tiny for f in FAMILIES]
+
+
+def test_an_unsupported_architecture_is_one_line_naming_the_supported_ones(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava"}))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    problem = model_problem(str(tmp_path))
+    assert problem.startswith(f"--model {tmp_path}: model_type 'llava' is not a supported family; supported: ")
+    assert all(f.name in problem for f in FAMILIES)
+    with pytest.raises(UnsupportedModel):
+        family_of("llava")
+
+
+@pytest.mark.parametrize("name", TINY_FAMILY_MODELS)
+def test_each_family_answers_in_its_own_box_frame(name, shapes_dir):
+    """A gold answer written in the family's frame scores IoU 1 (REC) and mAP 1 (OVD), up to the integer rounding of
+    its coordinates, and not in the other frame: Qwen2.5-VL's pixels of the resized input, Qwen3-VL's 0-1000."""
+    from data import frame_size, gold_completion, read_data
+    from rewards import ovd_accuracy, rec_accuracy
+    from rollout import encode_prompt
+    from shapes import make_shapes
+    processor = load_processor(name)
+    family = processor_family(processor)
+    assert family == model_family(name) and family.tiny == name
+    for task, accuracy in (("rec", rec_accuracy), ("ovd", ovd_accuracy)):
+        sample = next(s for s in read_data(make_shapes(task, 8, shapes_dir), task) if s.width == 224)
+        p = encode_prompt(processor, sample)
+        assert p.frame_size == frame_size(family.box_frame, p.input_size)
+        assert p.input_size[0] % family.resize_factor == 0
+        answer = gold_completion(sample, p.frame_size)
+        other = frame_size("pixels", p.input_size) if family.box_frame == "rel1000" else (1000, 1000)
+        # answers are integers: in a 112-pixel frame the rounding alone costs up to a few points of IoU
+        assert accuracy(answer, sample, p.frame_size) > 0.95 and accuracy(answer, sample, other) < 0.5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", TINY_FAMILY_MODELS[1:])   # tiny's own: test_rollout, on the session's engine
+def test_each_familys_hf_processor_and_vllm_agree_and_follow_a_weight_push(name, shapes_dir, tmp_path):
+    """On images of mixed sizes at raised pixel limits, vLLM expands each prompt into exactly the HF processor's token
+    ids (image pads and grids alike: the trl#6401 case); after a weight push its sampling log-probs equal the
+    trainer's recomputed ones (to 1e-4; measured ~1e-6)."""
+    from PIL import Image
+
+    from data import Sample, read_data
+    from rollout import Sampling, VLLMRollout, completion_logprobs, encode_prompt, engine_gap, make_batch
+    from shapes import make_shapes
+    factor = model_family(name).resize_factor
+    limits = dict(min_pixels=factor * factor * 4, max_pixels=factor * factor * 64)
+    model, processor = load_policy(name, **limits)
+    odd = tmp_path / "odd.png"
+    Image.new("RGB", (150, 90), (200, 60, 40)).save(odd)
+    samples = read_data(make_shapes("rec", 8, shapes_dir), "rec")[:3] + [
+        Sample(id="odd", task="rec", image=str(odd), width=150, height=90, problem="Where?", solution=[1, 1, 9, 9])]
+    prompts = [encode_prompt(processor, s) for s in samples]
+    assert len({p.input_size for p in prompts}) >= 2                           # mixed sizes
+    engine = VLLMRollout(name, processor, max_model_len=1024, max_num_seqs=16, **limits)
+    reqs = [{"prompt_token_ids": engine._vllm_prompt_ids(p), "multi_modal_data": {"image": p.image}} for p in prompts]
+    expanded = engine.llm.generate(reqs, use_tqdm=False)
+    assert [list(o.prompt_token_ids) for o in expanded] == [p.input_ids for p in prompts]
+    with torch.no_grad():
+        for prm in model.parameters():
+            prm.add_(0.05 * torch.randn_like(prm))
+    engine.push_weights(model.state_dict())
+    groups = engine.generate(prompts, Sampling(n=2, max_tokens=12, seed=3))
+    seqs = [(i, c.token_ids) for i, g in enumerate(groups) for c in g]
+    logp, _ = completion_logprobs(model, make_batch(prompts, seqs, processor.tokenizer.pad_token_id), engine.banned)
+    assert max(engine_gap(logp, [c.logprobs for g in groups for c in g])) < 1e-4

@@ -167,6 +167,27 @@ def test_grpo_steps_with_the_vllm_backend(tmp_path, sft_model):
     assert all(x["kl"] >= 0 and 0 <= x["clip_frac"] <= 1 for x in rows)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["hf", "vllm"])
+def test_grpo_and_syn_grpo_steps_on_qwen3_vl(tmp_path, backend):
+    """tiny-qwen3-vl (Qwen3-VL's classes, interleaved M-RoPE, 0-1000 box frame): 2 GRPO and 2 Syn-GRPO steps on each
+    backend; Syn-GRPO's images come back into the pool; vLLM's sampling log-probs stay the trainer's."""
+    desc = tmp_path / "descriptions.txt"
+    desc.write_text("a red brick wall\n")
+    for algo in ("grpo", "syn-grpo"):
+        out = str(tmp_path / algo)
+        syn = ["--descriptions", str(desc), "--synchronous-synthesis", "--shapes-n", "8"] if algo == "syn-grpo" else []
+        r = run_train("--model", "tiny-qwen3-vl", "--algo", algo, *SMALL, "--max-steps", "2", "--rollout-backend",
+                      backend, "--out-dir", out, "--save-every", "0", *syn)
+        assert r.returncode == 0, r.stderr[-3000:]
+        rows = metrics(out)
+        assert [x["step"] for x in rows] == [0, 1]
+        if algo == "syn-grpo":
+            assert sum(x["jobs_absorbed"] for x in rows) >= 2 and rows[-1]["jobs_failed"] == 0
+        if backend == "vllm":
+            assert all(x["logp_engine_gap"] < 1e-3 for x in rows)
+
+
 def _iou_rewards(out, sft_model, steps, flip=False, lr=None):
     """The mean IoU reward of every step of a GRPO run with the CPU defaults (B=4, G=6, lr 2e-4)."""
     import train
