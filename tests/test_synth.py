@@ -118,6 +118,20 @@ def test_selfq_writes_unlabelled_questions_once(tmp_path, math_model):
         assert open(path).read() == before
 
 
+@pytest.mark.slow
+def test_synthrl_and_mm_upt_run_on_qwen3_vl(tmp_path):
+    """The math pipelines have no boxes: any family that generates text runs them. SynthRL's whole chain and MM-UPT's
+    self-generated questions on tiny-qwen3-vl (random weights: what it writes is noise, but every stage completes and
+    every row lands in its file or its .rejected)."""
+    out = str(tmp_path / "q3")
+    stats = synth.main(_cfg(out, "tiny-qwen3-vl", shapes_n=4, num_rollouts=4, select_min=0, t_min=0))
+    assert os.path.exists(os.path.join(out, "passrate.jsonl")) and stats is not None
+    out = str(tmp_path / "q3-selfq")
+    synth.main(_cfg(out, "tiny-qwen3-vl", stage="selfq", mode="direct", shapes_n=3, questions_per_image=1))
+    path = os.path.join(out, "selfq_direct.jsonl")
+    assert len(read_rows(path)) + len(read_rows(path + ".rejected")) == 3
+
+
 class _FakeOpenAI(BaseHTTPRequestHandler):
     """Stands in for a remote OpenAI-compatible endpoint: records requests, answers in its schema."""
     requests, fail = [], False
