@@ -50,6 +50,11 @@ FAMILIES = (
            ("Qwen/Qwen2.5-VL-3B-Instruct", "Qwen/Qwen2.5-VL-7B-Instruct")),
     # Qwen3-VL answers in coordinates relative to the image, scaled to 0-1000, whatever the input's resized size
     # (QwenLM/Qwen3-VL#2102 and its 2d_grounding cookbook; ms-swift's norm1000, PR#6178)
+    # Qwen2-VL answers in 0-1000 relative to the image (VLM-R1#26, Visual-RFT#102; ms-swift's norm1000); VLM-R1 serves
+    # it through its Qwen2.5-VL module and scales it as pixels
+    Family("Qwen2-VL", ("qwen2_vl",), "Qwen2VLForConditionalGeneration", "Qwen2VLProcessor", "rel1000", 28,
+           (56 * 56, 28 * 28 * 16384), "tiny-qwen2-vl", (28 * 28 * 4, 28 * 28 * 16),
+           ("Qwen/Qwen2-VL-2B-Instruct", "Qwen/Qwen2-VL-7B-Instruct")),
     # (its preprocessor_config.json: 256 x 256 to 4096 x 4096 pixels)
     Family("Qwen3-VL", ("qwen3_vl",), "Qwen3VLForConditionalGeneration", "Qwen3VLProcessor", "rel1000", 32,
            (65536, 16777216), "tiny-qwen3-vl", (32 * 32 * 4, 32 * 32 * 16),
@@ -140,6 +145,25 @@ TINY_QWEN3_TEXT = dict(TINY_TEXT, head_dim=32, rope_parameters={"rope_type": "de
 TINY_QWEN3_VISION = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=16,
                          spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=128, num_position_embeddings=64,
                          deepstack_visual_indexes=[0])
+# Each family's tiny variant: its config class, text and vision configs, image processor settings beyond the pixel
+# limits (FAMILIES' tiny_pixels), video processor and chat template.
+TINY_SPECS = {
+    "qwen2_5_vl": dict(config="Qwen2_5_VLConfig", text=TINY_TEXT, vision=TINY_VISION, image={},
+                       video="transformers.models.qwen2_vl.video_processing_qwen2_vl.Qwen2VLVideoProcessor",
+                       template=CHAT_TEMPLATE),
+    # Qwen2-VL: Qwen2.5-VL's text side (M-RoPE not interleaved) and its own vision tower (LayerNorm, no windows)
+    "qwen2_vl": dict(config="Qwen2VLConfig", text=TINY_TEXT,
+                     vision=dict(depth=2, embed_dim=64, hidden_size=128, mlp_ratio=2, num_heads=2, patch_size=14,
+                                 spatial_merge_size=2, temporal_patch_size=2), image={},
+                     video="transformers.models.qwen2_vl.video_processing_qwen2_vl.Qwen2VLVideoProcessor",
+                     template=CHAT_TEMPLATE),
+    # Qwen3-VL's image processor: Qwen2-VL's code with patch 16 and mean / std 0.5 (its preprocessor_config.json)
+    "qwen3_vl": dict(config="Qwen3VLConfig", text=TINY_QWEN3_TEXT, vision=TINY_QWEN3_VISION,
+                     image=dict(patch_size=16, merge_size=2, temporal_patch_size=2, image_mean=[0.5] * 3,
+                                image_std=[0.5] * 3),
+                     video="transformers.models.qwen3_vl.video_processing_qwen3_vl.Qwen3VLVideoProcessor",
+                     template=QWEN3_VL_CHAT_TEMPLATE),
+}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -205,59 +229,35 @@ def build_tokenizer(vocab: str):
     return t
 
 
-def build_tiny(out_dir: str, vocab: str = "small", seed: int = 0) -> str:
-    """Write a random-weight tiny Qwen2.5-VL (config, weights, processor) to out_dir; atomic (common.atomic_dir)."""
-    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
-                              Qwen2VLImageProcessor)
-    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+def build_tiny(out_dir: str, vocab: str = "small", seed: int = 0, model_type: str = "qwen2_5_vl") -> str:
+    """Write a random-weight tiny model of a family (config, weights, processor: TINY_SPECS[model_type]) to out_dir;
+    atomic (common.atomic_dir)."""
+    import importlib
+
+    import transformers
+    from transformers import Qwen2VLImageProcessor
+    family, spec = family_of(model_type), TINY_SPECS[model_type]
     tok = build_tokenizer(vocab)
+    tok.chat_template = spec["template"]
     ids = {s: tok.convert_tokens_to_ids(s) for s in QWEN_SPECIAL}
-    n = len(tok)
-    vocab_size = 151936 if vocab == "qwen" else (n + 63) // 64 * 64   # Qwen pads the embedding; so do we
-    cfg = Qwen2_5_VLConfig(
-        text_config=dict(TINY_TEXT, vocab_size=vocab_size, bos_token_id=ids["<|endoftext|>"],
+    vocab_size = 151936 if vocab == "qwen" else (len(tok) + 63) // 64 * 64   # Qwen pads the embedding; so do we
+    cfg = getattr(transformers, spec["config"])(
+        text_config=dict(spec["text"], vocab_size=vocab_size, bos_token_id=ids["<|endoftext|>"],
                          eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=True),
-        vision_config=TINY_VISION, image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_config=spec["vision"], image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=True)
     with torch.random.fork_rng(devices=[]):   # built inside a run on first use: leave the run's RNG as it was
         torch.manual_seed(seed)
-        model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
+        model = getattr(transformers, family.model_class)(cfg).eval()
     model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
-    lo, hi = family_of("qwen2_5_vl").tiny_pixels
-    proc = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(min_pixels=lo, max_pixels=hi), tokenizer=tok,
-                               video_processor=Qwen2VLVideoProcessor(), chat_template=CHAT_TEMPLATE)
-    with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp)
-        proc.save_pretrained(tmp)
-    return out_dir
-
-
-def build_tiny_qwen3_vl(out_dir: str, seed: int = 0) -> str:
-    """Write a random-weight tiny Qwen3-VL (config, weights, processor; the small vocabulary) to out_dir; atomic."""
-    from transformers import Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
-    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
-    tok = build_tokenizer("small")
-    tok.chat_template = QWEN3_VL_CHAT_TEMPLATE
-    lo, hi = family_of("qwen3_vl").tiny_pixels
-    ids = {s: tok.convert_tokens_to_ids(s) for s in QWEN_SPECIAL}
-    cfg = Qwen3VLConfig(
-        text_config=dict(TINY_QWEN3_TEXT, vocab_size=(len(tok) + 63) // 64 * 64, bos_token_id=ids["<|endoftext|>"],
-                         eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=True),
-        vision_config=TINY_QWEN3_VISION, image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=True)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Qwen3VLForConditionalGeneration(cfg).eval()
-    model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
-    model.generation_config.pad_token_id = ids["<|endoftext|>"]
-    # Qwen3-VL's image processor: Qwen2-VL's code with patch 16 and mean / std 0.5 (its preprocessor_config.json)
-    image = Qwen2VLImageProcessor(patch_size=16, merge_size=2, temporal_patch_size=2, image_mean=[0.5] * 3,
-                                  image_std=[0.5] * 3, min_pixels=lo, max_pixels=hi)
-    proc = Qwen3VLProcessor(image_processor=image, tokenizer=tok, video_processor=Qwen3VLVideoProcessor(),
-                            chat_template=QWEN3_VL_CHAT_TEMPLATE)
+    lo, hi = family.tiny_pixels
+    module, name = spec["video"].rsplit(".", 1)
+    video = getattr(importlib.import_module(module), name)()
+    proc = getattr(transformers, family.processor_class)(
+        image_processor=Qwen2VLImageProcessor(min_pixels=lo, max_pixels=hi, **spec["image"]), tokenizer=tok,
+        video_processor=video, chat_template=spec["template"])
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         proc.save_pretrained(tmp)
@@ -270,10 +270,9 @@ def resolve_model(name: str) -> str:
         corpus = hashlib.sha256("\n".join(_corpus()).encode()).hexdigest()[:8] if name != "tiny-qwen-vocab" else "qwen"
         path = os.path.join(CACHE, "models", f"{name}-v{TINY_VERSION}-{corpus}")
         if not os.path.exists(os.path.join(path, "config.json")):
-            if name == "tiny-qwen3-vl":
-                build_tiny_qwen3_vl(path)
-            else:
-                build_tiny(path, vocab="qwen" if name == "tiny-qwen-vocab" else "small")
+            model_type = "qwen2_5_vl" if name in ("tiny", "tiny-qwen-vocab") else next(
+                f.model_types[0] for f in FAMILIES if f.tiny == name)
+            build_tiny(path, vocab="qwen" if name == "tiny-qwen-vocab" else "small", model_type=model_type)
         return path
     return name
 

@@ -168,16 +168,17 @@ def test_grpo_steps_with_the_vllm_backend(tmp_path, sft_model):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("model", ["tiny-qwen2-vl", "tiny-qwen3-vl"])   # tiny's own: the tests above
 @pytest.mark.parametrize("backend", ["hf", "vllm"])
-def test_grpo_and_syn_grpo_steps_on_qwen3_vl(tmp_path, backend):
-    """tiny-qwen3-vl (Qwen3-VL's classes, interleaved M-RoPE, 0-1000 box frame): 2 GRPO, 2 Syn-GRPO and 2 MM-UPT
+def test_grpo_and_syn_grpo_steps_on_each_family(tmp_path, model, backend):
+    """Each family's tiny variant (its classes, its M-RoPE, its 0-1000 box frame): 2 GRPO, 2 Syn-GRPO and 2 MM-UPT
     steps on each backend; Syn-GRPO's images come back into the pool; vLLM's sampling log-probs stay the trainer's."""
     desc = tmp_path / "descriptions.txt"
     desc.write_text("a red brick wall\n")
     for algo in ("grpo", "syn-grpo"):
         out = str(tmp_path / algo)
         syn = ["--descriptions", str(desc), "--synchronous-synthesis", "--shapes-n", "8"] if algo == "syn-grpo" else []
-        r = run_train("--model", "tiny-qwen3-vl", "--algo", algo, *SMALL, "--max-steps", "2", "--rollout-backend",
+        r = run_train("--model", model, "--algo", algo, *SMALL, "--max-steps", "2", "--rollout-backend",
                       backend, "--out-dir", out, "--save-every", "0", *syn)
         assert r.returncode == 0, r.stderr[-3000:]
         rows = metrics(out)
@@ -187,7 +188,7 @@ def test_grpo_and_syn_grpo_steps_on_qwen3_vl(tmp_path, backend):
         if backend == "vllm":
             assert all(x["logp_engine_gap"] < 1e-3 for x in rows)
     out = str(tmp_path / "mm-upt")                                        # MM-UPT: label-free, no boxes
-    r = run_train("--model", "tiny-qwen3-vl", "--task", "math", "--reward", "majority", *SMALL, "--max-steps", "2",
+    r = run_train("--model", model, "--task", "math", "--reward", "majority", *SMALL, "--max-steps", "2",
                   "--rollout-backend", backend, "--out-dir", out, "--save-every", "0")
     assert r.returncode == 0 and [x["step"] for x in metrics(out)] == [0, 1], r.stderr[-3000:]
 
