@@ -32,7 +32,9 @@ class Config:
                     choices=("sft", "grpo", "syn-grpo"))
     task: str = opt("rec", "rec (one box), ovd (boxes + labels), isr (OVD on top-view rooms), math (\\boxed{} answer)",
                     choices=TASKS)
-    model: str = opt("", "hub id, checkpoint dir, tiny or tiny-qwen-vocab ('' = tiny on CPU, Qwen2.5-VL-3B on GPU)",
+    model: str = opt("", "hub id or checkpoint dir of a Qwen2.5-VL, Qwen2-VL or Qwen3-VL model (docs/models.md), "
+                         "or a tiny one: tiny, tiny-qwen-vocab, tiny-qwen2-vl, tiny-qwen3-vl ('' = tiny on CPU, "
+                         "Qwen2.5-VL-3B on GPU)",
                      aliases=("--model-name-or-path",))
     data: str = opt("", "training data, one source or several comma-separated, each in any format of README \"Data\": "
                         "our JSONL, VLM-R1's JSONL (conversations), a JSON list, COCO detection JSON (ovd, isr), a "
