@@ -85,7 +85,7 @@ CASES = [
     ("train", ["--data", "good.jsonl,good.jsonl", "--image-root", ".,.,."], "3 folders for 2 data sources"),
     ("train", ["--image-root", "nowhere"], "--image-root nowhere: no such directory"),
     ("train", ["--model", "emptydir"], "--model emptydir: a folder without a model"),
-    ("train", ["--model", "tiny-qwen"], "did you mean tiny-qwen-vocab?"),
+    ("train", ["--model", "tiny-qwen-vocb"], "did you mean tiny-qwen-vocab?"),
     ("train", ["--model", "runs/x/final"], "--model runs/x/final: no such checkpoint dir"),
     ("train", ["--resume", "notarun"], "no config.json there"),
     ("train", ["--resume", "no_such_run"], "--resume no_such_run: no such directory"),
@@ -151,7 +151,7 @@ CASES = [
     ("synth", ["verify", "--t-min", "20"], "--t-min and --select-min must be in [0, --num-rollouts 16]"),
     ("synth", ["run", "--data", "nope.jsonl"], "--data nope.jsonl: no such file"),
     ("synth", ["run", "--out-dir", "afile"], "--out-dir afile: a file, not a folder"),
-    ("synth", ["run", "--model", "tiny-qwen"], "did you mean tiny-qwen-vocab?"),
+    ("synth", ["run", "--model", "tiny-qwen-vocb"], "did you mean tiny-qwen-vocab?"),
     ("synth", ["run", "--synthesizer", "emptydir"], "--synthesizer emptydir: a folder without a model"),
     # data.py
     ("data", ["shapes", "--objects", "3", "1", "--out", "s"], "one per grid cell"),
