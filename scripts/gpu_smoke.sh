@@ -114,7 +114,7 @@ try:
         time.sleep(0.2)
     client = DataServerClient([f"http://127.0.0.1:{open(port_file).read().strip()}"])
     sample = read_data(make_shapes("rec", 1, os.path.join(out, "data"), objects=(1, 1)), "rec")[0]
-    assert client.submit(make_job(sample.id, sample.image, sample.gold_boxes(), "a sunny beach", seed=0, key="smoke"))
+    assert client.submit(make_job(sample, "a sunny beach", seed=0, key="smoke"))
     results = []
     while not results and time.time() < deadline:
         results = client.collect()

@@ -1,4 +1,4 @@
-"""Shared fixtures: offline environment, the tiny model, shapes data, and ONE vLLM engine per session."""
+"""Shared fixtures: offline environment, the tiny model, shapes data, one shared vLLM engine (others kept alive)."""
 import os
 import sys
 
@@ -30,6 +30,15 @@ def vllm_engine(tiny):
     """One in-process engine for the whole session (start-up costs seconds; sharing it keeps CI short)."""
     from rollout import VLLMRollout
     return VLLMRollout("tiny", tiny[1], max_model_len=1024, max_num_seqs=32)
+
+
+@pytest.fixture(scope="session")
+def keep_engine():
+    """Holds every other in-process vLLM engine a test makes until the session ends: an engine that is garbage-collected
+    tears down vLLM's process-wide parallel groups, and every engine still alive then fails ("pipeline model parallel
+    group is not initialized")."""
+    engines = []
+    return engines.append
 
 
 @pytest.fixture(scope="session")

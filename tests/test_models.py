@@ -88,7 +88,7 @@ def test_each_family_answers_in_its_own_box_frame(name, shapes_dir):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", TINY_FAMILY_MODELS[1:])   # tiny's own: test_rollout, on the session's engine
-def test_each_familys_hf_processor_and_vllm_agree_and_follow_a_weight_push(name, shapes_dir, tmp_path):
+def test_each_familys_hf_processor_and_vllm_agree_and_follow_a_weight_push(name, shapes_dir, tmp_path, keep_engine):
     """On images of mixed sizes at raised pixel limits, vLLM expands each prompt into exactly the HF processor's token
     ids (image pads and grids alike: the trl#6401 case); after a weight push its sampling log-probs equal the
     trainer's recomputed ones (to 1e-4; measured ~1e-6)."""
@@ -107,6 +107,7 @@ def test_each_familys_hf_processor_and_vllm_agree_and_follow_a_weight_push(name,
     prompts = [encode_prompt(processor, s) for s in samples]
     assert len({p.input_size for p in prompts}) >= 2                           # mixed sizes
     engine = VLLMRollout(name, processor, max_model_len=1024, max_num_seqs=16, **limits)
+    keep_engine(engine)
     reqs = [{"prompt_token_ids": engine._vllm_prompt_ids(p), "multi_modal_data": {"image": p.image}} for p in prompts]
     expanded = engine.llm.generate(reqs, use_tqdm=False)
     assert [list(o.prompt_token_ids) for o in expanded] == [p.input_ids for p in prompts]

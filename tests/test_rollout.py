@@ -163,7 +163,7 @@ def test_pixel_limits_set_the_frame_the_boxes_are_read_in(tiny, shapes_dir):
 
 
 @pytest.mark.slow
-def test_the_vllm_engine_sees_images_at_the_trainers_pixel_limits(vllm_engine, shapes_dir):
+def test_the_vllm_engine_sees_images_at_the_trainers_pixel_limits(vllm_engine, shapes_dir, keep_engine):
     """A second engine with --max-pixels raised: vLLM expands each image into as many tokens as the HF processor
     (so its boxes are in the trainer's frame); the shared engine, at the default limits, into fewer."""
     from models import load_processor
@@ -172,6 +172,7 @@ def test_the_vllm_engine_sees_images_at_the_trainers_pixel_limits(vllm_engine, s
     limits = dict(min_pixels=28 * 28 * 16, max_pixels=28 * 28 * 64)
     processor = load_processor("tiny", **limits)
     engine = VLLMRollout("tiny", processor, max_model_len=1024, max_num_seqs=4, **limits)
+    keep_engine(engine)
     p = encode_prompt(processor, sample)
 
     def engine_prompt_len(e):
