@@ -15,7 +15,7 @@ import paper  # noqa: E402
 def test_table1_in_miniature_runs_every_row_and_writes_its_results(tmp_path):
     out, work = tmp_path / "results", tmp_path / "work"
     argv = ["--seeds", "1", "--steps", "2", "--sft-steps", "10", "--sft-chunk", "5", "--sft-max-chunks", "1",
-            "--shapes-n", "8", "--eval-n", "4", "--work-dir", str(work), "--out", str(out)]
+            "--shapes-n", "8", "--oracle-copies", "2", "--eval-n", "4", "--work-dir", str(work), "--out", str(out)]
     with pytest.raises(SystemExit, match="the gate failed on seed 0"):   # 10 SFT steps: no near-OOD gap to close
         paper.main(argv)
     assert json.loads((out / "gate.json").read_text())["gate"]["passed"] is False
@@ -33,7 +33,7 @@ def test_table1_in_miniature_runs_every_row_and_writes_its_results(tmp_path):
     assert runs["GRPO"]["images_synthesized"] == 0 and runs["GRPO"]["batch_synth_frac"] == 0
     pools = {name: json.loads((work / "seed0" / paper.slug(name) / "pool.json").read_text())
              for name in ("Oracle (gate)", "GRPO + cheap augmentation")}
-    assert all(len(p["slots"]) == 8 * (1 + 4) for p in pools.values())         # the originals and 4 copies each
+    assert all(len(p["slots"]) == 8 * (1 + 2) for p in pools.values())         # the originals and 2 copies each
     for name in ("fig2_entropy_variance.png", "fig8_description_families.png"):
         assert (out / name).stat().st_size > 5000
     with pytest.raises(SystemExit, match="holds runs of other settings"):      # never a silently mixed table
