@@ -7,7 +7,9 @@ What lives here:
   * Two rollout backends behind one call, `engine.generate(prompts, sampling, seeds=None) -> list[list[Completion]]`
     (one list of `sampling.n` completions per prompt): `HFRollout` (`model.generate` on the policy itself) and
     `VLLMRollout` (an in-process vLLM engine holding a copy of the weights, replaced by `push_weights`).
-  * `make_batch` -> `MicroBatch` and `completion_logprobs`: the trainer's forward over (prompt, completion) pairs.
+  * `make_batch` -> `MicroBatch` and `completion_logprobs`: the trainer's forward over (prompt, completion) pairs,
+    one row a sequence or, under a shared prefix, one row a prompt with its completions packed after it (the
+    prompt and its image encoded once for all of them: `shared_prefix_mask`, `shared_prefix_positions`).
 
 Two rules from the field's bug reports: image special tokens are suppressed at sampling time (and again in
 `completion_logprobs`, so both see the same distribution), since a sampled <|image_pad|> breaks the next forward
@@ -115,36 +117,100 @@ def _clean(token_ids: list[int], stops: list[int], banned: set) -> tuple[list[in
 
 @dataclass
 class MicroBatch:
-    """n (prompt, completion) sequences in one forward: prompts left-padded and completions right-padded, so that
-    every completion starts at the same column and only the last T+1 positions need logits (`logits_to_keep`)."""
-    input_ids: torch.Tensor           # (n, P+T)
-    attention_mask: torch.Tensor      # (n, P+T)
-    mm_token_type_ids: torch.Tensor   # (n, P+T), 1 at image tokens
-    pixel_values: torch.Tensor        # (sum of the n images' patches, C*T*P*P)
-    image_grid_thw: torch.Tensor      # (n, 3)
+    """n (prompt, completion) sequences in one forward, in one of two layouts.
+
+    Per sequence (the default of `make_batch`): one row a sequence, prompts left-padded and completions
+    right-padded, so that every completion starts at the same column and only the last T+1 positions need logits
+    (`logits_to_keep`). The prompt (its image included) is encoded once for each of its completions.
+
+    Shared prefix (`make_batch(..., shared_prefix=True)`, Prefix Grouper, arXiv 2506.05433): one row a prompt,
+    its completions packed after it, `[pad][prompt][c1][c2]...[pad]`, prompts right-aligned at column P. A 4D mask
+    lets each completion attend to the prompt and to its own earlier tokens only, and every completion's tokens get
+    the positions they have in the per-sequence row, so each completion's log-probs are those of its own sequence
+    while the vision tower and the prompt's layers run once a prompt (their gradient summed over its completions)."""
+    input_ids: torch.Tensor           # (rows, L): rows = n per sequence, = prompts under a shared prefix
+    attention_mask: torch.Tensor      # (rows, L); shared prefix: (rows, 1, L, L) bool, True where a query may look
+    mm_token_type_ids: torch.Tensor   # (rows, L), 1 at image tokens
+    pixel_values: torch.Tensor        # (sum of the rows' images' patches, C*T*P*P)
+    image_grid_thw: torch.Tensor      # (rows, 3)
     completion_mask: torch.Tensor     # (n, T), 1 at completion tokens
+    targets: torch.Tensor | None = None                     # (n, T) the completion tokens (pad after each end)
     advantages: torch.Tensor | None = None                  # (n,) GRPO: each sequence's group advantage (Eq. 1)
     engine_logprobs: list | None = None                     # the rollout engine's sampling log-probs, per sequence
+    # shared prefix only
+    seq_row: torch.Tensor | None = None                     # (n,) each sequence's row
+    logit_index: torch.Tensor | None = None                 # (n, T) where each token's logits are among the kept
+    segment: torch.Tensor | None = None                     # (rows, L) -1 pad, 0 prompt, k the row's k-th completion
+    prompt_len: list | None = None                          # tokens of each row's prompt
 
     @property
     def completion_len(self) -> int:  # T
         return self.completion_mask.shape[1]
 
+    @property
+    def shared_prefix(self) -> bool:
+        return self.seq_row is not None
 
-def make_batch(prompts: list[Prompt], seqs: list[tuple[int, list[int]]], pad_id: int) -> MicroBatch:
-    """seqs: (index into prompts, completion token ids) -> one MicroBatch."""
-    P = max(len(prompts[i].input_ids) for i, _ in seqs)
+
+def make_batch(prompts: list[Prompt], seqs: list[tuple[int, list[int]]], pad_id: int,
+               shared_prefix: bool = False) -> MicroBatch:
+    """seqs: (index into prompts, completion token ids) -> one MicroBatch, per sequence or under a shared prefix."""
     T = max(1, max(len(c) for _, c in seqs))
-    p_ids, p_attn, p_mm = left_pad([prompts[i] for i, _ in seqs], P, pad_id)     # (N, P) each
-    c_ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    targets = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     mask = torch.zeros(len(seqs), T)
     for r, (_, c) in enumerate(seqs):
-        c_ids[r, :len(c)] = torch.tensor(c, dtype=torch.long)
+        targets[r, :len(c)] = torch.tensor(c, dtype=torch.long)
         mask[r, :len(c)] = 1
-    return MicroBatch(input_ids=torch.cat([p_ids, c_ids], 1), attention_mask=torch.cat([p_attn, mask.long()], 1),
-                      mm_token_type_ids=torch.cat([p_mm, torch.zeros_like(c_ids)], 1),   # completions are text
+    if shared_prefix:
+        return _shared_prefix_batch(prompts, seqs, pad_id, targets, mask)
+    P = max(len(prompts[i].input_ids) for i, _ in seqs)
+    p_ids, p_attn, p_mm = left_pad([prompts[i] for i, _ in seqs], P, pad_id)     # (n, P) each
+    return MicroBatch(input_ids=torch.cat([p_ids, targets], 1), attention_mask=torch.cat([p_attn, mask.long()], 1),
+                      mm_token_type_ids=torch.cat([p_mm, torch.zeros_like(targets)], 1),   # completions are text
                       pixel_values=torch.cat([prompts[i].pixel_values for i, _ in seqs]),
-                      image_grid_thw=torch.cat([prompts[i].image_grid_thw for i, _ in seqs]), completion_mask=mask)
+                      image_grid_thw=torch.cat([prompts[i].image_grid_thw for i, _ in seqs]),
+                      completion_mask=mask, targets=targets)
+
+
+def _shared_prefix_batch(prompts, seqs, pad_id, targets, mask) -> MicroBatch:
+    order = list(dict.fromkeys(i for i, _ in seqs))                      # the rows' prompts, first seen first
+    row_of = {i: r for r, i in enumerate(order)}
+    P = max(len(prompts[i].input_ids) for i in order)
+    used = [sum(len(c) for i, c in seqs if i == p) for p in order]
+    L = P + max(used)
+    ids, _, mm = left_pad([prompts[i] for i in order], P, pad_id)          # (rows, P): prompts end at column P
+    ids = torch.cat([ids, torch.full((len(order), L - P), pad_id, dtype=torch.long)], 1)       # (rows, L)
+    mm = torch.cat([mm, torch.zeros(len(order), L - P, dtype=torch.long)], 1)
+    segment = torch.full((len(order), L), -1, dtype=torch.long)
+    for r, i in enumerate(order):
+        segment[r, P - len(prompts[i].input_ids):P] = 0
+    seq_row = torch.tensor([row_of[i] for i, _ in seqs])
+    logit_index = torch.zeros(len(seqs), targets.shape[1], dtype=torch.long)
+    fill, count = [P] * len(order), [0] * len(order)                    # next free column, completions so far
+    for s, (i, c) in enumerate(seqs):
+        r, start = row_of[i], fill[row_of[i]]
+        count[r] += 1
+        ids[r, start:start + len(c)] = torch.tensor(c, dtype=torch.long)
+        segment[r, start:start + len(c)] = count[r]
+        # logits are kept from column P-1 (the prompt's last token, which predicts every completion's first token);
+        # token t > 0 is predicted from column start+t-1, i.e. kept index start+t-P
+        logit_index[s, 1:len(c)] = torch.arange(start + 1, start + len(c)) - P
+        fill[r] += len(c)
+    return MicroBatch(input_ids=ids, attention_mask=shared_prefix_mask(segment), mm_token_type_ids=mm,
+                      pixel_values=torch.cat([prompts[i].pixel_values for i in order]),
+                      image_grid_thw=torch.cat([prompts[i].image_grid_thw for i in order]),
+                      completion_mask=mask, targets=targets, seq_row=seq_row, logit_index=logit_index,
+                      segment=segment, prompt_len=[len(prompts[i].input_ids) for i in order])
+
+
+def shared_prefix_mask(segment: torch.Tensor) -> torch.Tensor:
+    """(rows, L) segments (-1 pad, 0 prompt, k completion) -> (rows, 1, L, L) bool: query q sees key k <= q of the
+    prompt or of its own completion. A pad query sees itself only (a row with no key gives NaN in attention)."""
+    q, k = segment[:, :, None], segment[:, None, :]                     # (rows, L, 1), (rows, 1, L)
+    L = segment.shape[1]
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    seen = causal & (k >= 0) & (q >= 0) & ((k == 0) | (k == q))
+    return (seen | torch.eye(L, dtype=torch.bool))[:, None]
 
 
 def model_device(model) -> torch.device:
@@ -162,14 +228,58 @@ def completion_logprobs(model, batch: MicroBatch, banned: list[int], temperature
     """Per-token log-probs (n, T) of the completion tokens (and entropies), the sampler's view: logits divided by
     the temperature (trl#4159) and the suppressed vision tokens removed, as at sampling time."""
     dev, T = model_device(model), batch.completion_len
-    out = model(input_ids=batch.input_ids.to(dev), attention_mask=batch.attention_mask.to(dev),
-                mm_token_type_ids=batch.mm_token_type_ids.to(dev), pixel_values=batch.pixel_values.to(dev, model.dtype),
-                image_grid_thw=batch.image_grid_thw.to(dev), logits_to_keep=T + 1, use_cache=False)
-    logits = out.logits[:, :-1].float() / temperature                    # (n, T, V): position t predicts token t
+    kw = dict(input_ids=batch.input_ids.to(dev), mm_token_type_ids=batch.mm_token_type_ids.to(dev),
+              pixel_values=batch.pixel_values.to(dev, model.dtype), image_grid_thw=batch.image_grid_thw.to(dev),
+              use_cache=False)
+    if batch.shared_prefix:
+        kept = batch.input_ids.shape[1] - max(batch.prompt_len) + 1                # columns P-1 .. L-1
+        out = model(**kw, attention_mask=attention_mask_for(model, batch.attention_mask.to(dev)),
+                    position_ids=shared_prefix_positions(model, batch).to(dev), logits_to_keep=kept)
+        logits = out.logits[batch.seq_row.to(dev)[:, None], batch.logit_index.to(dev)]   # (n, T, V)
+    else:
+        out = model(**kw, attention_mask=batch.attention_mask.to(dev), logits_to_keep=T + 1)
+        logits = out.logits[:, :-1]                                                 # position t predicts token t
+    logits = logits.float() / temperature
     logits[..., banned] = -float("inf")
-    logp = logits.log_softmax(-1).gather(-1, batch.input_ids[:, -T:].to(dev).unsqueeze(-1)).squeeze(-1)
+    logp = logits.log_softmax(-1).gather(-1, batch.targets.to(dev).unsqueeze(-1)).squeeze(-1)
     ent = entropy_from_logits(logits.masked_fill(torch.isinf(logits), -1e9)) if with_entropy else None
     return logp, ent
+
+
+def attention_mask_for(model, seen: torch.Tensor) -> torch.Tensor:
+    """A custom 4D mask as the model's attention takes it: bool for SDPA, additive for eager. FlashAttention-2
+    takes no custom mask: the shared prefix needs SDPA or eager there."""
+    impl = model.config._attn_implementation
+    if impl == "sdpa":
+        return seen
+    if impl == "eager":
+        return torch.zeros(seen.shape, dtype=model.dtype, device=seen.device).masked_fill(
+            ~seen, torch.finfo(model.dtype).min)
+    raise SystemExit(f"the shared-prefix forward needs attn_implementation sdpa or eager, not {impl!r} "
+                     "(or pass --no-shared-prefix)")
+
+
+def shared_prefix_positions(model, batch: MicroBatch) -> torch.Tensor:
+    """(3, rows, L) M-RoPE positions: each row's prompt and each completion token at the position the model's own
+    rule (`get_rope_index`) gives it in the per-sequence row [prompt, completion]; pads at 0. Text positions do not
+    depend on the text tokens, so one call a row, on the prompt and its longest completion, serves them all."""
+    rope = next(m for m in model.modules() if hasattr(type(m), "get_rope_index"))
+    rows, L = batch.input_ids.shape
+    P = max(batch.prompt_len)
+    pos = torch.zeros(3, rows, L, dtype=torch.long)
+    for r, n in enumerate(batch.prompt_len):
+        seg = batch.segment[r]
+        longest = max([int((seg == k).sum()) for k in range(1, int(seg.max()) + 1)] or [0])
+        ids = batch.input_ids[r, P - n:P + longest][None]                 # (1, n + longest): prompt + any text
+        mm = batch.mm_token_type_ids[r, P - n:P + longest][None]
+        grid = batch.image_grid_thw[r:r + 1]
+        p, _ = rope.get_rope_index(ids, mm_token_type_ids=mm, image_grid_thw=grid,
+                                   attention_mask=torch.ones_like(ids))    # (3, 1, n + longest)
+        pos[:, r, P - n:P] = p[:, 0, :n]
+        for k in range(1, int(seg.max()) + 1):
+            cols = (seg == k).nonzero().squeeze(1)
+            pos[:, r, cols] = p[:, 0, n:n + len(cols)]
+    return pos
 
 
 def engine_gap(logp: torch.Tensor, engine: list[list[float]]) -> list[float]:

@@ -188,7 +188,7 @@ def micro_batches(ro: Rollout, scored: Scored, cfg: Config, pad_id: int) -> list
     out = []
     for i in range(0, len(seqs), cfg.micro_batch):
         chunk = seqs[i:i + cfg.micro_batch]
-        mb = make_batch(ro.prompts, [(b, c.token_ids) for b, _, c in chunk], pad_id)
+        mb = make_batch(ro.prompts, [(b, c.token_ids) for b, _, c in chunk], pad_id, cfg.shared_prefix)
         mb.advantages = torch.tensor([scored.advantages[b, j].item() for b, j, _ in chunk])     # (n,)
         mb.engine_logprobs = [c.logprobs for _, _, c in chunk]
         out.append(mb)
