@@ -64,25 +64,31 @@ def layer_activation_elements(hidden: int, kv_hidden: int, intermediate: int, he
 
 
 def activation_bytes(config, n_seq: int, prompt_len: int, completion_len: int, patches: int, train_vision: bool,
-                     checkpointing: bool, act_bytes: int) -> dict:
+                     checkpointing: bool, act_bytes: int, prompts: int | None = None) -> dict:
     """Memory of one micro-batch's forward pass held until its backward: the decoder layers' activations (with
     gradient checkpointing each layer's input, plus one layer's recomputed activations), the vision tower's when it
     trains (patches per image), and the log-prob pass's vocabulary-sized tensors (float32 whatever the dtype:
-    log-softmax, softmax, masked logits, for the completion's tokens)."""
+    log-softmax, softmax, masked logits, for the completion's tokens). `prompts`: under a shared prefix, the
+    micro-batch's distinct prompts, each with its image encoded once (None: one row a sequence)."""
     t, v = config.text_config, config.vision_config
     head_dim = head_dim_of(t)
     per_layer = layer_activation_elements(t.hidden_size, t.num_key_value_heads * head_dim, t.intermediate_size,
                                           t.num_attention_heads)
-    tokens = n_seq * (prompt_len + completion_len)
+    prompts = n_seq if prompts is None else prompts
+    tokens = prompts * prompt_len + n_seq * completion_len
     layers = t.num_hidden_layers * (1 if checkpointing else per_layer) + (per_layer if checkpointing else 0)
     language = tokens * (layers + 3 * t.hidden_size) * act_bytes
     vision = 0
     if train_vision:
         v_layer = layer_activation_elements(v.hidden_size, v.hidden_size, v.intermediate_size, v.num_heads)
         patch_input = 3 * v.temporal_patch_size * v.patch_size ** 2
-        vision = n_seq * patches * (v.depth * (1 if checkpointing else v_layer) + patch_input) * act_bytes
+        vision = prompts * patches * (v.depth * (1 if checkpointing else v_layer) + patch_input) * act_bytes
     logits = n_seq * (completion_len + 1) * t.vocab_size * (3 * 4 + 1)
-    return {"activations": language + vision, "logits": logits}
+    mask = 0
+    if prompts < n_seq:   # the shared prefix's 4D mask: SDPA keeps it as a float (L x L a row) in each layer's backward
+        row = prompt_len + math.ceil(n_seq / prompts) * completion_len
+        mask = prompts * row ** 2 * act_bytes * (1 if checkpointing else t.num_hidden_layers)
+    return {"activations": language + vision + mask, "logits": logits}
 
 
 @dataclass
@@ -109,8 +115,11 @@ def plan_memory(cfg: Config, setting: PlanSetting, counts: dict, config) -> dict
     seqs_per_gpu = math.ceil(cfg.batch_size / n) * (cfg.num_generations if cfg.algo != "sft" else 1)
     micro = min(cfg.micro_batch, seqs_per_gpu)
     train_vision = not cfg.freeze_vision and not cfg.lora_r
-    act = activation_bytes(config, micro, prompt_len, cfg.max_new_tokens, patches, train_vision,
-                           cfg.gradient_checkpointing, b)
+    G = cfg.num_generations if cfg.algo != "sft" else 1
+    prompts = min(micro, math.ceil((micro - 1) / G) + 1)          # the groups a micro-batch can touch, at most
+    layout = lambda shared: activation_bytes(config, micro, prompt_len, cfg.max_new_tokens, patches, train_vision,
+                                             cfg.gradient_checkpointing, b, prompts if shared else None)
+    act = layout(cfg.shared_prefix and G > 1)                     # SFT: one completion a prompt, nothing shared
     parts = {"weights": counts["params_total"] * b / n, "gradients": trainable * b / n,
              "optimizer": 2 * trainable * b / n,                  # AdamW's two moments, in the parameters' dtype
              "reference": counts["params_total"] * b / n if cfg.beta > 0 and not cfg.lora_r else 0, **act}
@@ -131,6 +140,8 @@ def plan_memory(cfg: Config, setting: PlanSetting, counts: dict, config) -> dict
     return {"model": cfg.model, "device": cfg.device, "gpus": n, **{k: counts[k] for k in counts},
             "params_trainable": trainable, "image_tokens": patches // 4, "prompt_len": prompt_len,
             "completion_len": cfg.max_new_tokens, "sequences_per_gpu": seqs_per_gpu, "micro_batch": micro,
+            "shared_prefix": cfg.shared_prefix and G > 1, "prompts_per_micro_batch": prompts if G > 1 else micro,
+            "activations_one_row_a_sequence": int(layout(False)["activations"]),
             "per_gpu_bytes": {k: int(v) for k, v in parts.items()}, "vllm_bytes": {k: int(v) for k, v in vllm.items()},
             "peak_bytes": int(peak), "peak_phase": "update" if peak_update >= peak_rollout else "rollout",
             "phase_bytes": {"update": int(peak_update), "rollout": int(peak_rollout)}, "vllm_asleep_in_update": asleep,
@@ -176,6 +187,10 @@ def print_plan(plan: dict, remedies: list[dict]) -> None:
     print(f"sequences per GPU: {plan['sequences_per_gpu']}, micro-batch {plan['micro_batch']}, each "
           f"{plan['prompt_len']} prompt tokens ({plan['image_tokens']} of them the image's) + "
           f"{plan['completion_len']} completion tokens")
+    if plan["shared_prefix"]:
+        print(f"shared prefix: a micro-batch encodes at most {plan['prompts_per_micro_batch']} prompt(s) once each; "
+              f"activations {gb(plan['per_gpu_bytes']['activations']).strip()} GB against "
+              f"{gb(plan['activations_one_row_a_sequence']).strip()} GB one row a sequence")
     print("per GPU (GB):")
     for k, v in plan["per_gpu_bytes"].items():
         note = "  (rollout phase only: asleep during the update)" if k == "vllm" and plan["vllm_asleep_in_update"] else ""
