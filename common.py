@@ -4,7 +4,7 @@
     `config_parser` / `parse_config` (`--config FILE` included), `ArgumentParser` (one line for a bad command line).
   * `CACHE`: the folder of everything built or converted once (tiny models and pipelines, embedded images).
   * Files: `atomic_write` (the one way a file is replaced: a kill leaves the old one or the new one, never half),
-    `atomic_dir` (likewise for a folder built once: the tiny models and pipelines), `read_jsonl`, `append_jsonl`, `write_jsonl`, `wait_for_file`.
+    `atomic_dir` (likewise for a folder built once: the tiny models and pipelines) and `built_once`, `read_jsonl`, `append_jsonl`, `write_jsonl`, `wait_for_file`.
   * Seeds: `derive_seed`, the one rule for every derived seed, and `Stream`, the named namespace of each use.
   * `Dist` and the collectives the phases use (`torchrun` processes; a single process needs none of them).
 """
@@ -222,6 +222,15 @@ def atomic_write(path: str, mode: str = "w", fsync: bool = False):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def built_once(path: str, build, marker: str = "config.json") -> str:
+    """`path`, made by `build(path)` the first time it is asked for: the tiny models, pipelines, segmenter and
+    verifier, random weights built offline and cached (each build writes through `atomic_dir`, so a folder with
+    its `marker` file is a finished one)."""
+    if not os.path.exists(os.path.join(path, marker)):
+        build(path)
+    return path
 
 
 @contextmanager

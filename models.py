@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from common import CACHE, atomic_dir
+from common import CACHE, atomic_dir, built_once
 from prompts import PROMPTS, SYN_PURPOSE
 from shapes import COLORS, FURNITURE, SHAPES
 
@@ -268,12 +268,11 @@ def resolve_model(name: str) -> str:
     """A tiny model's name -> its cached local dir (built on first use); anything else is returned as is."""
     if name in TINY_MODELS:   # the small vocabulary's corpus is in the key: a changed corpus is a new model
         corpus = hashlib.sha256("\n".join(_corpus()).encode()).hexdigest()[:8] if name != "tiny-qwen-vocab" else "qwen"
-        path = os.path.join(CACHE, "models", f"{name}-v{TINY_VERSION}-{corpus}")
-        if not os.path.exists(os.path.join(path, "config.json")):
-            model_type = "qwen2_5_vl" if name in ("tiny", "tiny-qwen-vocab") else next(
-                f.model_types[0] for f in FAMILIES if f.tiny == name)
-            build_tiny(path, vocab="qwen" if name == "tiny-qwen-vocab" else "small", model_type=model_type)
-        return path
+        model_type = "qwen2_5_vl" if name in ("tiny", "tiny-qwen-vocab") else next(
+            f.model_types[0] for f in FAMILIES if f.tiny == name)
+        return built_once(os.path.join(CACHE, "models", f"{name}-v{TINY_VERSION}-{corpus}"),
+                          lambda p: build_tiny(p, vocab="qwen" if name == "tiny-qwen-vocab" else "small",
+                                               model_type=model_type))
     return name
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
-from common import CACHE, atomic_dir
+from common import CACHE, atomic_dir, built_once
 from procedural import ProceduralPipeline
 from shapes import COLORS, FURNITURE
 
@@ -193,9 +193,8 @@ def load_pipeline(name: str = "tiny", device: str = "cpu"):
                            StableDiffusionXLControlNetInpaintPipeline, StableDiffusionXLControlNetUnionInpaintPipeline)
     if name in TINY_PIPELINES:
         kind = "controlnet-union-inpaint" if name == "tiny-union" else "controlnet-inpaint"
-        path = os.path.join(CACHE, "pipelines", f"tiny-sdxl-{kind}-v{TINY_PIPELINE_VERSION}")
-        if not os.path.exists(os.path.join(path, "model_index.json")):
-            build_tiny_pipeline(path, union=name == "tiny-union")
+        path = built_once(os.path.join(CACHE, "pipelines", f"tiny-sdxl-{kind}-v{TINY_PIPELINE_VERSION}"),
+                          lambda p: build_tiny_pipeline(p, union=name == "tiny-union"), marker="model_index.json")
         pipe = DiffusionPipeline.from_pretrained(path)
     elif os.path.isdir(name):
         pipe = DiffusionPipeline.from_pretrained(name)
@@ -257,11 +256,8 @@ def sam_segmenter(name: str, device: str = "cpu") -> "Segmenter":
     """SAM prompted with each gold box (transformers' SamModel: no extra package); the matte is the union of the
     boxes' masks. `sam`: SAM_CHECKPOINT from the Hub; `tiny-sam`: random weights, built offline and cached."""
     from transformers import SamModel, SamProcessor
-    path = SAM_CHECKPOINT
-    if name == "tiny-sam":
-        path = os.path.join(CACHE, "segmenters", f"tiny-sam-v{TINY_SAM_VERSION}")
-        if not os.path.exists(os.path.join(path, "config.json")):
-            build_tiny_sam(path)
+    path = (built_once(os.path.join(CACHE, "segmenters", f"tiny-sam-v{TINY_SAM_VERSION}"), build_tiny_sam)
+            if name == "tiny-sam" else SAM_CHECKPOINT)
     model, proc = SamModel.from_pretrained(path).to(device).eval(), SamProcessor.from_pretrained(path)
 
     @torch.no_grad()

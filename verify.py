@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common import CACHE, atomic_dir
+from common import CACHE, atomic_dir, built_once
 from outpaint import byte_clip_tokenizer
 
 OWLV2_CHECKPOINT = "google/owlv2-base-patch16-ensemble"   # OWLv2's smallest: 155M parameters, input side 960
@@ -121,11 +121,8 @@ def owlv2_detector(name: str, device: str = "cpu"):
     """OWLv2 queried with the category names. `owlv2`: OWLV2_CHECKPOINT from the Hub; `tiny-owlv2`: random weights,
     built offline and cached."""
     from transformers import Owlv2ForObjectDetection, Owlv2Processor
-    path = OWLV2_CHECKPOINT
-    if name == "tiny-owlv2":
-        path = os.path.join(CACHE, "verifiers", f"tiny-owlv2-v{TINY_OWLV2_VERSION}")
-        if not os.path.exists(os.path.join(path, "config.json")):
-            build_tiny_owlv2(path)
+    path = (built_once(os.path.join(CACHE, "verifiers", f"tiny-owlv2-v{TINY_OWLV2_VERSION}"), build_tiny_owlv2)
+            if name == "tiny-owlv2" else OWLV2_CHECKPOINT)
     model, proc = Owlv2ForObjectDetection.from_pretrained(path).to(device).eval(), Owlv2Processor.from_pretrained(path)
 
     @torch.no_grad()

@@ -90,3 +90,18 @@ def test_derived_seeds_are_the_one_rule_and_streams_never_meet():
                 derive_seed(seed, Stream.SAMPLING, 1), derive_seed(seed, Stream.PROMPT_SAMPLING, 1, 0),
                 derive_seed(seed, Stream.SYNTHESIS_JOB, 2, 0), derive_seed(seed, Stream.OFFLINE_JOB, 0)]
         assert len(set(uses)) == len(uses)
+
+
+def test_built_once_builds_a_missing_folder_and_then_only_reads_it(tmp_path):
+    from common import atomic_dir, built_once
+    calls = []
+
+    def build(path):
+        calls.append(path)
+        with atomic_dir(path) as tmp:
+            open(os.path.join(tmp, "config.json"), "w").write("{}")
+    path = str(tmp_path / "tiny-x")
+    assert built_once(path, build) == path and built_once(path, build) == path
+    assert calls == [path]
+    os.makedirs(tmp_path / "half")                                      # a folder without its marker is rebuilt
+    assert built_once(str(tmp_path / "half"), lambda p: calls.append(p)) and calls[-1] == str(tmp_path / "half")
