@@ -295,10 +295,12 @@ class HFRollout:
     """`model.generate` on the policy itself, one call per chunk of prompts with num_return_sequences = n."""
     copies_weights = False   # generates with the policy's own weights: nothing to push
 
-    def __init__(self, model, processor, chunk: int = 8, synced_gpus: bool = False):
+    def __init__(self, model, processor, chunk: int = 8, synced_gpus: bool = False, one_prefill: bool = False):
         # synced_gpus (transformers' name): under FSDP a rank whose sequences have all ended keeps stepping until
-        # every rank's have, since each forward is a collective
+        # every rank's have, since each forward is a collective. one_prefill: each prompt's prefill runs once and
+        # its cache serves its n samples (`model.generate` with num_return_sequences runs it n times)
         self.model, self.processor, self.chunk, self.synced_gpus = model, processor, chunk, synced_gpus
+        self.one_prefill = one_prefill
         self.banned = vision_token_ids(processor)
         self.stops = stop_token_ids(processor)
 
@@ -325,13 +327,20 @@ class HFRollout:
         ids, mask, mm = left_pad(prompts, max(len(p.input_ids) for p in prompts), pad)   # generate appends on the right
         n = 1 if sp.greedy else sp.n
         dev = self.model.device
+        images = dict(pixel_values=torch.cat([p.pixel_values for p in prompts]).to(dev, self.model.dtype),
+                      image_grid_thw=torch.cat([p.image_grid_thw for p in prompts]).to(dev))
+        ids, mask, mm = ids.to(dev), mask.to(dev), mm.to(dev)
+        if self.one_prefill and n > 1:
+            images = {"past_key_values": self._prefill(ids, mask, mm, images, n)}
+            ids, mask, mm = (t.repeat_interleave(n, 0) for t in (ids, mask, mm))
+            n_return = 1                                                        # the rows are already n a prompt
+        else:
+            n_return = n
         out = self.model.generate(
-            input_ids=ids.to(dev), attention_mask=mask.to(dev), mm_token_type_ids=mm.to(dev),
-            pixel_values=torch.cat([p.pixel_values for p in prompts]).to(dev, self.model.dtype),
-            image_grid_thw=torch.cat([p.image_grid_thw for p in prompts]).to(dev),
+            input_ids=ids, attention_mask=mask, mm_token_type_ids=mm, **images,
             do_sample=not sp.greedy, temperature=sp.temperature if not sp.greedy else None,
             top_p=sp.top_p if not sp.greedy else None, top_k=0 if not sp.greedy else None,
-            num_return_sequences=n, max_new_tokens=sp.max_tokens, suppress_tokens=self.banned,
+            num_return_sequences=n_return, max_new_tokens=sp.max_tokens, suppress_tokens=self.banned,
             eos_token_id=self.stops, pad_token_id=pad, output_scores=True, return_dict_in_generate=True,
             synced_gpus=self.synced_gpus)
         seqs = out.sequences[:, ids.shape[1]:].cpu()                                      # the new tokens
@@ -348,6 +357,19 @@ class HFRollout:
                                     logprobs=tok_logps[r, :len(toks)].tolist()))
             groups.append(g)
         return groups
+
+
+    def _prefill(self, ids, mask, mm, images, n: int):
+        """The prompts' cache, all but their last token, computed once and repeated n times a prompt; `generate`
+        then runs only the last prompt token (text: the assistant's turn) and samples as it would have. The model's
+        M-RoPE offsets (`rope_deltas`, set by this forward) are repeated likewise, for the positions of the new
+        tokens."""
+        cache = self.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], mm_token_type_ids=mm[:, :-1],
+                           **images, use_cache=True, logits_to_keep=1).past_key_values
+        cache.batch_repeat_interleave(n)
+        owner = next(m for m in self.model.modules() if vars(m).get("rope_deltas") is not None)
+        owner.rope_deltas = owner.rope_deltas.repeat_interleave(n, 0)
+        return cache
 
 
 def vllm_env() -> None:

@@ -487,7 +487,7 @@ def make_engine(cfg: Config, model, processor, d: Dist, device: str):
                            max_num_seqs=max_num_seqs(cfg.batch_size // d.world, cfg.num_generations),
                            gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, sleep_mode=cfg.vllm_sleep_mode,
                            min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
-    return HFRollout(model, processor, synced_gpus=d.world > 1)
+    return HFRollout(model, processor, synced_gpus=d.world > 1, one_prefill=cfg.shared_prefix)
 
 
 @dataclass
