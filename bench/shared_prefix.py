@@ -1,5 +1,6 @@
-"""The trainer's log-prob pass (forward + backward of one micro-batch) with a shared prefix against one row a
-sequence, at a perception task's proportions: an image of several hundred tokens, completions of 60-120 tokens.
+"""`--shared-prefix` against one row a sequence, at a perception task's proportions (an image of several hundred
+tokens, completions of 60-120 tokens): the trainer's log-prob pass (forward + backward of one micro-batch) and HF
+generation (one prefill a prompt against one a sample).
 Prints a table of time ratios measured side by side in this run (median of --repeats, interleaved), and how each
 mode's time grows with G and with the prompt's length; writes bench/shared_prefix.json and .png.
 
@@ -74,6 +75,26 @@ def measure(model, proc, prompt, G: int, B: int, repeats: int) -> dict:
             "speedup": per_seq / shared}
 
 
+def generation(model, proc, prompt, G: int, B: int, repeats: int, tokens: int = 64) -> dict:
+    """Seconds of HFRollout.generate for B prompts x G samples of `tokens` new tokens (stop tokens suppressed, so
+    both modes generate the same count), one prefill a prompt against one a sample."""
+    from rollout import HFRollout, Sampling
+    model.eval()
+    times = {False: [], True: []}
+    for k in range(repeats + 1):                                         # the first round warms up
+        for one in (False, True):
+            ro = HFRollout(model, proc, one_prefill=one)
+            ro.banned = ro.banned + ro.stops                            # never sampled: every sample is full length
+            t = time.perf_counter()
+            ro.generate([prompt] * B, Sampling(n=G, max_tokens=tokens), seeds=None)
+            if k:
+                times[one].append(time.perf_counter() - t)
+    model.train()
+    a, b = statistics.median(times[False]), statistics.median(times[True])
+    return {"G": G, "B": B, "prompt_tokens": len(prompt.input_ids), "new_tokens": tokens, "one_prefill_a_sample_s": a,
+            "one_prefill_a_prompt_s": b, "speedup": a / b}
+
+
 def peak_rss_mb(model_name: str, side: int, G: int, B: int, shared: bool) -> float:
     """Peak RSS of a fresh process doing one pass (the model and data loaded alike in both)."""
     code = (f"import sys; sys.path.insert(0, {HERE!r}); import shared_prefix as s; "
@@ -126,9 +147,10 @@ def main(argv=None):
     for side in sides:
         model, proc, prompt = setup(a.model, side)
         by_len.append(measure(model, proc, prompt, 6, a.B, repeats))
+    gen = generation(model, proc, prompt, 6, a.B, repeats)                # the last (largest) prompt
     memory = {mode: peak_rss_mb(a.model, 448, 6, a.B, mode == "shared_prefix") for mode in ("per_sequence", "shared_prefix")}
     result = {"commit": code_commit(), "model": a.model, "B": a.B, "by_G": by_g, "by_prompt_length": by_len,
-              "peak_rss_mb_G6_448px": memory,
+              "peak_rss_mb_G6_448px": memory, "generation": gen,
               "slope_ratio_G": slope(by_g, "G", "per_sequence_s") / slope(by_g, "G", "shared_prefix_s"),
               "slope_ratio_prompt": slope(by_len, "prompt_tokens", "per_sequence_s")
               / slope(by_len, "prompt_tokens", "shared_prefix_s")}
@@ -140,6 +162,9 @@ def main(argv=None):
               f"{r['speedup']:.2f} |")
     print(f"time per added completion (slope against G), one row a sequence / shared prefix: "
           f"{result['slope_ratio_G']:.2f}; per added prompt token (G = 6): {result['slope_ratio_prompt']:.2f}")
+    print(f"HF generation, G = 6, {gen['prompt_tokens']} prompt tokens, {gen['new_tokens']} new tokens: one prefill a "
+          f"sample {gen['one_prefill_a_sample_s']:.3f} s, one a prompt {gen['one_prefill_a_prompt_s']:.3f} s, ratio "
+          f"{gen['speedup']:.2f}")
     print(f"peak RSS, G = 6, 448 px: one row a sequence {memory['per_sequence']:.0f} MB, "
           f"shared prefix {memory['shared_prefix']:.0f} MB")
     with open(os.path.join(HERE, "shared_prefix.json"), "w") as f:
