@@ -2,7 +2,7 @@
 says so before any method row runs, one converged warm start for every row, and paired statistics. Fig. 2 and
 Fig. 8's claim in miniature beside it.
 
-    python experiments/paper.py              # 3 seeds, 200 steps a row, 300 test images a split (50 min)
+    python experiments/paper.py              # 3 seeds, 200 steps a row, 300 test images a split (~85 min)
     python experiments/paper.py --quick      # 1 seed, the gate and the primary contrast's rows (9 min)
     python experiments/paper.py --seeds 1 --steps 2 --sft-steps 10 --sft-chunk 5 --shapes-n 8 --eval-n 4   # CI
 
