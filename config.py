@@ -177,11 +177,11 @@ class Config:
     gradient_checkpointing: bool | None = opt(None, "recompute activations in the backward pass (default: on with "
                                                     "CUDA, as VLM-R1's REC scripts; --plan: the paper's setting needs "
                                                     "3x the memory without; off on CPU)")
-    shared_prefix: bool = opt(False, "encode each prompt once for its G completions: in the trainer's log-prob "
-                                     "passes (its completions in a micro-batch packed after it: Prefix Grouper, arXiv "
-                                     "2506.05433; the same log-probs and gradients) and in HF generation (one prefill, "
-                                     "its cache repeated G times). Off by default until the embedded default's "
-                                     "learning numbers are re-measured with it (docs/speed.md)")
+    shared_prefix: bool = opt(True, "encode each prompt once for its G completions: in the trainer's log-prob "
+                                    "passes (its completions in a micro-batch packed after it: Prefix Grouper, arXiv "
+                                    "2506.05433; the same log-probs and gradients) and in HF generation (one prefill, "
+                                    "its cache repeated G times); --no-shared-prefix: one row, one prefill a sequence "
+                                    "(docs/speed.md)")
     # logging and checkpoints
     save_every: int = opt(50, "checkpoint every N steps (and at the end): OUT/checkpoint-<step>/, a Hugging Face model "
                               "dir, and OUT/checkpoint.pt, the newest exact-resume state; 0 = never",

@@ -256,7 +256,7 @@ def attention_mask_for(model, seen: torch.Tensor) -> torch.Tensor:
         return torch.zeros(seen.shape, dtype=model.dtype, device=seen.device).masked_fill(
             ~seen, torch.finfo(model.dtype).min)
     raise SystemExit(f"the shared-prefix forward needs attn_implementation sdpa or eager, not {impl!r} "
-                     "(or leave out --shared-prefix)")
+                     "(or pass --no-shared-prefix)")
 
 
 def shared_prefix_positions(model, batch: MicroBatch) -> torch.Tensor:

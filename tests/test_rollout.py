@@ -278,5 +278,5 @@ def test_the_shared_prefix_needs_an_attention_that_takes_a_custom_mask():
 
     from rollout import attention_mask_for
     flash = SimpleNamespace(config=SimpleNamespace(_attn_implementation="flash_attention_2"), dtype=torch.float32)
-    with pytest.raises(SystemExit, match="leave out --shared-prefix"):
+    with pytest.raises(SystemExit, match="--no-shared-prefix"):
         attention_mask_for(flash, torch.ones(1, 1, 2, 2, dtype=torch.bool))
