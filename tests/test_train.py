@@ -111,9 +111,12 @@ SMALL = ["--sft-steps", "0", "--batch-size", "2", "--num-generations", "3", "--m
 
 def test_the_shared_prefix_trains_as_one_row_a_sequence_does(tmp_path):
     """4 steps from tiny with LoRA, mu = 2 (old log-probs), beta > 0 (the reference through disabled adapters) and an
-    entropy term that moves the weights: every step's loss, KL and entropy agree within 1e-5 (measured: equal to
-    the printed digits), and so do the final weights."""
+    entropy term that moves the weights: every step's loss, KL and entropy agree within 1e-5 (measured: 1e-6 and
+    closer), and the final weights within 1e-3 of how far they moved (measured: 3e-5 against 0.16; Adam at lr 1e-2
+    turns float-rounding differences of near-zero gradients into differences of that size)."""
     from safetensors.torch import load_file
+
+    from models import resolve_model
     runs = {}
     for flag in ("--shared-prefix", "--no-shared-prefix"):
         out = str(tmp_path / flag.strip("-"))
@@ -126,7 +129,9 @@ def test_the_shared_prefix_trains_as_one_row_a_sequence_does(tmp_path):
     for a, b in zip(ma, mb):
         for k in ("loss", "kl", "entropy"):
             assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-7), (a["step"], k)
-    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+    base = load_file(os.path.join(resolve_model("tiny"), "model.safetensors"))
+    moved = max((wa[k] - base[k]).abs().max().item() for k in wa)
+    assert moved > 0.05 and max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-3 * moved
 
 
 @pytest.mark.slow
