@@ -112,14 +112,15 @@ def plan_memory(cfg: Config, setting: PlanSetting, counts: dict, config) -> dict
     rh, rw = smart_resize(h, w, factor, cfg.min_pixels or lo, cfg.max_pixels or hi)
     patches = (rh // (factor // 2)) * (rw // (factor // 2))   # patches of side factor / 2; 4 make an image token
     prompt_len = PROMPT_TOKENS["syn-grpo" if cfg.algo == "syn-grpo" else "grpo"] + patches // 4
-    seqs_per_gpu = math.ceil(cfg.batch_size / n) * (cfg.num_generations if cfg.algo != "sft" else 1)
+    G = cfg.num_generations if cfg.algo != "sft" else 1           # completions a prompt
+    seqs_per_gpu = math.ceil(cfg.batch_size / n) * G
     micro = min(cfg.micro_batch, seqs_per_gpu)
     train_vision = not cfg.freeze_vision and not cfg.lora_r
-    G = cfg.num_generations if cfg.algo != "sft" else 1
     prompts = min(micro, math.ceil((micro - 1) / G) + 1)          # the groups a micro-batch can touch, at most
-    layout = lambda shared: activation_bytes(config, micro, prompt_len, cfg.max_new_tokens, patches, train_vision,
-                                             cfg.gradient_checkpointing, b, prompts if shared else None)
-    act = layout(cfg.shared_prefix and G > 1)                     # SFT: one completion a prompt, nothing shared
+    shared = cfg.shared_prefix and G > 1                          # SFT: one completion a prompt, nothing shared
+    layout = lambda packed: activation_bytes(config, micro, prompt_len, cfg.max_new_tokens, patches, train_vision,
+                                             cfg.gradient_checkpointing, b, prompts if packed else None)
+    act = layout(shared)
     parts = {"weights": counts["params_total"] * b / n, "gradients": trainable * b / n,
              "optimizer": 2 * trainable * b / n,                  # AdamW's two moments, in the parameters' dtype
              "reference": counts["params_total"] * b / n if cfg.beta > 0 and not cfg.lora_r else 0, **act}
@@ -140,7 +141,7 @@ def plan_memory(cfg: Config, setting: PlanSetting, counts: dict, config) -> dict
     return {"model": cfg.model, "device": cfg.device, "gpus": n, **{k: counts[k] for k in counts},
             "params_trainable": trainable, "image_tokens": patches // 4, "prompt_len": prompt_len,
             "completion_len": cfg.max_new_tokens, "sequences_per_gpu": seqs_per_gpu, "micro_batch": micro,
-            "shared_prefix": cfg.shared_prefix and G > 1, "prompts_per_micro_batch": prompts if G > 1 else micro,
+            "shared_prefix": shared, "prompts_per_micro_batch": prompts,
             "activations_one_row_a_sequence": int(layout(False)["activations"]),
             "per_gpu_bytes": {k: int(v) for k, v in parts.items()}, "vllm_bytes": {k: int(v) for k, v in vllm.items()},
             "peak_bytes": int(peak), "peak_phase": "update" if peak_update >= peak_rollout else "rollout",

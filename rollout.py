@@ -259,11 +259,17 @@ def attention_mask_for(model, seen: torch.Tensor) -> torch.Tensor:
                      "(or pass --no-shared-prefix)")
 
 
+def mrope_model(model):
+    """The module that owns the model's M-RoPE: its position rule (`get_rope_index`) and the offsets generation keeps
+    between steps (`rope_deltas`): Qwen2VLModel, Qwen2_5_VLModel, Qwen3VLModel."""
+    return next(m for m in model.modules() if hasattr(type(m), "get_rope_index"))
+
+
 def shared_prefix_positions(model, batch: MicroBatch) -> torch.Tensor:
     """(3, rows, L) M-RoPE positions: each row's prompt and each completion token at the position the model's own
     rule (`get_rope_index`) gives it in the per-sequence row [prompt, completion]; pads at 0. Text positions do not
     depend on the text tokens, so one call a row, on the prompt and its longest completion, serves them all."""
-    rope = next(m for m in model.modules() if hasattr(type(m), "get_rope_index"))
+    rope = mrope_model(model)
     rows, L = batch.input_ids.shape
     P = max(batch.prompt_len)
     pos = torch.zeros(3, rows, L, dtype=torch.long)
@@ -358,7 +364,6 @@ class HFRollout:
             groups.append(g)
         return groups
 
-
     def _prefill(self, ids, mask, mm, images, n: int):
         """The prompts' cache, all but their last token, computed once and repeated n times a prompt; `generate`
         then runs only the last prompt token (text: the assistant's turn) and samples as it would have. The model's
@@ -367,7 +372,7 @@ class HFRollout:
         cache = self.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], mm_token_type_ids=mm[:, :-1],
                            **images, use_cache=True, logits_to_keep=1).past_key_values
         cache.batch_repeat_interleave(n)
-        owner = next(m for m in self.model.modules() if vars(m).get("rope_deltas") is not None)
+        owner = mrope_model(self.model)
         owner.rope_deltas = owner.rope_deltas.repeat_interleave(n, 0)
         return cache
 

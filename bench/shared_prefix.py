@@ -13,6 +13,7 @@ The tiny model is small, so its vision tower and layers are cheap beside the voc
 modes pay alike: on a real 3B model the prompt's share of the work, and so the saving, is larger.
 """
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -21,6 +22,7 @@ import sys
 import time
 
 import torch
+from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -38,10 +40,8 @@ def setup(model_name: str, side: int):
     model, proc = load_policy(model_name, min_pixels=side * side, max_pixels=side * side)
     model.train()
     sample = read_data(make_shapes("rec", 1, os.path.join(ROOT, ".cache", "bench", "shapes_sp"), seed=0), "rec")[0]
-    from PIL import Image
     path = os.path.join(ROOT, ".cache", "bench", f"sp_{side}.png")
     Image.open(sample.image).convert("RGB").resize((side, side)).save(path)
-    import dataclasses
     return model, proc, encode_prompt(proc, dataclasses.replace(sample, image=path))
 
 
