@@ -64,12 +64,14 @@ def layer_activation_elements(hidden: int, kv_hidden: int, intermediate: int, he
 
 
 def activation_bytes(config, n_seq: int, prompt_len: int, completion_len: int, patches: int, train_vision: bool,
-                     checkpointing: bool, act_bytes: int, prompts: int | None = None) -> dict:
+                     checkpointing: bool, act_bytes: int, prompts: int | None = None,
+                     entropy_grad: bool = False) -> dict:
     """Memory of one micro-batch's forward pass held until its backward: the decoder layers' activations (with
     gradient checkpointing each layer's input, plus one layer's recomputed activations), the vision tower's when it
-    trains (patches per image), and the log-prob pass's vocabulary-sized tensors (float32 whatever the dtype:
-    log-softmax, softmax, masked logits, for the completion's tokens). `prompts`: under a shared prefix, the
-    micro-batch's distinct prompts, each with its image encoded once (None: one row a sequence)."""
+    trains (patches per image), and the log-prob pass's vocabulary-sized tensors for the completion's tokens (float32
+    whatever the dtype: the log-softmax, and its exp when --entropy-coef differentiates the entropy: entropy_grad).
+    `prompts`: under a shared prefix, the micro-batch's distinct prompts, each with its image encoded once (None:
+    one row a sequence)."""
     t, v = config.text_config, config.vision_config
     head_dim = head_dim_of(t)
     per_layer = layer_activation_elements(t.hidden_size, t.num_key_value_heads * head_dim, t.intermediate_size,
@@ -83,7 +85,7 @@ def activation_bytes(config, n_seq: int, prompt_len: int, completion_len: int, p
         v_layer = layer_activation_elements(v.hidden_size, v.hidden_size, v.intermediate_size, v.num_heads)
         patch_input = 3 * v.temporal_patch_size * v.patch_size ** 2
         vision = prompts * patches * (v.depth * (1 if checkpointing else v_layer) + patch_input) * act_bytes
-    logits = n_seq * (completion_len + 1) * t.vocab_size * (3 * 4 + 1)
+    logits = n_seq * (completion_len + 1) * t.vocab_size * (8 if entropy_grad else 4)
     mask = 0
     if prompts < n_seq:   # the shared prefix's 4D mask: SDPA keeps it as a float (L x L a row) in each layer's backward
         row = prompt_len + math.ceil(n_seq / prompts) * completion_len
@@ -119,7 +121,8 @@ def plan_memory(cfg: Config, setting: PlanSetting, counts: dict, config) -> dict
     prompts = min(micro, math.ceil((micro - 1) / G) + 1)          # the groups a micro-batch can touch, at most
     shared = cfg.shared_prefix and G > 1                          # SFT: one completion a prompt, nothing shared
     layout = lambda packed: activation_bytes(config, micro, prompt_len, cfg.max_new_tokens, patches, train_vision,
-                                             cfg.gradient_checkpointing, b, prompts if packed else None)
+                                             cfg.gradient_checkpointing, b, prompts if packed else None,
+                                             cfg.entropy_coef > 0)
     act = layout(shared)
     parts = {"weights": counts["params_total"] * b / n, "gradients": trainable * b / n,
              "optimizer": 2 * trainable * b / n,                  # AdamW's two moments, in the parameters' dtype

@@ -217,16 +217,23 @@ def model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Token entropy H = logsumexp(z) - sum softmax(z) z. (..., V) -> (...)."""
-    p = logits.softmax(-1)
-    return torch.logsumexp(logits, -1) - (p * logits).sum(-1)
+def token_entropy(logp: torch.Tensor) -> torch.Tensor:
+    """Token entropy H = -sum_v p_v log p_v from log-probabilities. (..., V) -> (...). A token given a finite
+    -1e9 logit (BANNED_LOGIT) has p = 0 exactly in float32 and adds 0, where -inf would give 0 x -inf = NaN."""
+    return -(logp.exp() * logp).sum(-1)
+
+
+BANNED_LOGIT = -1e9   # a token never sampled: exp(-1e9 - max) is 0 in float32, so log-probs equal those with -inf
 
 
 def completion_logprobs(model, batch: MicroBatch, banned: list[int], temperature: float = 1.0,
-                        with_entropy: bool = False):
+                        with_entropy: bool = False, entropy_grad: bool = False):
     """Per-token log-probs (n, T) of the completion tokens (and entropies), the sampler's view: logits divided by
-    the temperature (trl#4159) and the suppressed vision tokens removed, as at sampling time."""
+    the temperature (trl#4159) and the suppressed vision tokens removed, as at sampling time.
+
+    The (n, T, V) tensors dominate this pass at a 151,643-token vocabulary, so there are as few as possible: one
+    log-softmax serves the log-probs and the entropies, and the entropies enter autograd only when a loss term
+    differentiates them (entropy_grad: --entropy-coef); logged or shaping an advantage, they are values."""
     dev, T = model_device(model), batch.completion_len
     kw = dict(input_ids=batch.input_ids.to(dev), mm_token_type_ids=batch.mm_token_type_ids.to(dev),
               pixel_values=batch.pixel_values.to(dev, model.dtype), image_grid_thw=batch.image_grid_thw.to(dev),
@@ -239,10 +246,13 @@ def completion_logprobs(model, batch: MicroBatch, banned: list[int], temperature
     else:
         out = model(**kw, attention_mask=batch.attention_mask.to(dev), logits_to_keep=T + 1)
         logits = out.logits[:, :-1]                                                 # position t predicts token t
-    logits = logits.float() / temperature
-    logits[..., banned] = -float("inf")
-    logp = logits.log_softmax(-1).gather(-1, batch.targets.to(dev).unsqueeze(-1)).squeeze(-1)
-    ent = entropy_from_logits(logits.masked_fill(torch.isinf(logits), -1e9)) if with_entropy else None
+    logits = logits.float() / temperature if temperature != 1.0 else logits.float()
+    logits[..., banned] = BANNED_LOGIT
+    logp_v = logits.log_softmax(-1)                                                  # (n, T, V)
+    logp = logp_v.gather(-1, batch.targets.to(dev).unsqueeze(-1)).squeeze(-1)       # (n, T)
+    ent = None
+    if with_entropy:
+        ent = token_entropy(logp_v if entropy_grad else logp_v.detach())           # (n, T)
     return logp, ent
 
 

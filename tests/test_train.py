@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from rollout import entropy_from_logits
+from rollout import BANNED_LOGIT, token_entropy
 from train import Config, aggregate, batch_slots, clipped_surrogate, entropy_shaped_advantage, group_advantages, kl_k3
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,8 +61,10 @@ def test_aggregations():
 
 
 def test_entropy_and_entropy_advantage():
-    assert entropy_from_logits(torch.zeros(4)).item() == pytest.approx(math.log(4))
-    assert entropy_from_logits(torch.tensor([100.0, 0.0, 0.0])).item() == pytest.approx(0.0, abs=1e-6)
+    assert token_entropy(torch.zeros(4).log_softmax(-1)).item() == pytest.approx(math.log(4))
+    assert token_entropy(torch.tensor([100.0, 0.0, 0.0]).log_softmax(-1)).item() == pytest.approx(0.0, abs=1e-6)
+    banned = torch.tensor([0.0, 0.0, BANNED_LOGIT]).log_softmax(-1)        # a suppressed token adds 0, not NaN
+    assert token_entropy(banned).item() == pytest.approx(math.log(2))
     a = entropy_shaped_advantage(torch.tensor([1.0, -1.0, 1.0]), torch.tensor([2.0, 2.0, 20.0]), 0.1, 2.0)
     assert torch.allclose(a, torch.tensor([1.2, -0.8, 1.5]))
 
