@@ -1,7 +1,10 @@
-"""TRL's GRPOTrainer on the same tiny Qwen2.5-VL, shapes REC data, batch, G, completion length and rewards as
-`train.py` (HF generation), for bench/run.py. Prints one JSON line: per-step seconds and mean completion lengths.
+"""TRL's GRPOTrainer on the same model, shapes REC data, batch, G, completion length, pixel limits and rewards as
+`train.py`, for bench/run.py. Prints one JSON line: per-step seconds and mean completion lengths.
 
     python bench/trl_grpo.py --model DIR --steps 6 --batch-size 4 --num-generations 6 --max-new-tokens 48
+    python bench/trl_grpo.py --model tiny-qwen-vocab --min-pixels 200704 --max-pixels 200704 --use-vllm
+
+--use-vllm is TRL's colocated vLLM mode (the engine in the trainer's process), its best mode on one machine.
 """
 import argparse
 import json
@@ -22,21 +25,25 @@ def main(callbacks=()):
     p.add_argument("--num-generations", type=int, default=6)
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--min-pixels", type=int, default=0, help="the image processor's pixel floor (0: the model's own)")
+    p.add_argument("--max-pixels", type=int, default=0, help="the image processor's pixel budget (0: the model's own)")
+    p.add_argument("--use-vllm", action="store_true", help="TRL's colocated vLLM generation instead of HF generate")
     a = p.parse_args()
 
     import torch
     from datasets import Dataset
-    from transformers import AutoProcessor, TrainerCallback
+    from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     import rewards as R
     from data import load_image, read_data
     from prompts import build_prompt
     from shapes import make_shapes
+    from models import load_processor, resolve_model
     from rollout import encode_prompt
 
     torch.manual_seed(0)
-    processor = AutoProcessor.from_pretrained(a.model)
+    processor = load_processor(a.model, a.min_pixels, a.max_pixels)
     samples = read_data(make_shapes("rec", 512, os.path.join(ROOT, ".cache", "shapes"), objects=(1, 2)), "rec")
     sizes = [encode_prompt(processor, s).frame_size for s in samples]   # the model's box frame, as train.py uses
     ds = Dataset.from_list([{"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": build_prompt(s)}]}],
@@ -64,8 +71,9 @@ def main(callbacks=()):
                      per_device_train_batch_size=a.batch_size * a.num_generations, num_generations=a.num_generations,
                      max_completion_length=a.max_new_tokens, temperature=1.0, beta=0.0, learning_rate=a.lr,
                      max_steps=a.steps, logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=True,
-                     loss_type="grpo", epsilon_high=0.28, seed=0)
-    trainer = GRPOTrainer(model=a.model, processing_class=processor, reward_funcs=[accuracy, fmt], args=cfg,
+                     loss_type="grpo", epsilon_high=0.28, seed=0, use_vllm=a.use_vllm, vllm_mode="colocate",
+                     vllm_max_model_length=4096, vllm_gpu_memory_utilization=0.3)   # the CPU backend reserves this share of RAM
+    trainer = GRPOTrainer(model=resolve_model(a.model), processing_class=processor, reward_funcs=[accuracy, fmt], args=cfg,
                           train_dataset=ds, callbacks=[Clock(), *callbacks])
     trainer.train()
     lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
