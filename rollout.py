@@ -142,6 +142,7 @@ class MicroBatch:
     logit_index: torch.Tensor | None = None                 # (n, T) where each token's logits are among the kept
     segment: torch.Tensor | None = None                     # (rows, L) -1 pad, 0 prompt, k the row's k-th completion
     prompt_len: list | None = None                          # tokens of each row's prompt
+    positions: torch.Tensor | None = None                   # (3, rows, L) M-RoPE positions, set by the first pass
 
     @property
     def completion_len(self) -> int:  # T
@@ -240,8 +241,10 @@ def completion_logprobs(model, batch: MicroBatch, banned: list[int], temperature
               use_cache=False)
     if batch.shared_prefix:
         kept = batch.input_ids.shape[1] - max(batch.prompt_len) + 1                # columns P-1 .. L-1
+        if batch.positions is None:     # once a micro-batch: the old, reference and mu passes reuse them
+            batch.positions = shared_prefix_positions(model, batch)
         out = model(**kw, attention_mask=attention_mask_for(model, batch.attention_mask.to(dev)),
-                    position_ids=shared_prefix_positions(model, batch).to(dev), logits_to_keep=kept)
+                    position_ids=batch.positions.to(dev), logits_to_keep=kept)
         logits = out.logits[batch.seq_row.to(dev)[:, None], batch.logit_index.to(dev)]   # (n, T, V)
     else:
         out = model(**kw, attention_mask=batch.attention_mask.to(dev), logits_to_keep=T + 1)

@@ -34,7 +34,8 @@ def final_row(out):
 def test_torchrun_two_ranks_match_one_process_and_resume(tmp_path, math_model):
     """Same global batch (B=4: two prompts per rank), --prompt-seeds so that the rollouts do not depend on the
     split; mu=2 and an entropy term make the loss non-zero. Measured: loss equal to 1e-8, weights to 5e-6. The
-    validation split has an odd size: one rank pads its share, and the metrics are one process's."""
+    validation split has an odd size: one rank pads its share, and the metrics are one process's. The two ranks run
+    again one row a sequence (--no-shared-prefix): the same losses and weights."""
     from shapes import make_shapes
     val = make_shapes("math", 5, str(tmp_path / "val"), split="val")
     args = ["--model", math_model, "--task", "math", "--sft-steps", "0", "--batch-size", "4", "--num-generations", "3",
@@ -59,6 +60,14 @@ def test_torchrun_two_ranks_match_one_process_and_resume(tmp_path, math_model):
     w1, w2 = weights(one), weights(two)
     assert w1.keys() == w2.keys()
     assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-4
+    # under FSDP2 the shared-prefix forward (the default) equals one row a sequence
+    rows = str(tmp_path / "rows")
+    r = torchrun(*args, "--max-steps", "3", "--save-every", "0", "--no-shared-prefix", "--out-dir", rows)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for a, b in zip(m2, metrics(rows)):
+        assert a["reward"] == b["reward"] and a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+    w3 = weights(rows)
+    assert max((w3[k] - w2[k]).abs().max().item() for k in w2) < 1e-4
     # resume with the same world size: 2 steps, then --resume to 3, equals the uninterrupted 3-step run
     part = str(tmp_path / "part")
     r = torchrun(*args, "--max-steps", "2", "--save-every", "1", "--out-dir", part)
