@@ -425,7 +425,7 @@ class VLLMRollout:
 
     def __init__(self, model_path: str, processor, dtype: str = "float32", max_model_len: int = 2048,
                  gpu_memory_utilization: float = 0.9, tensor_parallel_size: int = 1, max_num_seqs: int = 64,
-                 sleep_mode: bool = False, min_pixels: int = 0, max_pixels: int = 0):
+                 sleep_mode: bool = False, min_pixels: int = 0, max_pixels: int = 0, prefix_caching: bool = True):
         vllm_env()
         from vllm import LLM
         from vllm.platforms import current_platform
@@ -441,7 +441,7 @@ class VLLMRollout:
                        tensor_parallel_size=tensor_parallel_size, seed=0,
                        mm_processor_kwargs=vllm_pixel_limits(processor) if min_pixels or max_pixels else None,
                        # sampled-token log-probs after temperature / logit bias: what the tokens were drawn from
-                       logprobs_mode="processed_logprobs", **kw)
+                       logprobs_mode="processed_logprobs", enable_prefix_caching=prefix_caching, **kw)
 
     def sleep(self) -> None:
         """Free the engine's GPU memory until it is next used (a no-op without sleep mode, e.g. on CPU). Level 1:

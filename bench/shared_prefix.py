@@ -95,6 +95,42 @@ def generation(model, proc, prompt, G: int, B: int, repeats: int, tokens: int = 
             "one_prefill_a_prompt_s": b, "speedup": a / b}
 
 
+def vllm_worker(model_name: str, side: int, G: int, B: int, repeats: int, caching: bool, tokens: int = 64) -> None:
+    """(subprocess) Seconds of vLLM generation for B prompts x G samples, its prefix cache on or off, the cache
+    emptied before each call as every weight push empties it in training; prints one JSON line."""
+    from models import load_processor
+    from rollout import Sampling, VLLMRollout
+    model, proc, prompt = setup(model_name, side)
+    eng = VLLMRollout(model_name, load_processor(model_name, side * side, side * side), max_model_len=1024,
+                      min_pixels=side * side, max_pixels=side * side, prefix_caching=caching)
+    eng.banned = eng.banned + eng.stops                                # every sample is full length
+    eng.stops = []
+    times = []
+    for k in range(repeats + 1):                                      # the first call warms up
+        eng.llm.reset_prefix_cache()
+        eng.llm.reset_mm_cache()
+        eng.llm.llm_engine.reset_encoder_cache()
+        t = time.perf_counter()
+        eng.generate([prompt] * B, Sampling(n=G, max_tokens=tokens, seed=k))
+        if k:
+            times.append(time.perf_counter() - t)
+    print(json.dumps({"caching": caching, "times": times}))
+
+
+def vllm_prefix_caching(model_name: str, side: int, G: int, B: int, repeats: int) -> dict:
+    """vLLM's prefix caching on against off, each in a fresh process (one in-process engine at a time)."""
+    out = {}
+    for caching in (False, True):
+        code = (f"import sys; sys.path.insert(0, {HERE!r}); import shared_prefix as s; "
+                f"s.vllm_worker({model_name!r}, {side}, {G}, {B}, {repeats}, {caching})")
+        r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+        lines = [l for l in r.stdout.splitlines() if l.startswith('{"caching"')]
+        if r.returncode or not lines:
+            raise SystemExit("bench/shared_prefix.py: the vLLM probe failed:\n" + r.stderr[-2000:])
+        out["on" if caching else "off"] = statistics.median(json.loads(lines[-1])["times"])
+    return {"G": G, "B": B, "side": side, "off_s": out["off"], "on_s": out["on"], "speedup": out["off"] / out["on"]}
+
+
 def peak_rss_mb(model_name: str, side: int, G: int, B: int, shared: bool) -> float:
     """Peak RSS of a fresh process doing one pass (the model and data loaded alike in both)."""
     code = (f"import sys; sys.path.insert(0, {HERE!r}); import shared_prefix as s; "
@@ -148,9 +184,10 @@ def main(argv=None):
         model, proc, prompt = setup(a.model, side)
         by_len.append(measure(model, proc, prompt, 6, a.B, repeats))
     gen = generation(model, proc, prompt, 6, a.B, repeats)                # the last (largest) prompt
+    prefix_cache = vllm_prefix_caching(a.model, 448, 6, a.B, repeats)
     memory = {mode: peak_rss_mb(a.model, 448, 6, a.B, mode == "shared_prefix") for mode in ("per_sequence", "shared_prefix")}
     result = {"commit": code_commit(), "model": a.model, "B": a.B, "by_G": by_g, "by_prompt_length": by_len,
-              "peak_rss_mb_G6_448px": memory, "generation": gen,
+              "peak_rss_mb_G6_448px": memory, "generation": gen, "vllm_prefix_caching": prefix_cache,
               "slope_ratio_G": slope(by_g, "G", "per_sequence_s") / slope(by_g, "G", "shared_prefix_s"),
               "slope_ratio_prompt": slope(by_len, "prompt_tokens", "per_sequence_s")
               / slope(by_len, "prompt_tokens", "shared_prefix_s")}
@@ -165,6 +202,8 @@ def main(argv=None):
     print(f"HF generation, G = 6, {gen['prompt_tokens']} prompt tokens, {gen['new_tokens']} new tokens: one prefill a "
           f"sample {gen['one_prefill_a_sample_s']:.3f} s, one a prompt {gen['one_prefill_a_prompt_s']:.3f} s, ratio "
           f"{gen['speedup']:.2f}")
+    print(f"vLLM generation, G = 6, 448 px, 64 new tokens, the cache emptied before each call: prefix caching off "
+          f"{prefix_cache['off_s']:.3f} s, on {prefix_cache['on_s']:.3f} s, ratio {prefix_cache['speedup']:.2f}")
     print(f"peak RSS, G = 6, 448 px: one row a sequence {memory['per_sequence']:.0f} MB, "
           f"shared prefix {memory['shared_prefix']:.0f} MB")
     with open(os.path.join(HERE, "shared_prefix.json"), "w") as f:
