@@ -20,6 +20,13 @@ with one CPU core an image takes seconds, so waiting for every image (`--synchro
 here than the paper's 2.16x on GPUs. The OVD reward row checks our COCO mAP against pycocotools on the same inputs
 (the values must agree to the printed difference). Ratios depend on the CPU: rerun on yours.
 
+The perception rows run both trainers at a perception task's proportions instead: `tiny-qwen-vocab` (random
+weights, the real 151,643-token vocabulary), one 448 x 448 image a prompt (256 image tokens, 330 prompt tokens),
+completions of 96 tokens (a random policy never samples a stop token, so both trainers generate the full length),
+B 2, G 6, one forward a step in both. TRL's colocated vLLM mode is tried and, where it fails, its error is printed
+and TRL's HF mode stands as its best. The two slope rows fit a line to the step time against G (2, 6, 12) and
+against the prompt's length (224 and 448 px images), and compare the slopes; `bench/perception.png` draws them.
+
 Single rows: `bench/step_phases.py` (seconds per phase of a step), `bench/async_synthesis.py` (the synthesis rows),
 `bench/profile_step.py` (torch.profiler over the same steps of ours and TRL's: where the time goes),
 `bench/verifier_cost.py` (the operations of one `--verify-synthesis owlv2` check against one SDXL outpainting).

@@ -1,8 +1,8 @@
 """Every benchmark of this codebase, measured side by side in one run; prints one table, writes bench/results.json
 and docs/benchmarks.md (bench/report.py).
 
-    python bench/run.py            # full: more steps and repeats (about 10 min on 2 idle CPU cores)
-    python bench/run.py --quick    # under 10 min here
+    python bench/run.py            # full: more steps, repeats and sweep points (about an hour on 2 idle CPU cores)
+    python bench/run.py --quick    # 26 min here (the perception rows take 19 of them)
 
 Rows (each a ratio of two things measured in this run, on this machine; medians over >= 3 repeats, min/max kept):
   vs TRL      GRPO steps/s of train.py vs TRL's GRPOTrainer: same tiny Qwen2.5-VL (after a short SFT), shapes REC
