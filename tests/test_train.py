@@ -112,10 +112,11 @@ SMALL = ["--sft-steps", "0", "--batch-size", "2", "--num-generations", "3", "--m
 
 
 def test_the_shared_prefix_trains_as_one_row_a_sequence_does(tmp_path):
-    """4 steps from tiny with LoRA, mu = 2 (old log-probs), beta > 0 (the reference through disabled adapters) and an
-    entropy term that moves the weights: every step's loss, KL and entropy agree within 1e-5 (measured: 1e-6 and
-    closer), and the final weights within 1e-3 of how far they moved (measured: 3e-5 against 0.16; Adam at lr 1e-2
-    turns float-rounding differences of near-zero gradients into differences of that size)."""
+    """4 steps from tiny with LoRA and gradient checkpointing, mu = 2 (old log-probs), beta > 0 (the reference through
+    disabled adapters) and an entropy term that moves the weights: every step's loss, KL and entropy agree within
+    1e-5 (measured: 1e-6 and closer), and the final weights within 1e-3 of how far they moved (measured: 3e-5
+    against 0.16; Adam at lr 1e-2 turns float-rounding differences of near-zero gradients into differences of that
+    size)."""
     from safetensors.torch import load_file
 
     from models import resolve_model
@@ -123,7 +124,8 @@ def test_the_shared_prefix_trains_as_one_row_a_sequence_does(tmp_path):
     for flag in ("--shared-prefix", "--no-shared-prefix"):
         out = str(tmp_path / flag.strip("-"))
         r = run_train("--model", "tiny", *SMALL, "--max-steps", "4", "--entropy-coef", "0.1", "--beta", "0.04",
-                      "--mu", "2", "--lr", "1e-2", "--lora-r", "4", "--save-every", "0", "--out-dir", out, flag)
+                      "--mu", "2", "--lr", "1e-2", "--lora-r", "4", "--gradient-checkpointing", "--save-every", "0",
+                      "--out-dir", out, flag)
         assert r.returncode == 0, r.stderr[-2000:]
         runs[flag] = (metrics(out), load_file(os.path.join(out, "final", "model.safetensors")))
     (ma, wa), (mb, wb) = runs.values()
