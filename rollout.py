@@ -26,7 +26,8 @@ from PIL import Image
 
 from common import derive_seed
 from data import Sample, frame_size, load_image
-from models import load_policy, processor_family, load_processor, resolve_model, stop_token_ids, vision_token_ids, vllm_pixel_limits
+from models import (checkpoint_layout, load_policy, load_processor, model_family, processor_family, resolve_model,
+                    stop_token_ids, vision_token_ids, vllm_pixel_limits, vllm_push_problem)
 from prompts import build_prompt
 
 # ----------------------------------------------------------------------------------------------------
@@ -434,6 +435,8 @@ class VLLMRollout:
         from vllm import LLM
         from vllm.platforms import current_platform
         self.processor = processor
+        self.model_type = model_family(model_path).model_types[0]    # pushes convert to its checkpoint layout
+        self.push_problem = vllm_push_problem(model_path, torch.cuda.is_available())
         self.banned = vision_token_ids(processor)
         self.stops = stop_token_ids(processor)
         self.sleep_mode = sleep_mode and current_platform.is_sleep_mode_available()   # False on CPU
@@ -494,9 +497,11 @@ class VLLMRollout:
         `reload_weights` takes HF checkpoint names; `model.load_weights` (TRL's colocate path) fails on the CPU
         backend. Without `reset_encoder_cache` the next request with an already-seen image fails with
         "Encoder cache miss"; without `reset_prefix_cache` old KV blocks would be reused."""
+        if self.push_problem:
+            raise SystemExit(self.push_problem)
         self.wake_up()
         # no copy: the engine copies each tensor into its own weights during this synchronous call
-        items = [(k, v.detach()) for k, v in state_dict.items()]
+        items = [(k, v.detach()) for k, v in checkpoint_layout(state_dict, self.model_type).items()]
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": items})
         self.llm.reset_prefix_cache()
         self.llm.reset_mm_cache()
