@@ -49,6 +49,13 @@ def test_plan_counts_a_tiny_qwen3_vl_exactly_and_sees_its_image_at_its_own_patch
     assert p["image_tokens"] == (640 // 32) * (480 // 32)      # patch 16, 2 x 2 merged: one token per 32 pixels
 
 
+def test_plan_counts_a_tiny_qwen3_vl_moe_exactly():
+    """Experts included (4 experts of width 32 a layer; the activations still count a dense MLP: not yet MoE's)."""
+    from models import load_policy
+    model, _ = load_policy("tiny-qwen3-vl-moe")
+    assert plan.count_parameters(model.config)["params_total"] == sum(p.numel() for p in model.parameters())
+
+
 def test_plan_grows_with_batch_generations_lengths_and_pixels_and_shrinks_with_ranks_and_lora():
     base = _plan(model="Qwen/Qwen2.5-VL-3B-Instruct")
     for change in (dict(batch_size=40, micro_batch=64), dict(num_generations=12, micro_batch=64),
