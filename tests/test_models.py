@@ -4,6 +4,8 @@ agreeing with vLLM)."""
 import hashlib
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -94,7 +96,18 @@ def test_each_family_answers_in_its_own_box_frame(name, shapes_dir):
 def test_each_familys_hf_processor_and_vllm_agree_and_follow_a_weight_push(name, shapes_dir, tmp_path, keep_engine):
     """On images of mixed sizes at raised pixel limits, vLLM expands each prompt into exactly the HF processor's token
     ids (image pads and grids alike: the trl#6401 case); after a weight push its sampling log-probs equal the
-    trainer's recomputed ones (to 1e-4; measured ~1e-6)."""
+    trainer's recomputed ones (to 1e-4; measured ~1e-6). A MoE checks in a process of its own: vLLM makes its
+    process-wide parallel groups with the first engine, the expert-parallel one only if that engine is a MoE."""
+    if not model_family(name).transposed:
+        return check_family_on_vllm(name, shapes_dir, tmp_path, keep_engine)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = (f"import sys, pathlib; sys.path[:0] = [{root!r}, {os.path.join(root, 'tests')!r}]; import test_models as t; "
+            f"t.check_family_on_vllm({name!r}, {shapes_dir!r}, pathlib.Path({str(tmp_path)!r}), lambda engine: None)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def check_family_on_vllm(name: str, shapes_dir: str, tmp_path, keep) -> None:
     from PIL import Image
 
     from data import Sample, read_data
@@ -110,11 +123,10 @@ def test_each_familys_hf_processor_and_vllm_agree_and_follow_a_weight_push(name,
     prompts = [encode_prompt(processor, s) for s in samples]
     assert len({p.input_size for p in prompts}) >= 2                           # mixed sizes
     engine = VLLMRollout(name, processor, max_model_len=1024, max_num_seqs=16, **limits)
-    keep_engine(engine)
+    keep(engine)
     reqs = [{"prompt_token_ids": engine._vllm_prompt_ids(p), "multi_modal_data": {"image": p.image}} for p in prompts]
     expanded = engine.llm.generate(reqs, use_tqdm=False)
     assert [list(o.prompt_token_ids) for o in expanded] == [p.input_ids for p in prompts]
-
 
     def gap():
         groups = engine.generate(prompts, Sampling(n=2, max_tokens=12, seed=3))
