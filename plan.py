@@ -15,13 +15,13 @@ import torch
 from common import ROOT
 from config import Config, prepare_config
 from data import smart_resize
-from models import TINY_MODELS, family_of, resolve_model
+from models import LORA_TARGETS, TINY_MODELS, family_of, resolve_model
 
 CONFIGS = os.path.join(ROOT, "configs")   # the checkpoints' config.json: Qwen2.5-VL 3B/7B/32B/72B, Qwen3-VL 2B/4B/8B/32B
+                                          # and 30B-A3B, GLM-4.1V-9B
 PROMPT_TOKENS = {"grpo": 81, "syn-grpo": 135}   # text tokens of a RefCOCO REC prompt, chat template included (Qwen's
                                                  # tokenizer); the image's tokens come on top
 GIB = 2 ** 30
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def plan_model_config(name: str):
@@ -33,7 +33,17 @@ def plan_model_config(name: str):
         return AutoConfig.from_pretrained(shipped if os.path.isdir(shipped) and not os.path.isdir(path) else path)
     except (OSError, ValueError) as e:
         raise SystemExit(f"train.py --plan: no config for --model {name} ({str(e).splitlines()[0]}); give a checkpoint "
-                         f"dir or one of {', '.join('Qwen/' + n for n in sorted(os.listdir(CONFIGS)))}") from None
+                         f"dir or one of {', '.join(shipped_ids())}") from None
+
+
+def shipped_ids() -> list[str]:
+    """The Hub ids of the shipped configs: each dir's name under its family's organisation."""
+    ids = []
+    for n in sorted(os.listdir(CONFIGS)):
+        with open(os.path.join(CONFIGS, n, "config.json")) as f:
+            family = family_of(json.load(f)["model_type"])
+        ids.append(f"{family.examples[0].split('/')[0]}/{n}")
+    return ids
 
 
 def count_parameters(config) -> dict:
@@ -111,7 +121,7 @@ def plan_memory(cfg: Config, setting: PlanSetting, counts: dict, config) -> dict
     lo, hi = family.tiny_pixels if cfg.model in TINY_MODELS else family.default_pixels
     w, h = setting.image_size
     factor = family.resize_factor
-    rh, rw = smart_resize(h, w, factor, cfg.min_pixels or lo, cfg.max_pixels or hi)
+    rh, rw = smart_resize(h, w, factor, (cfg.min_pixels or lo) // family.frames, (cfg.max_pixels or hi) // family.frames)
     patches = (rh // (factor // 2)) * (rw // (factor // 2))   # patches of side factor / 2; 4 make an image token
     prompt_len = PROMPT_TOKENS["syn-grpo" if cfg.algo == "syn-grpo" else "grpo"] + patches // 4
     G = cfg.num_generations if cfg.algo != "sft" else 1           # completions a prompt

@@ -48,7 +48,7 @@ from data import DataPool, gold_completion, read_rows_or_stop, read_template, so
 from eval import load_split, predict, score_rows
 from plan import plan_command
 from preflight import preflight
-from models import UnsupportedModel, load_policy, resolve_model, vision_token_ids
+from models import LORA_TARGETS, UnsupportedModel, load_policy, resolve_model, stop_token_ids, vision_token_ids
 from rollout import (Completion, HFRollout, MicroBatch, Prompt, Sampling, VLLMRollout, completion_logprobs,
                      encode_prompt, engine_gap, make_batch, max_num_seqs)
 from shapes import make_shapes
@@ -367,7 +367,7 @@ def sft_phase(cfg, model, processor, pool, d: Dist = Dist(), template: str = "")
         return 0
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.sft_lr,
                                   weight_decay=cfg.sft_weight_decay) if steps else None
-    banned, eos = vision_token_ids(processor), processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    banned, eos = vision_token_ids(processor), stop_token_ids(processor)[0]     # eos: the end of the model's turn
     fmt = cfg.sft_format or ("grpo" if cfg.algo == "sft" else cfg.algo)
     formats = ("grpo", "syn-grpo") if fmt == "both" else (fmt,)   # both: a step's k-th sequence in formats[k % 2]
     rng = random.Random(cfg.seed)   # the warm start's draws, as measured (the tiny models' warm starts depend on them)
@@ -458,7 +458,7 @@ def add_lora(cfg: Config, model):
     from peft import LoraConfig, get_peft_model
     return get_peft_model(model, LoraConfig(
         r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
-        target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"))
+        target_modules=rf".*language_model.*\.({'|'.join(LORA_TARGETS)})"))
 
 
 def make_reference(cfg: Config, model, processor, d: Dist, device: str, dtype: torch.dtype, warm_started: bool,

@@ -50,10 +50,29 @@ def test_plan_counts_a_tiny_qwen3_vl_exactly_and_sees_its_image_at_its_own_patch
 
 
 def test_plan_counts_a_tiny_qwen3_vl_moe_exactly():
-    """Experts included (4 experts of width 32 a layer; the activations still count a dense MLP: not yet MoE's)."""
+    """Experts included (4 experts of width 32 a layer; the activations still count a dense MLP: not yet MoE's); the
+    shipped 30B-A3B config gives the Hub's size (31.1B)."""
     from models import load_policy
     model, _ = load_policy("tiny-qwen3-vl-moe")
     assert plan.count_parameters(model.config)["params_total"] == sum(p.numel() for p in model.parameters())
+    config = plan.plan_model_config("Qwen/Qwen3-VL-30B-A3B-Instruct")
+    assert round(plan.count_parameters(config)["params_total"] / 1e9, 2) == 31.07
+
+
+def test_plan_counts_a_tiny_glm4v_and_its_lora_exactly_and_the_9b_at_its_published_size():
+    """GLM-4.1V fuses its MLP's gate and up projections (gate_up_proj), which LoRA adapts too; the shipped
+    GLM-4.1V-9B-Thinking config gives the Hub's 10.3B (9.4B of them the GLM-4-9B language model)."""
+    from models import load_policy
+    model, _ = load_policy("tiny-glm4v")
+    counts = plan.count_parameters(model.config)
+    assert counts["params_total"] == sum(p.numel() for p in model.parameters())
+    assert counts["params_vision"] == sum(p.numel() for p in model.model.visual.parameters())
+    lora = add_lora(Config(lora_r=8), copy.deepcopy(model))
+    adapted = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n, _ in lora.named_parameters() if "lora_" in n}
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"}
+    assert 8 * counts["params_lora_per_rank"] == sum(p.numel() for n, p in lora.named_parameters() if "lora_" in n)
+    nine = plan.count_parameters(plan.plan_model_config("zai-org/GLM-4.1V-9B-Thinking"))
+    assert round(nine["params_total"] / 1e9, 2) == 10.29 and round(nine["params_language"] / 1e9, 2) == 9.40
 
 
 def test_plan_grows_with_batch_generations_lengths_and_pixels_and_shrinks_with_ranks_and_lora():

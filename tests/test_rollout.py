@@ -248,7 +248,7 @@ def test_the_entropy_enters_autograd_only_when_a_loss_differentiates_it(tiny, sh
 
 
 @pytest.mark.parametrize("name,attn", [("tiny", "sdpa"), ("tiny", "eager"), ("tiny-qwen2-vl", "sdpa"),
-                                       ("tiny-qwen3-vl", "sdpa")])
+                                       ("tiny-qwen3-vl", "sdpa"), ("tiny-glm4v", "sdpa")])
 def test_shared_prefix_forward_equals_one_row_a_sequence(name, attn, tiny, shapes_dir, tmp_path):
     """Float32 on CPU: log-probs and entropies within 5e-6, every parameter's gradient within 1e-5 of its largest
     entry (measured: 1e-6 and 1.2e-6 on tiny), vision tower included (trained here)."""
@@ -268,7 +268,7 @@ def test_shared_prefix_forward_equals_one_row_a_sequence(name, attn, tiny, shape
         assert (ga - grads_b[n]).abs().max() <= 1e-5 * ga.abs().max() + 1e-9, n
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny-qwen2-vl", "tiny-qwen3-vl"])
+@pytest.mark.parametrize("name", ["tiny", "tiny-qwen2-vl", "tiny-qwen3-vl", "tiny-glm4v"])
 def test_one_prefill_samples_what_one_prefill_a_sample_does(name, tiny, shapes_dir, tmp_path):
     """HF generation with each prompt's prefill run once and its cache repeated n times draws the same tokens from
     the same seeds (batched and per-prompt seeded), with log-probs within 1e-5 (measured: 1e-6), on prompts of
