@@ -40,6 +40,14 @@ def test_rec_reward_rescales_from_model_input_frame():
     assert rec_accuracy(text, s, frame_size=(200, 100)) < 0.3   # without rescaling it would be wrong
 
 
+def test_glm4v_native_box_answer_scores_in_its_frame():
+    """GLM-4.1V writes boxes as <|begin_of_box|>[x1,y1,x2,y2]<|end_of_box|> in 0-1000 (models.md): read as the JSON."""
+    s = Sample(id="g", task="rec", image="x.png", width=400, height=200, problem="p", solution=[100, 50, 300, 150])
+    for box in ("[250,250,750,750]", "[[250,250,750,750]]"):
+        text = f"<think>t</think> <answer><|begin_of_box|>{box}<|end_of_box|></answer>"
+        assert rec_accuracy(text, s, (1000, 1000)) == pytest.approx(1.0)
+
+
 def test_rec_reward_parses_floats_and_rejects_junk():
     s = rec_sample(box=(10, 20, 50, 60))
     assert rec_accuracy("<answer>[10.0, 20.0, 50.0, 60.0]</answer>", s, (200, 100)) == 1.0
