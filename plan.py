@@ -15,7 +15,7 @@ import torch
 from common import ROOT
 from config import Config, prepare_config
 from data import smart_resize
-from models import LORA_TARGETS, TINY_MODELS, family_of, resolve_model
+from models import LORA_TARGETS, TINY_MODELS, TINY_SPECS, family_of, resolve_model, vision_modules
 
 CONFIGS = os.path.join(ROOT, "configs")   # the checkpoints' config.json: Qwen2.5-VL 3B/7B/32B/72B, Qwen3-VL 2B/4B/8B/32B
                                           # and 30B-A3B, GLM-4.1V-9B
@@ -53,7 +53,7 @@ def count_parameters(config) -> dict:
     with torch.device("meta"):
         model = getattr(transformers, family_of(config.model_type).model_class)(config)
     total = sum(p.numel() for p in model.parameters())
-    vision = sum(p.numel() for p in model.model.visual.parameters())
+    vision = sum(p.numel() for part in vision_modules(model) for p in part.parameters())
     lora = sum(m.in_features + m.out_features for name, m in model.model.language_model.named_modules()
                if name.split(".")[-1] in LORA_TARGETS)
     return {"params_total": total, "params_vision": vision, "params_language": total - vision,
@@ -92,9 +92,9 @@ def activation_bytes(config, n_seq: int, prompt_len: int, completion_len: int, p
     language = tokens * (layers + 3 * t.hidden_size) * act_bytes
     vision = 0
     if train_vision:
-        v_layer = layer_activation_elements(v.hidden_size, v.hidden_size, v.intermediate_size, v.num_heads)
-        patch_input = 3 * v.temporal_patch_size * v.patch_size ** 2
-        vision = prompts * patches * (v.depth * (1 if checkpointing else v_layer) + patch_input) * act_bytes
+        depth, hidden, intermediate, heads, patch_input = vision_shape(v)
+        v_layer = layer_activation_elements(hidden, hidden, intermediate, heads)
+        vision = prompts * patches * (depth * (1 if checkpointing else v_layer) + patch_input) * act_bytes
     logits = n_seq * (completion_len + 1) * t.vocab_size * (8 if entropy_grad else 4)
     mask = 0
     if prompts < n_seq:   # the shared prefix's 4D mask: SDPA keeps it as a float (L x L a row) in each layer's backward
@@ -111,18 +111,42 @@ class PlanSetting:
     image_size: tuple = (640, 480)   # width, height of a typical image (COCO's most common size)
 
 
+def image_patches(cfg: Config, config, image_size: tuple) -> int:
+    """The vision tower's patches for an image of (w, h), 4 to an image token: resized to multiples of the family's
+    factor within its pixel limits (patches of side factor / 2), or cut into crops by a tiling family (InternVL:
+    the grid of the aspect ratio nearest the image's, plus a thumbnail when there is more than one crop)."""
+    from transformers.models.got_ocr2.image_processing_got_ocr2 import get_optimal_tiled_canvas
+    family, (w, h) = family_of(config.model_type), image_size
+    tiny = cfg.model in TINY_MODELS
+    if family.tile:
+        v = config.vision_config
+        side = v.image_size[0] if tiny else family.tile
+        most = TINY_SPECS[config.model_type]["image"]["max_patches"] if tiny else family.max_crops
+        cols, rows = get_optimal_tiled_canvas((h, w), (side, side), 1, most)
+        crops = cols * rows + (cols * rows > 1)
+        return crops * (side // v.patch_size[0]) ** 2
+    lo, hi = family.tiny_pixels if tiny else family.default_pixels
+    factor = family.resize_factor
+    rh, rw = smart_resize(h, w, factor, (cfg.min_pixels or lo) // family.frames, (cfg.max_pixels or hi) // family.frames)
+    return (rh // (factor // 2)) * (rw // (factor // 2))
+
+
+def vision_shape(v) -> tuple:
+    """A vision config's (depth, hidden, intermediate, heads, inputs a patch): Qwen's and GLM's (3-D patches of
+    temporal_patch_size frames) or InternViT's (2-D patches, its own field names)."""
+    if hasattr(v, "depth"):
+        return v.depth, v.hidden_size, v.intermediate_size, v.num_heads, 3 * v.temporal_patch_size * v.patch_size ** 2
+    return (v.num_hidden_layers, v.hidden_size, v.intermediate_size, v.num_attention_heads,
+            3 * v.patch_size[0] * v.patch_size[1])
+
+
 def plan_memory(cfg: Config, setting: PlanSetting, counts: dict, config) -> dict:
     """Bytes per training GPU by part, in the phase where they peak (the update), and whether they fit."""
     b = 2 if cfg.device == "cuda" else 4                          # bf16 on GPU, float32 on CPU (set_up)
     n = setting.gpus
     trainable = (cfg.lora_r * counts["params_lora_per_rank"] if cfg.lora_r else
                  counts["params_language"] if cfg.freeze_vision else counts["params_total"])
-    family = family_of(config.model_type)
-    lo, hi = family.tiny_pixels if cfg.model in TINY_MODELS else family.default_pixels
-    w, h = setting.image_size
-    factor = family.resize_factor
-    rh, rw = smart_resize(h, w, factor, (cfg.min_pixels or lo) // family.frames, (cfg.max_pixels or hi) // family.frames)
-    patches = (rh // (factor // 2)) * (rw // (factor // 2))   # patches of side factor / 2; 4 make an image token
+    patches = image_patches(cfg, config, setting.image_size)     # 4 make an image token
     prompt_len = PROMPT_TOKENS["syn-grpo" if cfg.algo == "syn-grpo" else "grpo"] + patches // 4
     G = cfg.num_generations if cfg.algo != "sft" else 1           # completions a prompt
     seqs_per_gpu = math.ceil(cfg.batch_size / n) * G

@@ -42,8 +42,8 @@ class Prompt:
     text: str                         # chat-formatted, one <|image_pad|> placeholder
     image: Image.Image
     input_ids: list[int]              # image pads expanded, as the model sees them
-    pixel_values: torch.Tensor        # (num_patches, C*T*P*P)
-    image_grid_thw: torch.Tensor      # (1, 3)
+    pixel_values: torch.Tensor        # (num_patches, C*T*P*P); a tiling family (InternVL): (crops, C, H, W)
+    image_grid_thw: torch.Tensor | None   # (1, 3); None for a tiling family (no grid: 1-D RoPE)
     input_size: tuple = (0, 0)
     frame_size: tuple = (0, 0)
     mm_token_type_ids: list = field(default_factory=list)   # 1 at image tokens: transformers needs it for 3D M-RoPE
@@ -76,13 +76,27 @@ def encode_prompt(processor, sample: Sample, algo: str = "grpo", text: str | Non
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
     chat = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) + prefill
     enc = processor(text=[chat], images=[image], return_tensors="pt")
-    _, gh, gw = enc["image_grid_thw"][0].tolist()
-    ps = processor.image_processor.patch_size
-    size = (gw * ps, gh * ps)
+    family = processor_family(processor)
+    if family.tile:   # crops of the image at their own scale: the image as a whole is what the boxes refer to
+        size, grid, mm = image.size, None, []
+    else:
+        _, gh, gw = enc["image_grid_thw"][0].tolist()
+        ps = processor.image_processor.patch_size
+        size, grid, mm = (gw * ps, gh * ps), enc["image_grid_thw"], enc["mm_token_type_ids"][0].tolist()
     return Prompt(sample=sample, text=chat, image=image, input_ids=enc["input_ids"][0].tolist(),
-                  pixel_values=enc["pixel_values"], image_grid_thw=enc["image_grid_thw"], input_size=size,
-                  frame_size=frame_size(processor_family(processor).box_frame, size),
-                  mm_token_type_ids=enc["mm_token_type_ids"][0].tolist())
+                  pixel_values=enc["pixel_values"], image_grid_thw=grid, input_size=size,
+                  frame_size=frame_size(family.box_frame, size), mm_token_type_ids=mm)
+
+
+def image_inputs(pixel_values: torch.Tensor, grids: list, mm: torch.Tensor, model) -> dict:
+    """A forward's image inputs on the model's device: the pixel values, and for the M-RoPE families the images'
+    grids and the token types that place them (grids: one (1, 3) a prompt, or None each for a tiling family, whose
+    model takes the pixel values alone)."""
+    dev = model_device(model)
+    kw = {"pixel_values": pixel_values.to(dev, model.dtype)}
+    if grids and grids[0] is not None:
+        kw.update(image_grid_thw=torch.cat(grids).to(dev), mm_token_type_ids=mm.to(dev))
+    return kw
 
 
 def left_pad(prompts: list[Prompt], width: int, pad_id: int):
@@ -132,8 +146,8 @@ class MicroBatch:
     input_ids: torch.Tensor           # (rows, L): rows = n per sequence, = prompts under a shared prefix
     attention_mask: torch.Tensor      # (rows, L); shared prefix: (rows, 1, L, L) bool, True where a query may look
     mm_token_type_ids: torch.Tensor   # (rows, L), 1 at image tokens
-    pixel_values: torch.Tensor        # (sum of the rows' images' patches, C*T*P*P)
-    image_grid_thw: torch.Tensor      # (rows, 3)
+    pixel_values: torch.Tensor        # (sum of the rows' images' patches, C*T*P*P); tiles: (crops, C, H, W)
+    image_grids: list                 # one (1, 3) grid a row's image; None each for a tiling family
     completion_mask: torch.Tensor     # (n, T), 1 at completion tokens
     targets: torch.Tensor | None = None                     # (n, T) the completion tokens (pad after each end)
     advantages: torch.Tensor | None = None                  # (n,) GRPO: each sequence's group advantage (Eq. 1)
@@ -143,7 +157,8 @@ class MicroBatch:
     logit_index: torch.Tensor | None = None                 # (n, T) where each token's logits are among the kept
     segment: torch.Tensor | None = None                     # (rows, L) -1 pad, 0 prompt, k the row's k-th completion
     prompt_len: list | None = None                          # tokens of each row's prompt
-    positions: torch.Tensor | None = None                   # (3, rows, L) M-RoPE positions, set by the first pass
+    positions: torch.Tensor | None = None                   # (3, rows, L) M-RoPE positions ((rows, L) 1-D RoPE),
+                                                            # set by the first pass
 
     @property
     def completion_len(self) -> int:  # T
@@ -170,7 +185,7 @@ def make_batch(prompts: list[Prompt], seqs: list[tuple[int, list[int]]], pad_id:
     return MicroBatch(input_ids=torch.cat([p_ids, targets], 1), attention_mask=torch.cat([p_attn, mask.long()], 1),
                       mm_token_type_ids=torch.cat([p_mm, torch.zeros_like(targets)], 1),   # completions are text
                       pixel_values=torch.cat([prompts[i].pixel_values for i, _ in seqs]),
-                      image_grid_thw=torch.cat([prompts[i].image_grid_thw for i, _ in seqs]),
+                      image_grids=[prompts[i].image_grid_thw for i, _ in seqs],
                       completion_mask=mask, targets=targets)
 
 
@@ -200,7 +215,7 @@ def _shared_prefix_batch(prompts, seqs, pad_id, targets, mask) -> MicroBatch:
         fill[r] += len(c)
     return MicroBatch(input_ids=ids, attention_mask=shared_prefix_mask(segment), mm_token_type_ids=mm,
                       pixel_values=torch.cat([prompts[i].pixel_values for i in order]),
-                      image_grid_thw=torch.cat([prompts[i].image_grid_thw for i in order]),
+                      image_grids=[prompts[i].image_grid_thw for i in order],
                       completion_mask=mask, targets=targets, seq_row=seq_row, logit_index=logit_index,
                       segment=segment, prompt_len=[len(prompts[i].input_ids) for i in order])
 
@@ -237,9 +252,8 @@ def completion_logprobs(model, batch: MicroBatch, banned: list[int], temperature
     log-softmax serves the log-probs and the entropies, and the entropies enter autograd only when a loss term
     differentiates them (entropy_grad: --entropy-coef); logged or shaping an advantage, they are values."""
     dev, T = model_device(model), batch.completion_len
-    kw = dict(input_ids=batch.input_ids.to(dev), mm_token_type_ids=batch.mm_token_type_ids.to(dev),
-              pixel_values=batch.pixel_values.to(dev, model.dtype), image_grid_thw=batch.image_grid_thw.to(dev),
-              use_cache=False)
+    kw = dict(input_ids=batch.input_ids.to(dev), use_cache=False,
+              **image_inputs(batch.pixel_values, batch.image_grids, batch.mm_token_type_ids, model))
     if batch.shared_prefix:
         kept = batch.input_ids.shape[1] - max(batch.prompt_len) + 1                # columns P-1 .. L-1
         if batch.positions is None:     # once a micro-batch: the old, reference and mu passes reuse them
@@ -279,31 +293,35 @@ def attention_mask_for(model, seen: torch.Tensor) -> torch.Tensor:
 
 def mrope_model(model):
     """The module that owns the model's M-RoPE: its position rule (`get_rope_index`) and the offsets generation keeps
-    between steps (`rope_deltas`): Qwen2VLModel, Qwen2_5_VLModel, Qwen3VLModel."""
-    return next(m for m in model.modules() if hasattr(type(m), "get_rope_index"))
+    between steps (`rope_deltas`): Qwen2VLModel, Qwen2_5_VLModel, Qwen3VLModel, Glm4vModel. None with 1-D RoPE
+    (InternVL)."""
+    return next((m for m in model.modules() if hasattr(type(m), "get_rope_index")), None)
 
 
 def shared_prefix_positions(model, batch: MicroBatch) -> torch.Tensor:
-    """(3, rows, L) M-RoPE positions: each row's prompt and each completion token at the position the model's own
-    rule (`get_rope_index`) gives it in the per-sequence row [prompt, completion]; pads at 0. Text positions do not
-    depend on the text tokens, so one call a row, on the prompt and its longest completion, serves them all."""
+    """(3, rows, L) M-RoPE positions ((rows, L) with 1-D RoPE): each row's prompt and each completion token at the
+    position the model's own rule (`get_rope_index`; 1-D: its index) gives it in the per-sequence row [prompt,
+    completion]; pads at 0. Text positions do not depend on the text tokens, so one call a row, on the prompt and its
+    longest completion, serves them all."""
     rope = mrope_model(model)
     rows, L = batch.input_ids.shape
     P = max(batch.prompt_len)
-    pos = torch.zeros(3, rows, L, dtype=torch.long)
+    pos = torch.zeros(3 if rope else 1, rows, L, dtype=torch.long)
     for r, n in enumerate(batch.prompt_len):
         seg = batch.segment[r]
         longest = max([int((seg == k).sum()) for k in range(1, int(seg.max()) + 1)] or [0])
         ids = batch.input_ids[r, P - n:P + longest][None]                 # (1, n + longest): prompt + any text
-        mm = batch.mm_token_type_ids[r, P - n:P + longest][None]
-        grid = batch.image_grid_thw[r:r + 1]
-        p, _ = rope.get_rope_index(ids, mm_token_type_ids=mm, image_grid_thw=grid,
-                                   attention_mask=torch.ones_like(ids))    # (3, 1, n + longest)
+        if rope:
+            mm = batch.mm_token_type_ids[r, P - n:P + longest][None]
+            p, _ = rope.get_rope_index(ids, mm_token_type_ids=mm, image_grid_thw=batch.image_grids[r],
+                                       attention_mask=torch.ones_like(ids))    # (3, 1, n + longest)
+        else:
+            p = torch.arange(ids.shape[1])[None, None]                         # (1, 1, n + longest)
         pos[:, r, P - n:P] = p[:, 0, :n]
         for k in range(1, int(seg.max()) + 1):
             cols = (seg == k).nonzero().squeeze(1)
             pos[:, r, cols] = p[:, 0, n:n + len(cols)]
-    return pos
+    return pos if rope else pos[0]
 
 
 def engine_gap(logp: torch.Tensor, engine: list[list[float]]) -> list[float]:
@@ -351,17 +369,19 @@ class HFRollout:
         ids, mask, mm = left_pad(prompts, max(len(p.input_ids) for p in prompts), pad)   # generate appends on the right
         n = 1 if sp.greedy else sp.n
         dev = self.model.device
-        images = dict(pixel_values=torch.cat([p.pixel_values for p in prompts]).to(dev, self.model.dtype),
-                      image_grid_thw=torch.cat([p.image_grid_thw for p in prompts]).to(dev))
-        ids, mask, mm = ids.to(dev), mask.to(dev), mm.to(dev)
+        images = image_inputs(torch.cat([p.pixel_values for p in prompts]), [p.image_grid_thw for p in prompts], mm,
+                              self.model)
+        ids, mask = ids.to(dev), mask.to(dev)
         if self.one_prefill and n > 1:
-            images = {"past_key_values": self._prefill(ids, mask, mm, images, n)}
-            ids, mask, mm = (t.repeat_interleave(n, 0) for t in (ids, mask, mm))
+            images = {"past_key_values": self._prefill(ids, mask, images, n)}
+            ids, mask = ids.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)
+            if mrope_model(self.model):
+                images["mm_token_type_ids"] = mm.to(dev).repeat_interleave(n, 0)
             n_return = 1                                                        # the rows are already n a prompt
         else:
             n_return = n
         out = self.model.generate(
-            input_ids=ids, attention_mask=mask, mm_token_type_ids=mm, **images,
+            input_ids=ids, attention_mask=mask, **images,
             do_sample=not sp.greedy, temperature=sp.temperature if not sp.greedy else None,
             top_p=sp.top_p if not sp.greedy else None, top_k=0 if not sp.greedy else None,
             num_return_sequences=n_return, max_new_tokens=sp.max_tokens, suppress_tokens=self.banned,
@@ -382,16 +402,19 @@ class HFRollout:
             groups.append(g)
         return groups
 
-    def _prefill(self, ids, mask, mm, images, n: int):
+    def _prefill(self, ids, mask, images, n: int):
         """The prompts' cache, all but their last token, computed once and repeated n times a prompt; `generate`
         then runs only the last prompt token (text: the assistant's turn) and samples as it would have. The model's
         M-RoPE offsets (`rope_deltas`, set by this forward) are repeated likewise, for the positions of the new
-        tokens."""
-        cache = self.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], mm_token_type_ids=mm[:, :-1],
-                           **images, use_cache=True, logits_to_keep=1).past_key_values
-        cache.batch_repeat_interleave(n)
+        tokens. With 1-D RoPE the positions are those `generate` gives (counted over the attention mask)."""
+        images = {k: v[:, :-1] if k == "mm_token_type_ids" else v for k, v in images.items()}
         owner = mrope_model(self.model)
-        owner.rope_deltas = owner.rope_deltas.repeat_interleave(n, 0)
+        pos = {} if owner else {"position_ids": (mask[:, :-1].cumsum(-1) - 1).clamp(min=0)}
+        cache = self.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], **images, **pos, use_cache=True,
+                           logits_to_keep=1).past_key_values
+        cache.batch_repeat_interleave(n)
+        if owner:
+            owner.rope_deltas = owner.rope_deltas.repeat_interleave(n, 0)
         return cache
 
 

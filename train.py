@@ -1,4 +1,5 @@
-"""Training: SFT, GRPO and Syn-GRPO for Qwen2.5-VL on visual perception (and math) tasks, in one visible loop.
+"""Training: SFT, GRPO and Syn-GRPO for Qwen2.5-VL (and the other families of models.py) on visual perception (and math)
+tasks, in one visible loop.
 
     python train.py                                   # embedded default: tiny model, shapes REC, SFT warm start + GRPO
     python train.py --algo grpo --task rec --model Qwen/Qwen2.5-VL-3B-Instruct --data refcoco_train.jsonl \\
@@ -48,7 +49,8 @@ from data import DataPool, gold_completion, read_rows_or_stop, read_template, so
 from eval import load_split, predict, score_rows
 from plan import plan_command
 from preflight import preflight
-from models import LORA_TARGETS, UnsupportedModel, load_policy, resolve_model, stop_token_ids, vision_token_ids
+from models import (LORA_TARGETS, UnsupportedModel, load_policy, resolve_model, stop_token_ids, vision_blocks,
+                    vision_modules, vision_token_ids)
 from rollout import (Completion, HFRollout, MicroBatch, Prompt, Sampling, VLLMRollout, completion_logprobs,
                      encode_prompt, engine_gap, make_batch, max_num_seqs)
 from shapes import make_shapes
@@ -406,7 +408,7 @@ def shard_policy(model) -> None:
     lm_head). `generate` is registered as a forward of the root: HF runs the vision tower from inside generate,
     outside the model's forward, to precompute image features."""
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
-    for block in model.model.visual.blocks:
+    for block in vision_blocks(model):
         fully_shard(block)
     for layer in model.model.language_model.layers:
         fully_shard(layer)
@@ -443,7 +445,8 @@ def load_model(cfg: Config, d: Dist, device: str, dtype: torch.dtype):
     except UnsupportedModel as e:   # a hub id whose config was not here before the download
         raise SystemExit(f"train.py: --model {cfg.model}: {e}")
     if cfg.freeze_vision:
-        model.model.visual.requires_grad_(False)
+        for part in vision_modules(model):
+            part.requires_grad_(False)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if d.world > 1:

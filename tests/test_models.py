@@ -84,7 +84,7 @@ def test_each_family_answers_in_its_own_box_frame(name, shapes_dir):
         sample = next(s for s in read_data(make_shapes(task, 8, shapes_dir), task) if s.width == 224)
         p = encode_prompt(processor, sample)
         assert p.frame_size == frame_size(family.box_frame, p.input_size)
-        assert p.input_size[0] % family.resize_factor == 0
+        assert p.input_size[0] % family.resize_factor == 0 if not family.tile else p.input_size == (sample.width, sample.height)
         answer = gold_completion(sample, p.frame_size)
         other = frame_size("pixels", p.input_size) if family.box_frame == "rel1000" else (1000, 1000)
         # answers are integers: in a 112-pixel frame the rounding alone costs up to a few points of IoU
@@ -114,7 +114,8 @@ def check_family_on_vllm(name: str, shapes_dir: str, tmp_path, keep) -> None:
     from rollout import Sampling, VLLMRollout, completion_logprobs, encode_prompt, engine_gap, make_batch
     from shapes import make_shapes
     factor = model_family(name).resize_factor
-    limits = dict(min_pixels=factor * factor * 4, max_pixels=factor * factor * 64)
+    # raised pixel limits; a tiling family (InternVL) has none: its crops vary with the image's aspect ratio
+    limits = {} if model_family(name).tile else dict(min_pixels=factor * factor * 4, max_pixels=factor * factor * 64)
     model, processor = load_policy(name, **limits)
     odd = tmp_path / "odd.png"
     Image.new("RGB", (150, 90), (200, 60, 40)).save(odd)
@@ -162,3 +163,26 @@ def test_a_moe_checkpoint_is_written_in_the_hub_layout_and_read_back(tmp_path):
     again, _ = load_policy(out)
     ours, theirs = model.state_dict(), again.state_dict()
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_a_tiling_family_refuses_pixel_limits_with_one_line(tmp_path):
+    """InternVL gives every crop the same tokens whatever its pixels: --max-pixels would silently do nothing."""
+    from config import Config, prepare_config
+    with pytest.raises(SystemExit, match=r"^train.py: --model tiny-internvl: InternVL cuts each image into crops of "
+                                         r"448 x 448 pixels: --min-pixels / --max-pixels do not apply"):
+        prepare_config(Config(model="tiny-internvl", max_pixels=401408, out_dir=str(tmp_path / "run")))
+    prepare_config(Config(model="tiny-internvl", out_dir=str(tmp_path / "run")))       # without them: runs
+
+
+@pytest.mark.parametrize("name", TINY_FAMILY_MODELS)
+def test_each_familys_vision_side_is_its_row(name):
+    """--freeze-vision, --plan and FSDP2 find the vision side through the family's row: every vision parameter, none
+    of the language model's, and one block a vision layer."""
+    from models import vision_blocks, vision_modules
+    model, _ = load_policy(name)
+    vision = {id(p) for m in vision_modules(model) for p in m.parameters()}
+    language = {id(p) for p in model.model.language_model.parameters()}
+    assert vision and not vision & language
+    assert len(vision) + len(language) == len(list(model.parameters()))      # lm_head tied to the embeddings
+    v = model.config.vision_config
+    assert len(vision_blocks(model)) == (getattr(v, "depth", None) or v.num_hidden_layers)

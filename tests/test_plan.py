@@ -75,6 +75,27 @@ def test_plan_counts_a_tiny_glm4v_and_its_lora_exactly_and_the_9b_at_its_publish
     assert round(nine["params_total"] / 1e9, 2) == 10.29 and round(nine["params_language"] / 1e9, 2) == 9.40
 
 
+@pytest.mark.parametrize("size", [(224, 224), (150, 90), (112, 112)])
+def test_plan_counts_a_tiny_internvl_and_the_tokens_its_crops_give(size, tmp_path):
+    """A tiling family: the plan's image tokens are those the processor gives the image (1 to 4 crops of 112 pixels
+    and a thumbnail when more than one, 16 tokens each), and its parameters and vision side are counted exactly."""
+    from PIL import Image
+
+    from data import Sample
+    from models import load_policy, vision_modules
+    from rollout import encode_prompt
+    model, proc = load_policy("tiny-internvl")
+    counts = plan.count_parameters(model.config)
+    assert counts["params_total"] == sum(p.numel() for p in model.parameters())
+    assert counts["params_vision"] == sum(p.numel() for m in vision_modules(model) for p in m.parameters())
+    Image.new("RGB", size, (90, 90, 90)).save(tmp_path / "i.png")
+    p = encode_prompt(proc, Sample(id="i", task="rec", image=str(tmp_path / "i.png"), width=size[0], height=size[1],
+                                   problem="the square", solution=[1, 1, 9, 9]))
+    cfg = prepare_config(Config(model="tiny-internvl"), files=False)
+    planned = plan.plan_memory(cfg, plan.PlanSetting(image_size=size), counts, model.config)["image_tokens"]
+    assert planned == p.input_ids.count(proc.tokenizer.context_image_token_id) == 16 * p.pixel_values.shape[0]
+
+
 def test_plan_grows_with_batch_generations_lengths_and_pixels_and_shrinks_with_ranks_and_lora():
     base = _plan(model="Qwen/Qwen2.5-VL-3B-Instruct")
     for change in (dict(batch_size=40, micro_batch=64), dict(num_generations=12, micro_batch=64),

@@ -197,7 +197,8 @@ def test_grpo_steps_with_the_vllm_backend(tmp_path, sft_model):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", ["tiny-qwen2-vl", "tiny-qwen3-vl", "tiny-qwen3-vl-moe", "tiny-glm4v"])   # tiny's: the tests above
+@pytest.mark.parametrize("model", ["tiny-qwen2-vl", "tiny-qwen3-vl", "tiny-qwen3-vl-moe", "tiny-glm4v",
+                                   "tiny-internvl"])   # tiny's: the tests above
 @pytest.mark.parametrize("backend", ["hf", "vllm"])
 def test_grpo_and_syn_grpo_steps_on_each_family(tmp_path, model, backend):
     """Each family's tiny variant (its classes, its M-RoPE, its 0-1000 box frame): 2 GRPO and 2 Syn-GRPO steps on each
