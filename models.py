@@ -66,6 +66,7 @@ class Family:
     tile: int = 0            # side of the square crops a tiling processor cuts an image into (InternVL: 448), each
                              # a fixed number of tokens, with 1-D RoPE; 0: resized whole to multiples of resize_factor
     max_crops: int = 0       # a tiling processor's most crops an image (its thumbnail not counted)
+    lora_parameters: tuple = ()   # weights that are parameters, not linear layers, that LoRA adapts (fused experts)
     vision: tuple = ("visual",)        # the vision side's modules under model.model (tower, merger / projector)
     vision_blocks: str = "visual.blocks"   # its transformer blocks, one FSDP unit each
 
@@ -94,7 +95,8 @@ FAMILIES = (
     Family("Qwen3-VL-MoE", ("qwen3_vl_moe",), "Qwen3VLMoeForConditionalGeneration", "Qwen3VLProcessor", "rel1000", 32,
            (65536, 16777216), "tiny-qwen3-vl-moe", (32 * 32 * 4, 32 * 32 * 16),
            ("Qwen/Qwen3-VL-30B-A3B-Instruct", "Qwen/Qwen3-VL-235B-A22B-Instruct"),
-           transposed=("mlp.experts.gate_up_proj", "mlp.experts.down_proj")),
+           transposed=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
+           lora_parameters=("mlp.experts.gate_up_proj", "mlp.experts.down_proj")),
     # GLM-4.1V answers in 0-1000 relative to the image (the GLM-V README; zai-org/GLM-V#112), boxes wrapped in
     # <|begin_of_box|>...<|end_of_box|>. Its processor: patch 14 x merge 2, limits of its Glm4vImageProcessor, which
     # counts an image as 2 frames against them. A turn ends where the next role's token starts: its generation_config
@@ -119,7 +121,8 @@ TINY_MODELS = ("tiny", "tiny-qwen-vocab", *[f.tiny for f in FAMILIES if f.tiny !
 
 
 # The language model's projections LoRA adapts (--lora-r): attention and MLP, whichever a family has (GLM-4.1V fuses
-# gate and up into gate_up_proj). Qwen3-VL-MoE's fused experts are parameters, not linear layers: not adapted.
+# gate and up into gate_up_proj). Qwen3-VL-MoE's fused experts are parameters, not linear layers: its row names them
+# (Family.lora_parameters) and PEFT adapts them through target_parameters, a rank-r pair per expert.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "gate_up_proj", "down_proj")
 
 

@@ -49,8 +49,8 @@ from data import DataPool, gold_completion, read_rows_or_stop, read_template, so
 from eval import load_split, predict, score_rows
 from plan import plan_command
 from preflight import preflight
-from models import (LORA_TARGETS, UnsupportedModel, load_policy, resolve_model, stop_token_ids, vision_blocks,
-                    vision_modules, vision_token_ids)
+from models import (LORA_TARGETS, UnsupportedModel, family_of, load_policy, resolve_model, stop_token_ids,
+                    vision_blocks, vision_modules, vision_token_ids)
 from rollout import (Completion, HFRollout, MicroBatch, Prompt, Sampling, VLLMRollout, completion_logprobs,
                      encode_prompt, engine_gap, make_batch, max_num_seqs)
 from shapes import make_shapes
@@ -459,9 +459,10 @@ def add_lora(cfg: Config, model):
     if cfg.lora_r <= 0:
         return model
     from peft import LoraConfig, get_peft_model
+    experts = list(family_of(model.config.model_type).lora_parameters) or None      # MoE: the fused experts too
     return get_peft_model(model, LoraConfig(
         r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
-        target_modules=rf".*language_model.*\.({'|'.join(LORA_TARGETS)})"))
+        target_modules=rf".*language_model.*\.({'|'.join(LORA_TARGETS)})", target_parameters=experts))
 
 
 def make_reference(cfg: Config, model, processor, d: Dist, device: str, dtype: torch.dtype, warm_started: bool,

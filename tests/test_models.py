@@ -186,3 +186,30 @@ def test_each_familys_vision_side_is_its_row(name):
     assert len(vision) + len(language) == len(list(model.parameters()))      # lm_head tied to the embeddings
     v = model.config.vision_config
     assert len(vision_blocks(model)) == (getattr(v, "depth", None) or v.num_hidden_layers)
+
+
+def test_lora_adapts_a_moes_fused_experts_and_a_push_carries_them(shapes_dir):
+    """The fused experts are parameters, which PEFT adapts through target_parameters: after one step on the
+    completions' log-probs their adapters have moved, and the merged weights a push or a save takes differ from the
+    base experts there."""
+    from checkpoint import policy_state
+    from config import Config
+    from data import read_data
+    from rollout import completion_logprobs, encode_prompt, make_batch
+    from shapes import make_shapes
+    from train import add_lora
+    model, proc = load_policy("tiny-qwen3-vl-moe")
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    lora = add_lora(Config(lora_r=4), model)
+    prompts = [encode_prompt(proc, s) for s in read_data(make_shapes("rec", 8, shapes_dir), "rec")[:2]]
+    batch = make_batch(prompts, [(0, [40, 41, 42]), (1, [43, 44])], proc.tokenizer.pad_token_id)
+    opt = torch.optim.SGD([p for p in lora.parameters() if p.requires_grad], lr=0.1)
+    logp, _ = completion_logprobs(lora, batch, [])
+    (-(logp * batch.completion_mask).sum()).backward()
+    moved = [n for n, p in lora.named_parameters() if ".experts." in n and "lora_B" in n and p.grad.abs().sum() > 0]
+    assert len(moved) == 2 * model.config.text_config.num_hidden_layers          # gate_up and down, every layer
+    opt.step()
+    merged = policy_state(lora)
+    assert merged.keys() == base.keys()
+    key = "model.language_model.layers.0.mlp.experts.gate_up_proj"
+    assert not torch.equal(merged[key], base[key])

@@ -54,7 +54,11 @@ def test_plan_counts_a_tiny_qwen3_vl_moe_exactly():
     shipped 30B-A3B config gives the Hub's size (31.1B)."""
     from models import load_policy
     model, _ = load_policy("tiny-qwen3-vl-moe")
-    assert plan.count_parameters(model.config)["params_total"] == sum(p.numel() for p in model.parameters())
+    counts = plan.count_parameters(model.config)
+    assert counts["params_total"] == sum(p.numel() for p in model.parameters())
+    lora = add_lora(Config(lora_r=8), copy.deepcopy(model))             # the experts' adapters included
+    assert any(".experts." in n for n, _ in lora.named_parameters() if "lora_" in n)
+    assert 8 * counts["params_lora_per_rank"] == sum(p.numel() for n, p in lora.named_parameters() if "lora_" in n)
     config = plan.plan_model_config("Qwen/Qwen3-VL-30B-A3B-Instruct")
     assert round(plan.count_parameters(config)["params_total"] / 1e9, 2) == 31.07
 
