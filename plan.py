@@ -69,11 +69,30 @@ def head_dim_of(text_config) -> int:
 
 
 def layer_activation_elements(hidden: int, kv_hidden: int, intermediate: int, heads: int) -> int:
-    """Elements one decoder layer keeps for the backward pass, per token: counted from what autograd saves in
-    transformers' Qwen2.5-VL layer with SDPA attention (8 hidden-sized tensors: norms' inputs and outputs, q, the
-    attention output...; k and v; 4 MLP-sized; the attention's log-sum-exp per head; 2 norm scales). The tests check
-    the total against a measurement on the tiny models."""
+    """Elements one vision block keeps for the backward pass, per patch: as a Qwen2.5-VL decoder layer's (below), q,
+    k and v of the hidden size."""
     return 8 * hidden + 2 * kv_hidden + 4 * intermediate + heads + 2
+
+
+def decoder_layer_elements(t) -> int:
+    """Elements one decoder layer keeps for the backward pass, per token, counted from what autograd saves in
+    transformers' layers with SDPA attention, by the layer's kind (tests/test_plan.py checks each family against a
+    measurement on its tiny model):
+      * Qwen2.5-VL, Qwen2-VL: 6 hidden-sized tensors (the norms' inputs and outputs...), 2 of q's size (q, the
+        attention output; q is heads x head_dim), k and v, 4 MLP-sized, the attention's log-sum-exp a head and 2 norm
+        scales;
+      * Qwen3 (Qwen3-VL, InternVL 3.5): q and k are normalised a head before RoPE: 4 of q's size and 4 of kv's;
+      * GLM-4.1V: a norm after attention and after the MLP too: 11 hidden-sized;
+      * MoE (Qwen3-VL-MoE): a token's k experts keep 2 hidden-sized and 4 expert-sized tensors each, and the
+        router 3 of the experts' number, in place of the dense MLP's 4."""
+    hd = head_dim_of(t)
+    q, kv = t.num_attention_heads * hd, t.num_key_value_heads * hd
+    attention = (4 if t.model_type.startswith("qwen3") else 2) * (q + kv)
+    if getattr(t, "num_experts", 0):
+        mlp = t.num_experts_per_tok * (2 * t.hidden_size + 4 * t.moe_intermediate_size) + 3 * t.num_experts
+    else:
+        mlp = 4 * t.intermediate_size
+    return (11 if t.model_type.startswith("glm4") else 6) * t.hidden_size + attention + mlp + t.num_attention_heads + 2
 
 
 def activation_bytes(config, n_seq: int, prompt_len: int, completion_len: int, patches: int, train_vision: bool,
@@ -86,9 +105,7 @@ def activation_bytes(config, n_seq: int, prompt_len: int, completion_len: int, p
     `prompts`: under a shared prefix, the micro-batch's distinct prompts, each with its image encoded once (None:
     one row a sequence)."""
     t, v = config.text_config, config.vision_config
-    head_dim = head_dim_of(t)
-    per_layer = layer_activation_elements(t.hidden_size, t.num_key_value_heads * head_dim, t.intermediate_size,
-                                          t.num_attention_heads)
+    per_layer = decoder_layer_elements(t)
     prompts = n_seq if prompts is None else prompts
     tokens = prompts * prompt_len + n_seq * completion_len
     layers = t.num_hidden_layers * (1 if checkpointing else per_layer) + (per_layer if checkpointing else 0)

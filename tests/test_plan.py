@@ -155,6 +155,29 @@ def test_plan_activations_match_a_measured_micro_batch_of_the_tiny_model(tiny, s
     assert abs(ratio - 1) < (0.06 if train_vision else 0.02), ratio
 
 
+@pytest.mark.parametrize("name", ["tiny-qwen2-vl", "tiny-qwen3-vl", "tiny-qwen3-vl-moe", "tiny-glm4v", "tiny-internvl"])
+def test_plan_activations_match_a_measured_micro_batch_of_each_family(name, shapes_dir):
+    """Each family's decoder layer keeps its own tensors (Qwen3's q/k norms, GLM's extra norms, MoE's routed
+    experts): the planner's count against a real forward of its tiny model, vision frozen, within 3 % (measured
+    0.5-1.1 %). InternVL's language model also keeps a float L x L attention mask a sequence, which the planner leaves
+    out: 9 % of this tiny model's 2 layers of 128, under 0.1 % of a real model's."""
+    from data import read_data
+    from models import load_policy, vision_modules, vision_token_ids
+    from rollout import encode_prompt, make_batch
+    from shapes import make_shapes
+    model, proc = load_policy(name)
+    model.train()
+    for part in vision_modules(model):
+        part.requires_grad_(False)
+    prompts = [encode_prompt(proc, s) for s in read_data(make_shapes("rec", 2, shapes_dir, objects=(1, 1)), "rec")]
+    batch = make_batch(prompts, [(k, list(range(10, 30))) for k in range(2)], proc.tokenizer.pad_token_id)
+    measured = measured_activation_bytes(model, batch, vision_token_ids(proc))
+    est = plan.activation_bytes(model.config, 2, batch.input_ids.shape[1] - 20, 20, 0, False, False, act_bytes=4)
+    ratio = (est["activations"] + est["logits"]) / measured
+    print(f"{name}: activation estimate / measured {ratio:.3f}")
+    assert abs(ratio - 1) < (0.12 if name == "tiny-internvl" else 0.03), ratio
+
+
 def test_plan_activations_match_a_measured_shared_prefix_micro_batch(tiny, shapes_dir):
     """Under a shared prefix the planner counts each prompt (and its image) once: 2 prompts x 3 completions against
     the tensors autograd keeps, within 8 % (its 4D mask included, which SDPA keeps as a float in every layer); and
