@@ -20,9 +20,12 @@ from data import TASKS, DataError, missing_sources, read_template
 from outpaint import HUB_PIPELINES, SEGMENTERS, TINY_PIPELINES, default_steps
 from verify import VERIFIERS, VERIFY_THRESHOLD
 from prompts import MATH_FORMATS, TEMPLATES
-from models import TINY_MODELS, model_problem, pixel_limit_problem, vllm_push_problem
+from models import FAMILIES, TINY_MODELS, model_problem, pixel_limit_problem, vllm_push_problem
 from shapes import GRID
 from tracking import tracker_problem
+
+FAMILY_NAMES = [f.name for f in FAMILIES]
+
 
 @dataclass
 class Config:
@@ -32,9 +35,9 @@ class Config:
                     choices=("sft", "grpo", "syn-grpo"))
     task: str = opt("rec", "rec (one box), ovd (boxes + labels), isr (OVD on top-view rooms), math (\\boxed{} answer)",
                     choices=TASKS)
-    model: str = opt("", "hub id or checkpoint dir of a Qwen2.5-VL, Qwen2-VL, Qwen3-VL or Qwen3-VL-MoE model "
-                         "(docs/models.md), or a tiny one: tiny, tiny-qwen-vocab, tiny-qwen2-vl, tiny-qwen3-vl, "
-                         "tiny-qwen3-vl-moe ('' = tiny on CPU, Qwen2.5-VL-3B on GPU)",
+    model: str = opt("", f"hub id or checkpoint dir of a model of a supported family ({', '.join(FAMILY_NAMES)}; "
+                         f"docs/models.md), or a tiny one: {', '.join(TINY_MODELS)} ('' = tiny on CPU, "
+                         "Qwen2.5-VL-3B on GPU)",
                      aliases=("--model-name-or-path",))
     data: str = opt("", "training data, one source or several comma-separated, each in any format of README \"Data\": "
                         "our JSONL, VLM-R1's JSONL (conversations), a JSON list, COCO detection JSON (ovd, isr), a "
@@ -201,6 +204,12 @@ class Config:
     eval_every: int = opt(0, "validate every N updates (EasyR1's val_freq); 0 = at the end only")
     eval_limit: int = opt(0, "a seeded random subset of this many rows per split (eval.py's --limit, seed 42); 0 = all")
     eval_before_train: bool = opt(False, "validate once before the first update too (EasyR1's val_before_train)")
+
+    @property
+    def entropy_in_loss(self) -> bool:
+        """--entropy-coef > 0: the loss differentiates the token entropy ('GRPO + Entropy Loss'), so the log-prob
+        pass keeps it in autograd (and --plan counts the memory); otherwise it is a logged value."""
+        return self.entropy_coef > 0
 
 
 def resolve_defaults(cfg: Config) -> Config:

@@ -176,7 +176,7 @@ def plan_memory(cfg: Config, setting: PlanSetting, counts: dict, config) -> dict
     shared = cfg.shared_prefix and G > 1                          # SFT: one completion a prompt, nothing shared
     layout = lambda packed: activation_bytes(config, micro, prompt_len, cfg.max_new_tokens, patches, train_vision,
                                              cfg.gradient_checkpointing, b, prompts if packed else None,
-                                             cfg.entropy_coef > 0)
+                                             cfg.entropy_in_loss)
     act = layout(shared)
     parts = {"weights": counts["params_total"] * b / n, "gradients": trainable * b / n,
              "optimizer": 2 * trainable * b / n,                  # AdamW's two moments, in the parameters' dtype

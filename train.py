@@ -205,7 +205,7 @@ def grpo_loss(logp, ent, old_logp, ref_logp, batch: MicroBatch, cfg: Config, nor
     if cfg.entropy_adv > 0:
         adv = entropy_shaped_advantage(adv, ent, cfg.entropy_adv, cfg.entropy_adv_kappa)
     surr, clipped = clipped_surrogate(logp, old_logp, adv, cfg.epsilon_low, cfg.epsilon_high)
-    per_tok = -surr - cfg.entropy_coef * ent if cfg.entropy_coef > 0 else -surr
+    per_tok = -surr - cfg.entropy_coef * ent if cfg.entropy_in_loss else -surr
     kl = None
     if ref_logp is not None:
         kl = kl_k3(logp, ref_logp)
@@ -254,7 +254,7 @@ def update_policy(model, ref, optimizer, sched, batches: list[MicroBatch], cfg: 
         optimizer.zero_grad(set_to_none=True)
         for k, b in enumerate(batches):
             logp, ent = completion_logprobs(model, b, banned, cfg.temperature, with_entropy=True,
-                                            entropy_grad=cfg.entropy_coef > 0)
+                                            entropy_grad=cfg.entropy_in_loss)
             if it == 0:
                 old[k] = logp.detach() if old[k] is None else old[k]
                 gap += engine_gap(old[k], b.engine_logprobs)
