@@ -18,7 +18,7 @@ from data import smart_resize
 from models import LORA_TARGETS, TINY_MODELS, TINY_SPECS, family_of, resolve_model, vision_modules
 
 CONFIGS = os.path.join(ROOT, "configs")   # the checkpoints' config.json: Qwen2.5-VL 3B/7B/32B/72B, Qwen3-VL 2B/4B/8B/32B
-                                          # and 30B-A3B, GLM-4.1V-9B
+                                          # and 30B-A3B, GLM-4.1V-9B, InternVL3.5-8B (assembled: docs/models.md)
 PROMPT_TOKENS = {"grpo": 81, "syn-grpo": 135}   # text tokens of a RefCOCO REC prompt, chat template included (Qwen's
                                                  # tokenizer); the image's tokens come on top
 GIB = 2 ** 30

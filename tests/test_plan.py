@@ -100,6 +100,18 @@ def test_plan_counts_a_tiny_internvl_and_the_tokens_its_crops_give(size, tmp_pat
     assert planned == p.input_ids.count(proc.tokenizer.context_image_token_id) == 16 * p.pixel_values.shape[0]
 
 
+def test_plan_counts_internvl3_5_8b_as_its_model_card_does():
+    """The shipped InternVL3_5-8B-HF config, assembled from its parts' published configs (Qwen3-8B, InternViT-300M):
+    8.5B in all, 8.2B of language model, as the card gives them (to its 0.1B); a 640 x 480 image is 4 x 3 crops (its
+    exact aspect ratio within 12) and a thumbnail: 13 x 256 = 3328 tokens, where Qwen3-VL gives it 300."""
+    cfg = prepare_config(Config(model="OpenGVLab/InternVL3_5-8B-HF", device="cuda"), files=False)
+    config = plan.plan_model_config(cfg.model)
+    counts = plan.count_parameters(config)
+    assert (round(counts["params_total"] / 1e9, 1), round(counts["params_language"] / 1e9, 1)) == (8.5, 8.2)
+    p = plan.plan_memory(cfg, plan.PlanSetting(image_size=(640, 480)), counts, config)
+    assert p["image_tokens"] == 13 * 256
+
+
 def test_plan_grows_with_batch_generations_lengths_and_pixels_and_shrinks_with_ranks_and_lora():
     base = _plan(model="Qwen/Qwen2.5-VL-3B-Instruct")
     for change in (dict(batch_size=40, micro_batch=64), dict(num_generations=12, micro_batch=64),
