@@ -119,15 +119,16 @@ def test_selfq_writes_unlabelled_questions_once(tmp_path, math_model):
 
 
 @pytest.mark.slow
-def test_synthrl_and_mm_upt_run_on_qwen3_vl(tmp_path):
+@pytest.mark.parametrize("model", ["tiny-qwen3-vl", "tiny-glm4v", "tiny-internvl"])
+def test_synthrl_and_mm_upt_run_on_other_families(tmp_path, model):
     """The math pipelines have no boxes: any family that generates text runs them. SynthRL's whole chain and MM-UPT's
-    self-generated questions on tiny-qwen3-vl (random weights: what it writes is noise, but every stage completes and
-    every row lands in its file or its .rejected)."""
-    out = str(tmp_path / "q3")
-    stats = synth.main(_cfg(out, "tiny-qwen3-vl", shapes_n=4, num_rollouts=4, select_min=0, t_min=0))
+    self-generated questions on Qwen3-VL, GLM-4.1V (its own stop tokens) and InternVL (crops) (random weights: what
+    they write is noise, but every stage completes and every row lands in its file or its .rejected)."""
+    out = str(tmp_path / "chain")
+    stats = synth.main(_cfg(out, model, shapes_n=4, num_rollouts=4, select_min=0, t_min=0))
     assert os.path.exists(os.path.join(out, "passrate.jsonl")) and stats is not None
-    out = str(tmp_path / "q3-selfq")
-    synth.main(_cfg(out, "tiny-qwen3-vl", stage="selfq", mode="direct", shapes_n=3, questions_per_image=1))
+    out = str(tmp_path / "selfq")
+    synth.main(_cfg(out, model, stage="selfq", mode="direct", shapes_n=3, questions_per_image=1))
     path = os.path.join(out, "selfq_direct.jsonl")
     assert len(read_rows(path)) + len(read_rows(path + ".rejected")) == 3
 
