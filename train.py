@@ -459,7 +459,7 @@ def add_lora(cfg: Config, model):
     if cfg.lora_r <= 0:
         return model
     from peft import LoraConfig, get_peft_model
-    experts = list(family_of(model.config.model_type).lora_parameters) or None      # MoE: the fused experts too
+    experts = list(family_of(model.config.model_type).experts) or None      # MoE: the fused experts too
     return get_peft_model(model, LoraConfig(
         r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
         target_modules=rf".*language_model.*\.({'|'.join(LORA_TARGETS)})", target_parameters=experts))
