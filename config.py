@@ -257,12 +257,12 @@ def machine_problems(cfg: Config) -> list[str | None]:
     """What this machine must have, each None or the reason it does not: the model, the files named, the output
     folder, the devices asked for, the trackers' credentials, a readable prompt template."""
     missing = missing_sources(cfg.data)
+    model_bad = model_problem(cfg.model)   # the checks below read the model's config, which must then be there
     return [
         cfg.device == "cuda" and not torch.cuda.is_available() and "--device cuda: no CUDA device is visible",
-        model_problem(cfg.model),
-        cfg.rollout_backend == "vllm" and not model_problem(cfg.model)
-        and vllm_push_problem(cfg.model, cfg.device == "cuda"),
-        not model_problem(cfg.model) and pixel_limit_problem(cfg.model, cfg.min_pixels, cfg.max_pixels),
+        model_bad,
+        cfg.rollout_backend == "vllm" and not model_bad and vllm_push_problem(cfg.model, cfg.device == "cuda"),
+        not model_bad and pixel_limit_problem(cfg.model, cfg.min_pixels, cfg.max_pixels),
         output_problem("--out-dir", cfg.out_dir, folder=True),
         missing and f"--data {cfg.data}: no such file or dataset dir: {', '.join(missing)}",
         any(not os.path.isdir(r) for r in split_list(cfg.image_root)) and f"--image-root {cfg.image_root}: no such "

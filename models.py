@@ -281,7 +281,7 @@ TINY_SPECS = {
                      extra=dict(image_seq_length=16, downsample_ratio=0.5),
                      image=dict(size={"height": 112, "width": 112}, crop_to_patches=True, min_patches=1,
                                 max_patches=4, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]),
-                     image_processor="GotOcr2ImageProcessor", processor=dict(image_seq_length=16),
+                     image_processor="GotOcr2ImageProcessor", processor=dict(image_seq_length=16),   # as the config
                      video="transformers.models.internvl.video_processing_internvl.InternVLVideoProcessor",
                      template=INTERNVL_CHAT_TEMPLATE, special=QWEN_SPECIAL + list(INTERNVL_TOKENS.values()),
                      named=INTERNVL_TOKENS, tokens=dict(image_token_id="<IMG_CONTEXT>")),
@@ -541,10 +541,10 @@ def vision_blocks(model):
 def pixel_limit_problem(name: str, min_pixels: int, max_pixels: int) -> str | None:
     """Why --min-pixels / --max-pixels cannot apply to this model, or None: a tiling processor (InternVL) gives every
     crop the same tokens whatever the image's pixels."""
-    if (min_pixels or max_pixels) and model_family(name).tile:
-        return (f"--model {name}: {model_family(name).name} cuts each image into crops of "
-                f"{model_family(name).tile} x {model_family(name).tile} pixels: --min-pixels / --max-pixels do not "
-                "apply (leave them at 0)")
+    family = model_family(name) if min_pixels or max_pixels else None
+    if family and family.tile:
+        return (f"--model {name}: {family.name} cuts each image into crops of {family.tile} x {family.tile} pixels: "
+                "--min-pixels / --max-pixels do not apply (leave them at 0)")
     return None
 
 
