@@ -407,8 +407,8 @@ def test_syn_grpo_learns_on_the_images_it_synthesizes(tmp_path, syn_warm_start):
     same run without learning (lr 1e-12, the same slots), over the last 40 steps. Synchronous synthesis, so that which
     step takes in which image does not hang on the server's timing: asynchronous, two CI runs of one commit put the
     last-20 accuracy margin at +0.047 and +0.029, the test alone at +0.17. Measured at 5a11759 (docs/syn-grpo.md), seeds
-    0-4: the accuracy margin +0.114 (sd 0.028 over seeds, min +0.068; seed 0 +0.142), the format +0.54 (min +0.41),
-    the diversity reward +0.36 (min +0.31). Both start at 0.60 accuracy; the synthesized images take it to ~0.3, and
+    0-4: the accuracy margin +0.111 (sd 0.030 over seeds, min +0.068; seed 0 +0.142), the format +0.53 (min +0.41),
+    the diversity reward +0.35 (min +0.31). Both start at 0.60 accuracy; the synthesized images take it to ~0.3, and
     only the run that learns climbs back, so the test runs the whole default length."""
     import train
     from data import DataPool
